@@ -1,0 +1,44 @@
+"""mistral_fast: notebook-first QLoRA fine-tuning of Mistral models.
+
+`import mistral_fast` stays light: torch, transformers and friends are imported only when one of the
+names below is first used (PEP 562 module `__getattr__`), so the CLI's `--help` and config work start
+in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "RunConfig": "config",
+    "load_config": "config",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "MistralFastError": "errors",
+    "TokenizerError": "errors",
+    "ModelError": "errors",
+    "load_tokenizer": "tokenizer",
+    "check_tokenizer": "tokenizer",
+    "load_messages": "data",
+    "prepare_data": "data",
+    "preview_example": "data",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mistral_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mistral_fast.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

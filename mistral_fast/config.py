@@ -1,0 +1,343 @@
+"""Typed run configuration: one `RunConfig` for every entry point.
+
+A notebook's parameters, a YAML file, `--set key=value` overrides and Python calls all build the
+same nested dataclasses. Every field has a default and a one-line comment; `__post_init__`
+validates, so a bad value fails on construction with the field's dotted name, the value and what is
+allowed. Unknown keys are refused rather than ignored (a typo in `lora.rnak` must not silently train
+with the default). No torch here: config work stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mistral_fast.errors import ConfigError
+
+TARGET_SETS: dict[str, tuple[str, ...]] = {
+    # LoRA on attention only: the original QLoRA-paper-era default, fewest parameters.
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    # All linear layers: what the QLoRA paper found needed to match full fine-tuning quality.
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+MISTRAL_LINEAR_MODULES = TARGET_SETS["all-linear"]
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _fail(name, value, "expected a number")
+    if value < 0 or (value == 0 and not zero_ok):
+        _fail(name, value, "must be >= 0" if zero_ok else "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how to quantise it."""
+
+    name_or_path: str = "tiny"  # local dir, hub name, or "tiny" (a small random Mistral built locally)
+    backend: Literal["auto", "unsloth", "hf"] = "auto"  # auto: unsloth on CUDA when it imports, else hf
+    load_in_4bit: bool = True  # QLoRA: bitsandbytes 4-bit base weights
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # NF4 is information-optimal for normal weights
+    double_quant: bool = True  # quantise the absmax constants too (~0.37 bit/param saved)
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 if supported
+    max_seq_length: int = 2048  # longest training example in tokens; longer ones are truncated
+    tokenizer: Literal["v3", "v1", "model"] = "v3"  # v3: Mistral-7B v0.3; v1: v0.1/v0.2; model: its own
+    trust_remote_code: bool = False  # never run a repository's Python unless asked
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"  # attention kernel for the hf backend
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            _fail("model.name_or_path", self.name_or_path, "give a local directory, a hub name or 'tiny'")
+        if self.max_seq_length < 16:
+            _fail("model.max_seq_length", self.max_seq_length, "must be >= 16 tokens")
+        if self.quant_type != "nf4" and not self.load_in_4bit:
+            _fail("model.quant_type", self.quant_type, "only meaningful with model.load_in_4bit=true")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter: W + (alpha/r)·B·A on the target modules."""
+
+    rank: int = 16  # r: 4-8 simple tasks, 16-32 instruction following, 64+ specialised domains
+    alpha: int = 32  # scaling numerator; common choices: 2r, r or r/2
+    dropout: float = 0.05  # dropout on the LoRA input; 0 lets Unsloth use its fastest path
+    targets: str | list[str] = "all-linear"  # "attention", "all-linear" or a list of module names
+    bias: Literal["none", "all", "lora_only"] = "none"  # train no biases (Mistral has none)
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            _fail("lora.rank", self.rank, "a positive integer (4-8 simple, 16-32 instruction, 64+ domain)")
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            _fail("lora.dropout", self.dropout, "must be in [0, 1)")
+        self.target_modules  # noqa: B018 - validates the target set
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The module names LoRA is applied to, resolved from a set name or an explicit list."""
+        if isinstance(self.targets, str):
+            if self.targets not in TARGET_SETS:
+                _fail("lora.targets", self.targets, f"one of {sorted(TARGET_SETS)} or a list of module names")
+            return list(TARGET_SETS[self.targets])
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            _fail("lora.targets", self.targets, "a non-empty list of module names such as ['q_proj', 'v_proj']")
+        return list(self.targets)
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how it is split."""
+
+    path: str = str(DATA_DIR / "sample_chat.jsonl")  # jsonl/json/csv/parquet file or a datasets name
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    split: str = "train"  # split to read when `path` is a datasets name
+    eval_fraction: float = 0.1  # share of examples held out for evaluation (0 = none)
+    max_examples: int = 0  # use only the first N examples after shuffling (0 = all)
+    skip_invalid: bool = False  # skip bad records (counted, first reasons shown) instead of failing
+    system_prompt: str = ""  # added as a system message to conversations that have none
+    seed: int = 42  # seed of the train/eval split
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            _fail("data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _positive("data.max_examples", self.max_examples, zero_ok=True)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (TRL SFTTrainer) with the classic QLoRA defaults."""
+
+    output_dir: str = "runs/default"  # run directory: adapter, checkpoints, metrics, manifest
+    epochs: float = 3.0  # passes over the training split
+    max_steps: int = -1  # stop after N optimiser steps (-1 = run all epochs)
+    learning_rate: float = 2e-4  # the QLoRA paper's rate for adapters
+    per_device_batch_size: int = 4  # examples per forward pass per device
+    gradient_accumulation_steps: int = 4  # effective batch = batch x accumulation x devices
+    warmup_ratio: float = 0.03  # share of steps with linearly rising learning rate
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = 0.0  # AdamW weight decay on the adapters
+    max_grad_norm: float = 0.3  # gradient clipping, as in the QLoRA paper
+    optimizer: str = "auto"  # auto: paged_adamw_8bit on CUDA, adamw_torch on CPU
+    logging_steps: int = 10  # log train loss every N steps
+    eval_steps: int = 50  # evaluate every N steps (needs an eval split)
+    save_steps: int = 50  # write a checkpoint every N steps
+    save_total_limit: int = 3  # keep at most N checkpoints (the best one is always kept)
+    load_best_model_at_end: bool = True  # reload the checkpoint with the lowest eval loss
+    packing: bool = False  # pack short examples into full sequences (faster on short data)
+    assistant_only_loss: bool = True  # loss on assistant tokens (and their </s>) only
+    gradient_checkpointing: bool = True  # trade compute for memory (Unsloth's mode on unsloth)
+    seed: int = 42  # seed of model init, dropout and data order
+    resume: bool = False  # continue from the last complete checkpoint in output_dir
+
+    def __post_init__(self) -> None:
+        _positive("train.learning_rate", self.learning_rate)
+        _positive("train.epochs", self.epochs)
+        for name in (
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(f"train.{name}", value, "a positive integer")
+        if self.max_steps == 0 or self.max_steps < -1:
+            _fail("train.max_steps", self.max_steps, "-1 (all epochs) or a positive integer")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _positive("train.weight_decay", self.weight_decay, zero_ok=True)
+        _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
+
+
+@dataclass
+class EvalConfig:
+    """What to measure after training."""
+
+    max_new_tokens: int = 128  # generation length for ROUGE/BLEU and samples
+    num_samples: int = 8  # held-out prompts to generate answers for
+    temperature: float = 0.0  # 0 = greedy decoding
+
+    def __post_init__(self) -> None:
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.num_samples", self.num_samples, zero_ok=True)
+        _positive("eval.temperature", self.temperature, zero_ok=True)
+
+
+@dataclass
+class ExportConfig:
+    """What artefacts to write after training."""
+
+    adapter: bool = True  # the peft LoRA adapter (always small)
+    merged: bool = False  # merged 16-bit safetensors for transformers and vLLM
+    merge_base: Literal["dequantized", "original"] = "dequantized"  # base weights the LoRA is added to
+    gguf: list[str] = field(default_factory=list)  # GGUF types: f16, bf16, q8_0, q4_k_m, …
+
+    def __post_init__(self) -> None:
+        allowed = {"f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k_m", "q5_k_m", "q6_k"}
+        for kind in self.gguf:
+            if kind not in allowed:
+                _fail("export.gguf", self.gguf, f"each of {sorted(allowed)}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, LoRA, data, training, evaluation and export."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """Build from a nested dict, refusing unknown keys and coercing YAML scalars to field types."""
+        return _build(cls, data, prefix="", source=source)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the resolved config as YAML, atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, path)
+        return path
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> RunConfig:
+        """A copy with `section.field=value` overrides applied (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            section, _, name = key.partition(".")
+            if not name or section not in data:
+                raise ConfigError(
+                    f"override {key!r}: use section.field with section one of {sorted(data)} (e.g. lora.rank=32)"
+                )
+            if name not in data[section]:
+                raise ConfigError(f"override {key!r}: unknown field; {section} has {sorted(data[section])}")
+            data[section][name] = value
+        return RunConfig.from_dict(data, source="overrides")
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value (e.g. lora.rank=32)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check `value` against a field's type hint, converting the harmless YAML cases (int -> float)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            _fail(name, value, f"one of {list(get_args(hint))}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for option in get_args(hint):
+            try:
+                return _coerce(name, option, value)
+            except ConfigError:
+                continue
+        _fail(name, value, f"expected {hint}")
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            _fail(name, value, f"expected a list of {item.__name__}")
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads "2e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        _fail(name, value, f"expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown} at {where}; known keys are {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.", source=source)
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", hint, value)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a run config from YAML (a path, or a preset name from `configs/`) and apply overrides.
+
+    Args:
+        path: a YAML file, or the name of a preset such as ``"smoke"``; None for the defaults.
+        overrides: ``["lora.rank=32", …]`` or ``{"lora.rank": 32}``.
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML, or a key or value is invalid.
+    """
+    cfg = RunConfig()
+    if path is not None:
+        file = Path(path)
+        if not file.exists() and (CONFIGS_DIR / f"{path}.yaml").exists():
+            file = CONFIGS_DIR / f"{path}.yaml"
+        if not file.is_file():
+            presets = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+            raise ConfigError(f"config {str(path)!r} not found: give a YAML file or a preset, one of {presets}")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"{file}{line}: not valid YAML ({getattr(err, 'problem', err)}) — fix the syntax"
+            ) from None
+        cfg = RunConfig.from_dict(data, source=str(file))
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def list_presets() -> list[str]:
+    """Names of the preset configs shipped in `configs/`."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv at the repository root and install mistral_fast with what the demo and the
+# tests need. Idempotent: a stamp of the install inputs skips pip when nothing changed.
+#
+# Order matters on a CPU machine: torch==2.13.0 first (a CPU wheel; a bare `torch` requirement would
+# pull a multi-GB CUDA build), then the package with exact versions from requirements-ci.txt as
+# constraints, then unsloth and unsloth_zoo with --no-deps: their own requirements drag in
+# torchvision, xformers and triton, and PyPI's torchvision breaks `import unsloth` beside CPU torch.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+stamp=.venv/.mistral_fast_install
+want="$(cat pyproject.toml requirements-ci.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "setup: installing into $root/.venv (first run takes a few minutes)" >&2
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" torch==2.13.0
+fi
+"${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf]"
+"${pip[@]}" -c requirements-ci.txt --no-deps unsloth unsloth_zoo
+"${pip[@]}" -c requirements-ci.txt tyro hf_transfer json5 structlog einops msgspec "wheel>=0.42" torchao \
+  cut_cross_entropy diffusers nest-asyncio
+echo "$want" > "$stamp"

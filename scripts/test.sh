@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command of README.md: installs what it needs into .venv, then runs the whole suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+# Two cores shared by tiny matrix products: one thread each is fastest (see DESIGN.md).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check mistral_fast tests benchmarks scripts
+exec .venv/bin/python -m pytest "$@"
