@@ -24,8 +24,11 @@ _LAZY = {
     "load_tokenizer": "tokenizer",
     "check_tokenizer": "tokenizer",
     "load_messages": "data",
-    "prepare_data": "data",
-    "preview_example": "data",
+    "preview_example": "tokenizer",
+    "prepare_data": "pipeline",
+    "run": "pipeline",
+    "load_model": "modeling",
+    "build_tiny_model": "modeling",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -37,11 +37,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Load, validate, split and tokenise the data; print a summary and one example with its mask."""
-    from mistral_fast.pipeline import prepare_data
-    from mistral_fast.tokenizer import load_tokenizer, preview_example
+    from mistral_fast.pipeline import prepare_data, tokenizer_for
+    from mistral_fast.tokenizer import preview_example
 
     cfg = _config(args)
-    tokenizer = load_tokenizer("v3" if cfg.model.tokenizer == "model" else cfg.model.tokenizer)
+    tokenizer = tokenizer_for(cfg)
     prepared = prepare_data(cfg, tokenizer)
     print(prepared.summary())
     row = prepared.train[0]
@@ -49,6 +49,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(preview_example(tokenizer, row["input_ids"], row["labels"]))
     if args.json:
         print(json.dumps(prepared.stats))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune: the whole pipeline for a config file or preset, with overrides."""
+    from mistral_fast.pipeline import run
+
+    cfg = _config(args)
+    if args.resume:
+        cfg = cfg.with_overrides({"train.resume": True})
+    print(run(cfg).summary())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README demo: the smoke preset (tiny local Mistral, sample data), showing the loss fall."""
+    from mistral_fast.pipeline import run
+
+    cfg = _config(argparse.Namespace(config="smoke", set=args.set))
+    result = run(cfg)
+    print(result.summary())
+    print(f"loss curve: {cfg.train.output_dir}/loss_curve.png; metrics: {cfg.train.output_dir}/metrics.jsonl")
     return 0
 
 
@@ -72,6 +94,19 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
         cmd_prepare,
         "validate and tokenise the data; show a summary and a masked example",
         lambda p: (_with_config(p), p.add_argument("--json", action="store_true", help="also print stats")),
+    ),
+    "train": (
+        cmd_train,
+        "fine-tune with QLoRA: data, 4-bit model + LoRA, SFTTrainer, run directory",
+        lambda p: (
+            _with_config(p),
+            p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint"),
+        ),
+    ),
+    "demo": (
+        cmd_demo,
+        "train the tiny local Mistral on the sample data (offline, a few minutes on a CPU)",
+        lambda p: p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field"),
     ),
 }
 

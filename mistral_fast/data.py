@@ -288,6 +288,11 @@ def validate_messages(messages: list[dict[str, str]]) -> None:
         if not content.strip():
             raise DataError(f"messages[{i}] ({role}): empty content — remove the turn or fill it in")
         if role == "system":
+            if previous == "assistant" and i and messages[i - 1]["role"] == "assistant":
+                raise DataError(
+                    f"messages[{i}]: a system message directly after an assistant turn, which Mistral's format "
+                    "rejects — move it to the start of the conversation"
+                )
             continue
         if previous is None and role != "user":
             raise DataError(f"messages[{i}]: the conversation starts with {role!r}; it must start with 'user'")

@@ -152,8 +152,11 @@ def test_system_prompt_is_added_where_missing(tmp_path) -> None:
     assert loaded.examples[1].messages[0]["content"] == "own"
 
 
-def test_system_messages_may_stand_anywhere() -> None:
-    validate_messages([CHAT[0], CHAT[1], {"role": "system", "content": "s"}, CHAT[0], CHAT[1]])
+def test_system_message_placement_follows_mistral_common() -> None:
+    system = {"role": "system", "content": "s"}
+    validate_messages([system, CHAT[0], system, CHAT[1]])  # after a user turn: accepted, used as system prompt
+    with pytest.raises(DataError, match=r"messages\[2\]: a system message directly after an assistant"):
+        validate_messages([CHAT[0], CHAT[1], system, CHAT[0], CHAT[1]])
 
 
 def test_split_is_deterministic_and_disjoint() -> None:

@@ -1,0 +1,768 @@
+"""Exact Mistral tokenizers and chat templates, built offline from the files inside `mistral_common`.
+
+Two tokenizers are provided, token-for-token identical to `mistral_common` 1.13 (the reference Mistral
+publishes), as `transformers` fast tokenizers with a chat template:
+
+* ``"v3"`` — Mistral-7B v0.3 (32,768 pieces, control tokens ``[INST]``, ``[/INST]``, ``[TOOL_CALLS]``, …,
+  ``[control_768]``). The SentencePiece file is ``mistral_common/data/mistral_instruct_tokenizer_240216.model.v2``,
+  byte-identical to Mistral-7B-v0.3's ``tokenizer.model.v3``. `mistral_common` infers the *instruct* version
+  from the file suffix, so the reference is built explicitly as ``SentencePieceTokenizer(path, v3)`` +
+  ``InstructTokenizerV3`` (``MistralTokenizer.v3()`` loads a different file, ``…240323.model.v3``).
+* ``"v1"`` — Mistral-7B v0.1/v0.2 (32,000 pieces, ``tokenizer.model.v1``), reference ``InstructTokenizerV1``.
+
+What goes wrong in transformers 5, and how this module fixes it
+----------------------------------------------------------------
+SentencePiece's BPE encoder does not split words: it starts from single characters and repeatedly merges the
+adjacent pair whose concatenation is a piece with the highest *score* (ties: leftmost first), then falls back
+to ``<0xNN>`` byte pieces for characters not in the vocabulary. The text is first normalised by replacing
+``" "`` with ``"▁"`` and prepending one ``"▁"`` (``add_dummy_prefix``) to every encoded string.
+
+Loading a directory holding only ``tokenizer.model`` with ``AutoTokenizer`` builds a `tokenizers` BPE whose
+merges are ordered by piece *id*, a normaliser that replaces spaces but prepends no ``"▁"``, and no BOS
+post-processor. In these vocabularies the 15 whitespace-only pieces (``"▁▁"`` … ``"▁"×16``) have the
+lowest score (-1e9) but small ids (``"▁▁"`` is id 1027 in v3), so ordered by id they merge *first*: ``"  hi"``
+becomes ``["▁▁", "hi"]`` where SentencePiece gives ``["▁▁", "▁hi"]``. Measured on the 2,500 generated strings
+of `tests/test_tokenizer.py` (v3): 2,500 differ (no BOS), 2,385 in the text tokens (no dummy prefix), and
+686 still differ when the dummy prefix is supplied by hand (the merge order alone). With a
+``LlamaTokenizer`` config (``legacy=False``, as hub repositories have) transformers rebuilds the backend with
+``Metaspace(prepend_scheme="first", split=False)`` and the same id-ordered merges: 947 of 2,500 differ.
+``LlamaTokenizerFast(vocab_file=…)`` silently ignores the file and returns a 3-token tokenizer. The
+``"first"`` prepend scheme also contradicts Mistral v3, which prefixes every text chunk between control
+tokens, not only the first.
+
+The tokenizer built here (`_build_backend`):
+
+* vocabulary = the SentencePiece pieces with their ids; ``byte_fallback=True``;
+* merges = for every normal piece, every split into two normal pieces, ordered by the piece's score
+  (descending), so the BPE priority equals SentencePiece's. The whitespace-only merges, all tied at -1e9,
+  come last, ordered so that BPE grows runs of ``"▁"`` from the left exactly like SentencePiece's
+  leftmost-first tie-break (``"▁"×14 + "▁▁"`` first, then ``"▁"×k + "▁"`` for decreasing k, then ``"▁"+"▁"``;
+  there is no ``"▁"×15`` piece, which is why the ``14 + 2`` merge matters);
+* normaliser = ``Prepend("▁")`` then ``Replace(" ", "▁")``, applied by `tokenizers` to every text chunk
+  between special tokens, which is exactly how `mistral_common` gives each chunk its own dummy prefix;
+* pre-tokeniser = split before a ``"▁"`` that follows a non-``"▁"`` character. No piece has a ``"▁"``
+  after another character, so no merge can cross such a boundary: the split changes nothing but speed and
+  keeps runs of spaces together with the word that follows (``Metaspace(split=True)`` splits every ``"▁"``);
+* control pieces (v3: ``<s>``, ``</s>``, ``[INST]`` … ``[control_768]``; v1: ``<s>``, ``</s>``) are special
+  added tokens, so the chat template's ``[INST]`` text becomes the control token and splits the text;
+* decoder = ``"▁"`` → space, byte fallback, fuse, strip the one leading dummy-prefix space.
+
+It is wrapped as a plain `PreTrainedTokenizerFast` (`TokenizersBackend` in transformers 5), not as
+`LlamaTokenizerFast`, because that class rebuilds the backend in ``__init__`` and would undo the above after
+``save_pretrained``/``from_pretrained``. ``add_bos_token=True``, ``add_eos_token=False``. The pad token is not
+``</s>`` (padding labelled as EOS would teach the model to stop everywhere or never): v3 pads with the unused
+control token ``[control_768]`` (id 770, never produced from text nor by the base model); v1 has no unused
+control token and pads with ``<unk>`` (id 0, never produced because of byte fallback).
+
+Two transformers 5 behaviours to know: ``apply_chat_template(..., tokenize=True)`` returns a `BatchEncoding`
+(``return_dict=True`` is the default; pass ``return_dict=False`` for a list of ids), and after
+``save_pretrained``/``from_pretrained`` the ``add_bos_token`` attribute reads False (transformers drops it
+from the saved config when a ``tokenizer.json`` exists) while BOS is still added by the saved post-processor.
+
+One difference is inherent to any Hugging Face tokenizer: text that contains a control-token string such as
+``"[INST]"`` or ``"</s>"`` becomes that control token, while `mistral_common` encodes it as plain text. Encode
+untrusted raw text with ``tokenizer(text, split_special_tokens=True)`` to get `mistral_common`'s ids;
+`validate_conversation` rejects chat messages containing such strings, because the template cannot escape them.
+
+Chat format (what `mistral_common`'s ``encode_chat_completion`` does, reproduced by the Jinja templates)
+-----------------------------------------------------------------------------------------------------
+v3: ``<s>[INST]user[/INST]assistant</s>[INST]user[/INST]…``; every text chunk is SentencePiece-encoded on its
+own (its own dummy prefix), no literal spaces around control tokens; assistant text is right-stripped of
+spaces (only ``" "``, not newlines). v1: ``<s>`` + sp(``"[INST] user [/INST]"``) + sp(``assistant``) + ``</s>``
+…; ``[INST]`` is plain text there, assistant text is *not* stripped. The template emits ``"[INST] u [/INST] a"``
+as one chunk, which tokenises identically because no merge crosses the ``"]▁"`` boundary (and a space before
+an ``[INST]`` that follows another user block, which mistral_common encodes as a chunk of its own).
+
+Normalisation, the same in both versions except where the system prompt goes:
+
+* all non-empty system messages are joined with ``"\\n\\n"`` and put in front of the **last** user message
+  (v3) or the **first** user message (v1), followed by ``"\\n\\n"``;
+* consecutive user messages are merged with ``"\\n\\n"`` (empty ones skipped), likewise consecutive
+  assistant messages; a system message between two user messages keeps them as two ``[INST]`` blocks;
+* if the conversation does not start with a user message (after dropping system messages), an empty user
+  message is inserted: ``[assistant, user]`` encodes as ``<s>[INST][/INST]assistant</s>[INST]user[/INST]``;
+* ``</s>`` after every assistant turn, none after a continued final message (``continue_final_message``);
+  the generation prompt adds nothing (``[/INST]`` is the prompt).
+
+`mistral_common` rejects (and so do the templates and `validate_conversation`): an empty conversation; a
+single message that is not user/system; a system message directly after an assistant message (after a user
+message it is fine, anywhere in the conversation); an assistant message with empty content; a final
+assistant message when a generation prompt is requested, or a continuation whose last message is not an
+assistant message. It accepts a conversation starting with an assistant message (if more follow), two user
+messages in a row, and one ending with a system message. Its validator has modes: "test" (the default)
+rejects a final assistant message, "finetuning" requires one; `reference_chat_ids` picks the mode from the
+request. Roles other than system/user/assistant (tools) are not supported by these templates.
+
+``continue_final_message``: transformers appends ``"CONTINUE_FINAL_MESSAGE_TAG "`` to the last message,
+renders, and cuts at the tag — stripping *all* trailing whitespace if the template changed the spacing,
+while `mistral_common` strips only spaces (v3) or nothing (v1). The templates therefore strip the text
+themselves and re-emit the tag intact, so the cut is exact (``"Hello\n"`` keeps its newline).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.data import Example
+from mistral_fast.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = [
+    "CHAT_TEMPLATE_V1",
+    "CHAT_TEMPLATE_V3",
+    "DEFAULT_PROBES",
+    "IGNORE_INDEX",
+    "TokenizedExample",
+    "check_tokenizer",
+    "load_tokenizer",
+    "preview_example",
+    "reference_chat_ids",
+    "reference_tokenizer",
+    "sentencepiece_path",
+    "tokenize_conversation",
+    "tokenize_example",
+    "tokenize_text",
+    "validate_conversation",
+]
+
+logger = logging.getLogger(__name__)
+
+_SPACE = "▁"  # SentencePiece's whitespace symbol (U+2581)
+_ROLES = ("system", "user", "assistant")
+# transformers appends this to the final message for continue_final_message and cuts the render there
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+# ----------------------------------------------------------------------------------------- chat templates
+
+# Shared Jinja body: validation + mistral_common's normalisation, then version-specific rendering. Only
+# {{ }} output, all tags whitespace-trimmed, so the rendered text is exactly what the rendering parts emit.
+_TEMPLATE_HEAD = """\
+{#- Mistral instruct __VERSION__ chat format, token-for-token identical to mistral_common 1.13's
+    encode_chat_completion (built by mistral_fast.tokenizer; see its module docstring). -#}
+{%- set tag = '__TAG__' -%}
+{%- set where = 'mistral_fast __VERSION__ chat template: ' -%}
+{%- if messages | length == 0 -%}
+  {{- raise_exception(where ~ 'the conversation is empty; give at least one user message.') -}}
+{%- endif -%}
+{%- set ns = namespace(items=[], system=[], role=none, parts=[], previous=none, continuing=false) -%}
+{%- for message in messages -%}
+  {%- set at = where ~ 'message ' ~ loop.index0 -%}
+  {%- if message is not mapping or message['role'] is not defined -%}
+    {{- raise_exception(at ~ ' is not a {"role": ..., "content": ...} mapping.') -}}
+  {%- endif -%}
+  {%- set role = message['role'] -%}
+  {%- if role not in ['system', 'user', 'assistant'] -%}
+    {{- raise_exception(at ~ ' has role ' ~ role ~ '; only system, user and assistant are supported '
+        ~ '(tool calls are not). Drop or convert that message.') -}}
+  {%- endif -%}
+  {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
+    {{- raise_exception(at ~ ' has tool_calls, which this template does not support; '
+        ~ 'put the call in the content as text or drop the message.') -}}
+  {%- endif -%}
+  {%- if message['content'] is not defined or message['content'] is not string -%}
+    {{- raise_exception(at ~ ' (' ~ role ~ ') has no text content; content must be a string.') -}}
+  {%- endif -%}
+  {%- set content = message['content'] -%}
+  {%- set continues = loop.last and content.endswith(tag) -%}
+  {%- if continues and role != 'assistant' -%}
+    {{- raise_exception(at ~ ' is the last message and has role ' ~ role ~ '; continue_final_message '
+        ~ 'needs a final assistant message to continue. Add one or use add_generation_prompt.') -}}
+  {%- endif -%}
+  {%- set text = content[:(content | length) - (tag | length)] if continues else content -%}
+  {%- if continues -%}{%- set ns.continuing = true -%}{%- endif -%}
+  {%- if role == 'system' -%}
+    {%- if ns.previous == 'assistant' -%}
+      {{- raise_exception(at ~ ' is a system message directly after an assistant message, which Mistral '
+          ~ '(mistral_common) rejects; move it to the start of the conversation (it is used as the system '
+          ~ 'prompt wherever it stands).') -}}
+    {%- endif -%}
+    {%- if text -%}{%- set ns.system = ns.system + [text] -%}{%- endif -%}
+    {%- if ns.role is not none -%}
+      {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+    {%- endif -%}
+    {%- set ns.role = none -%}
+    {%- set ns.parts = [] -%}
+  {%- else -%}
+    {%- if role == 'assistant' -%}
+      {%- if messages | length == 1 -%}
+        {{- raise_exception(at ~ ' is the only message and is an assistant message; a conversation must '
+            ~ 'start with a user (or system) message.') -}}
+      {%- endif -%}
+      {%- if not text -%}
+        {{- raise_exception(at ~ ' is an assistant message with empty content; give it text or drop it.') -}}
+      {%- endif -%}
+      {%- if loop.last and add_generation_prompt -%}
+        {{- raise_exception(at ~ ' is a final assistant message but add_generation_prompt=True asks for a '
+            ~ 'new one; drop the last message, or use continue_final_message=True to continue it.') -}}
+      {%- endif -%}
+    {%- endif -%}
+    {%- if role != ns.role -%}
+      {%- if ns.role is not none -%}
+        {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+      {%- endif -%}
+      {%- set ns.role = role -%}
+      {%- set ns.parts = [] -%}
+    {%- endif -%}
+    {%- if text -%}{%- set ns.parts = ns.parts + [text] -%}{%- endif -%}
+  {%- endif -%}
+  {%- set ns.previous = role -%}
+{%- endfor -%}
+{%- if ns.role is not none -%}
+  {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+{%- endif -%}
+{%- if ns.items | length == 0 or ns.items[0]['role'] != 'user' -%}
+  {%- set ns.items = [{'role': 'user', 'content': ''}] + ns.items -%}
+{%- endif -%}
+{%- set ns.target = -1 -%}
+{%- for item in ns.items -%}
+  {%- if item['role'] == 'user' and (ns.target == -1 or __SYSTEM_IN_LAST__) -%}
+    {%- set ns.target = loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{{- '<s>' -}}
+{%- for item in ns.items -%}
+  {%- set content = item['content'] -%}
+  {%- if loop.index0 == ns.target and ns.system -%}
+    {%- set content = (ns.system | join('\n\n')) ~ '\n\n' ~ content -%}
+  {%- endif -%}
+"""
+
+CHAT_TEMPLATE_V3 = (
+    _TEMPLATE_HEAD.replace("__VERSION__", "v3").replace("__SYSTEM_IN_LAST__", "true").replace("__TAG__", _CONTINUE_TAG)
+    + """\
+  {%- if item['role'] == 'user' -%}
+    {{- '[INST]' ~ content ~ '[/INST]' -}}
+  {%- elif loop.last and ns.continuing -%}
+    {{- content.rstrip(' ') ~ tag -}}
+  {%- else -%}
+    {%- generation -%}{{- content.rstrip(' ') ~ '</s>' -}}{%- endgeneration -%}
+  {%- endif -%}
+{%- endfor -%}
+"""
+)
+"""Jinja chat template of Mistral-7B-Instruct-v0.3, token-exact with `mistral_common` (v3 instruct)."""
+
+CHAT_TEMPLATE_V1 = (
+    _TEMPLATE_HEAD.replace("__VERSION__", "v1").replace("__SYSTEM_IN_LAST__", "false").replace("__TAG__", _CONTINUE_TAG)
+    + """\
+  {%- if item['role'] == 'user' -%}
+    {#- each [INST] block is its own SentencePiece chunk: after a user block it starts with a space -#}
+    {%- if not loop.first and loop.previtem['role'] == 'user' -%}{{- ' ' -}}{%- endif -%}
+    {{- '[INST] ' ~ content ~ ' [/INST]' -}}
+  {%- elif loop.last and ns.continuing -%}
+    {{- ' ' ~ content ~ tag -}}
+  {%- else -%}
+    {%- generation -%}{{- ' ' ~ content ~ '</s>' -}}{%- endgeneration -%}
+  {%- endif -%}
+{%- endfor -%}
+"""
+)
+"""Jinja chat template of Mistral-7B-Instruct-v0.1/v0.2, token-exact with `mistral_common` (v1 instruct)."""
+
+
+# ------------------------------------------------------------------------------------------ versions
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What distinguishes the two tokenizer versions."""
+
+    filename: str
+    vocab_size: int
+    pad_token: str
+    chat_template: str
+
+
+_SPECS: dict[str, _Spec] = {
+    "v3": _Spec("mistral_instruct_tokenizer_240216.model.v2", 32768, "[control_768]", CHAT_TEMPLATE_V3),
+    "v1": _Spec("tokenizer.model.v1", 32000, "<unk>", CHAT_TEMPLATE_V1),
+}
+
+
+def _spec(version: str) -> _Spec:
+    if version not in _SPECS:
+        raise TokenizerError(
+            f"tokenizer version {version!r} is not known; use 'v3' (Mistral-7B v0.3) or 'v1' (v0.1/v0.2)"
+        )
+    return _SPECS[version]
+
+
+def sentencepiece_path(version: str = "v3") -> Path:
+    """Path of the SentencePiece model of a Mistral tokenizer version, inside the `mistral_common` package.
+
+    Args:
+        version: ``"v3"`` (Mistral-7B v0.3; the file is byte-identical to its ``tokenizer.model.v3``) or
+            ``"v1"`` (Mistral-7B v0.1/v0.2).
+
+    Returns:
+        The path of the ``.model`` file.
+
+    Raises:
+        TokenizerError: unknown version, or `mistral_common` lacks the file.
+    """
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / _spec(version).filename
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; reinstall mistral-common (pip install 'mistral-common>=1.8')")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _load_proto(path: Path) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto
+
+
+def _whitespace_merge_rank(pair: tuple[str, str]) -> tuple[int, int]:
+    """Order of the (tied) whitespace-only merges reproducing SentencePiece's leftmost-first growth."""
+    left, right = len(pair[0]), len(pair[1])
+    if (left, right) == (14, 2):  # "▁"*15 is not a piece: a stuck 14-run absorbs the next "▁▁"
+        return (0, 0)
+    if right == 1:
+        return (1, -left)  # grow the leftmost run one "▁" at a time, longest first, "▁"+"▁" last
+    return (2, -left)  # never reached when runs grow from the left; kept for completeness
+
+
+def _merges(pieces: Sequence[tuple[str, float]]) -> list[tuple[str, str]]:
+    """BPE merges in SentencePiece priority order: by merged-piece score, whitespace-only runs last."""
+    normal = {piece for piece, _ in pieces}
+    scored: list[tuple[float, int, str, str]] = []
+    whitespace: list[tuple[str, str]] = []
+    for piece_id, (piece, score) in enumerate(pieces):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        splits = [(left, right) for left, right in splits if left in normal and right in normal]
+        if piece.strip(_SPACE) == "":
+            whitespace.extend(splits)
+        else:
+            scored.extend((-score, piece_id, left, right) for left, right in splits)
+    scored.sort()
+    whitespace.sort(key=_whitespace_merge_rank)
+    return [(left, right) for _, _, left, right in scored] + whitespace
+
+
+@functools.cache
+def _build_backend(version: str) -> Tokenizer:
+    """The `tokenizers` Tokenizer equal to SentencePiece on this version's model (cached; copy before use)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    proto = _load_proto(sentencepiece_path(version))
+    normal_type, control_type = 1, 3  # sentencepiece_model.proto: NORMAL=1, CONTROL=3 (UNKNOWN=2, BYTE=6)
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    if len(vocab) != _spec(version).vocab_size:
+        raise TokenizerError(
+            f"{sentencepiece_path(version)} has {len(vocab)} pieces, expected {_spec(version).vocab_size}: "
+            "this mistral-common release ships a different file; pin mistral-common>=1.8 to a known version"
+        )
+    normal = [(p.piece, p.score) for p in proto.pieces if p.type == normal_type]
+    backend = Tokenizer(BPE(vocab=vocab, merges=_merges(normal), unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"{_SPACE}*[^{_SPACE}]+|{_SPACE}+"), behavior="isolated")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = [p.piece for p in proto.pieces if p.type == control_type]
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ["<unk>", *specials]])
+    return backend
+
+
+def _wrap(backend: Tokenizer, version: str) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    spec = _spec(version)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=spec.pad_token,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+        padding_side="right",
+    )
+    tokenizer.chat_template = spec.chat_template
+    return tokenizer
+
+
+def load_tokenizer(version: str = "v3", path: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Load the exact Mistral tokenizer with its chat template, built offline from `mistral_common`'s files.
+
+    Args:
+        version: ``"v3"`` (Mistral-7B v0.3, 32,768 tokens) or ``"v1"`` (v0.1/v0.2, 32,000 tokens). With
+            ``path``, the version the model's tokenizer is checked against (and whose template it gets).
+        path: a local directory or hub name of a real model: load that model's own tokenizer with
+            ``AutoTokenizer`` (``trust_remote_code=False``), give it our chat template if it has none, and
+            warn if it tokenises differently from `mistral_common`.
+
+    Returns:
+        A fresh `PreTrainedTokenizerFast` (safe to modify); BOS added, no EOS, pad token not EOS.
+
+    Raises:
+        TokenizerError: unknown version, or ``path`` cannot be loaded.
+    """
+    spec = _spec(version)
+    if path is None:
+        return _wrap(_build_backend(version), version)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(
+            f"path={str(path)!r}: cannot load a tokenizer from it ({exc}); give a model directory or "
+            f"hub name with tokenizer files, or leave path unset to use the built-in {version} tokenizer"
+        ) from exc
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = spec.chat_template
+    differing = check_tokenizer(tokenizer, version)
+    if differing:
+        message = (
+            f"the tokenizer of {str(path)!r} differs from mistral_common's {version} tokenizer on "
+            f"{len(differing)} of {len(DEFAULT_PROBES)} probe strings (first: {differing[0]!r}); "
+            f"use load_tokenizer({version!r}) without path for the exact one"
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+@functools.cache
+def reference_tokenizer(version: str = "v3", mode: str = "test") -> MistralTokenizer:
+    """The `mistral_common` reference: its instruct tokenizer for the version, on the same SentencePiece file.
+
+    Args:
+        version: ``"v3"`` or ``"v1"``.
+        mode: `mistral_common`'s validation mode: ``"test"`` (conversations ending with a user message or a
+            continued assistant prefix) or ``"finetuning"`` (ending with an assistant message).
+
+    Returns:
+        A `MistralTokenizer` (cached, do not modify).
+    """
+    from mistral_common.protocol.instruct.normalize import get_normalizer
+    from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1, InstructTokenizerV3
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    _spec(version)
+    tokenizer_version = TokenizerVersion(version)
+    # The v3 file is named "*.model.v2"; force the instruct version instead of parsing the suffix.
+    text_tokenizer = SentencePieceTokenizer(sentencepiece_path(version), tokenizer_version=tokenizer_version)
+    instruct_class = InstructTokenizerV3 if version == "v3" else InstructTokenizerV1
+    return MistralTokenizer(
+        instruct_class(text_tokenizer),
+        validator=get_validator(tokenizer_version, ValidationMode(mode)),
+        request_normalizer=get_normalizer(tokenizer_version),
+    )
+
+
+def reference_chat_ids(
+    messages: Sequence[Mapping[str, Any]],
+    version: str = "v3",
+    *,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """Token ids `mistral_common` gives a conversation (``encode_chat_completion``).
+
+    The validation mode follows the request: a conversation ending with an assistant message (not
+    continued, no generation prompt) is a training example (``"finetuning"``), anything else a prompt
+    (``"test"``); a continued final message is an assistant message with ``prefix=True``.
+
+    Args:
+        messages: ``{"role": ..., "content": ...}`` dicts with roles system/user/assistant.
+        version: ``"v3"`` or ``"v1"``.
+        add_generation_prompt: encode as a prompt for a new assistant message.
+        continue_final_message: leave the final assistant message open (no ``</s>``).
+
+    Returns:
+        The token ids, starting with BOS.
+
+    Raises:
+        TokenizerError: `mistral_common` rejects the conversation (its message is included).
+    """
+    from mistral_common.exceptions import MistralCommonException
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    last_is_assistant = bool(messages) and messages[-1].get("role") == "assistant"
+    training = last_is_assistant and not (continue_final_message or add_generation_prompt)
+    converted: list[Any] = []
+    try:
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role == "user":
+                converted.append(UserMessage(content=content))
+            elif role == "system":
+                converted.append(SystemMessage(content=content))
+            elif role == "assistant":
+                prefix = continue_final_message and i == len(messages) - 1
+                converted.append(AssistantMessage(content=content, prefix=prefix))
+            else:
+                raise TokenizerError(f"message {i}: role {role!r} is not supported by reference_chat_ids")
+        if continue_final_message and not last_is_assistant:
+            raise TokenizerError("continue_final_message=True needs a final assistant message")
+        reference = reference_tokenizer(version, "finetuning" if training else "test")
+        return list(reference.encode_chat_completion(ChatCompletionRequest(messages=converted)).tokens)
+    except (MistralCommonException, ValueError, AssertionError) as exc:
+        if isinstance(exc, TokenizerError):
+            raise
+        raise TokenizerError(f"mistral_common rejects the conversation: {type(exc).__name__}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "Hello world",
+    " Hello world",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "many     inner      spaces",
+    " " * 17 + "seventeen spaces",
+    " ",
+    "   ",
+    "",
+    "line one\nline two\n\n\nafter blank lines",
+    "\n leading newline",
+    "tabs\tand\t\ttabs",
+    "\tindented with a tab",
+    "Ça va? Élève, naïve, façade, Zürich, São Paulo, Ångström",
+    "emoji 😀🎉👍🏽 and flags 🇫🇷",
+    "中文分词测试，日本語のテキスト、한국어 문장",
+    "Ελληνικά και русский текст",
+    "numbers 0 7 42 3.14159 1,000,000 2024-06-01",
+    "def f(x):\n    return x ** 2  # square\n",
+    "    if (a && b) { return c[i]; }",
+    '{"key": [1, 2, 3], "nested": {"a": null}}',
+    "rare bytes: \u200b\u00a0\u2028 \x7f \U0001d518 \U0001f9ec",
+    "mixed 😀  中文  spaces\t\n end ",
+    "URL https://example.com/path?q=1&r=2#frag",
+)
+"""Strings `check_tokenizer` compares by default: the cases where SentencePiece ports usually go wrong."""
+
+
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, version: str = "v3", probes: Iterable[str] | None = None
+) -> list[str]:
+    """Compare a tokenizer with `mistral_common` on probe strings (plain text, with BOS).
+
+    Control-token strings inside a probe are encoded as text on both sides (``split_special_tokens``).
+
+    Args:
+        tokenizer: any transformers tokenizer.
+        version: the `mistral_common` tokenizer version to compare against.
+        probes: strings to compare; `DEFAULT_PROBES` if None.
+
+    Returns:
+        The probes whose ids differ (empty: the tokenizer is exact on them).
+    """
+    reference = reference_tokenizer(version).instruct_tokenizer.tokenizer
+    differing = []
+    for text in DEFAULT_PROBES if probes is None else probes:
+        expected = reference.encode(text, bos=True, eos=False)
+        try:
+            got = tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        except TypeError:  # a tokenizer class without split_special_tokens
+            got = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if list(got) != expected:
+            differing.append(text)
+    return differing
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+_CONTROL_LIKE = re.compile(r"<unk>|</?s>|\[/?[A-Za-z0-9_]+\]")
+
+
+@functools.cache
+def _special_strings(version: str) -> frozenset[str]:
+    """The strings the fast tokenizer turns into special tokens (SentencePiece unknown + control pieces)."""
+    proto = _load_proto(sentencepiece_path(version))
+    unknown_type, control_type = 2, 3
+    return frozenset(p.piece for p in proto.pieces if p.type in (unknown_type, control_type))
+
+
+def _find_special_string(text: str, version: str) -> str | None:
+    specials = _special_strings(version)
+    return next((m.group() for m in _CONTROL_LIKE.finditer(text) if m.group() in specials), None)
+
+
+def validate_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    version: str = "v3",
+    *,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+) -> None:
+    """Check that a conversation can be encoded exactly as `mistral_common` encodes it.
+
+    Accepts what `mistral_common` accepts (see the module docstring) and rejects, in addition, text that
+    contains a control-token string (``"[INST]"``, ``"</s>"``, …): the chat template would turn it into the
+    control token where `mistral_common` encodes plain text.
+
+    Args:
+        messages: ``{"role": ..., "content": ...}`` dicts; roles system, user, assistant.
+        version: ``"v3"`` or ``"v1"``.
+        add_generation_prompt: the conversation is a prompt for a new assistant message.
+        continue_final_message: the final assistant message is to be continued.
+
+    Raises:
+        TokenizerError: what is wrong, at which message index, and what to do.
+    """
+    if add_generation_prompt and continue_final_message:
+        raise TokenizerError(
+            "add_generation_prompt and continue_final_message cannot both be set: use the first for a new "
+            "assistant message, the second to continue the last one"
+        )
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or len(messages) == 0:
+        raise TokenizerError("the conversation is empty (or not a list); give at least one user message")
+    _spec(version)
+    previous = None
+    for i, message in enumerate(messages):
+        role = _check_message(i, message)
+        content: str = message["content"]
+        if role == "system" and previous == "assistant":
+            raise TokenizerError(
+                f"message {i}: a system message directly after an assistant message, which Mistral's format "
+                "(mistral_common) rejects — move it to the start of the conversation (it is used as the "
+                "system prompt wherever it stands)"
+            )
+        previous = role
+        if role == "assistant":
+            if len(messages) == 1:
+                raise TokenizerError(
+                    "message 0: the only message is an assistant message; a conversation must start with a "
+                    "user (or system) message"
+                )
+            if not content:
+                raise TokenizerError(f"message {i}: assistant message with empty content — give it text or drop it")
+        found = _find_special_string(content, version)
+        if found:
+            raise TokenizerError(
+                f"message {i} ({role}): the text contains the control-token string {found!r}, which "
+                "the chat template turns into that control token while mistral_common encodes it as text "
+                "— remove or alter it (e.g. insert a space)"
+            )
+    last = messages[-1]["role"]
+    if add_generation_prompt and last == "assistant":
+        raise TokenizerError(
+            f"message {len(messages) - 1}: a final assistant message with add_generation_prompt=True — drop "
+            "it to prompt a new reply, or use continue_final_message=True to continue it"
+        )
+    if continue_final_message and last != "assistant":
+        raise TokenizerError(
+            f"message {len(messages) - 1}: continue_final_message=True but the last message is a {last} "
+            "message — add the assistant text to continue, or use add_generation_prompt=True"
+        )
+
+
+def _check_message(index: int, message: Any) -> str:
+    """Check one message's shape; return its role."""
+    if not isinstance(message, Mapping) or "role" not in message:
+        raise TokenizerError(f'message {index}: not a {{"role": ..., "content": ...}} mapping: {message!r:.80}')
+    role = message["role"]
+    if role not in _ROLES:
+        raise TokenizerError(
+            f"message {index}: role {role!r} is not supported; use system, user or assistant "
+            "(tool calls are not supported by mistral_fast's Mistral templates)"
+        )
+    if message.get("tool_calls"):
+        raise TokenizerError(
+            f"message {index}: tool_calls are not supported by mistral_fast's Mistral templates — put the call "
+            "in the content as text or drop the message"
+        )
+    if not isinstance(message.get("content"), str):
+        raise TokenizerError(
+            f"message {index} ({role}): content must be a string, got {type(message.get('content')).__name__}"
+        )
+    return role
+
+
+# ------------------------------------------------------------------------------ ids + assistant-only labels
+
+IGNORE_INDEX = -100  # label value PyTorch's cross-entropy (and TRL) skip
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and labels of one example; labels are IGNORE_INDEX outside the trained tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
+) -> TokenizedExample:
+    """Encode a conversation with the chat template; only assistant tokens and their `</s>` are trained.
+
+    The mask comes from the template's ``{% generation %}`` marks, so it is exactly the assistant text
+    plus the `</s>` that closes each assistant turn: the model learns to answer *and to stop*.
+    """
+    validate_conversation(messages, "v3" if len(tokenizer) >= 32768 else "v1")
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> TokenizedExample:
+    """Encode raw text for continued pre-training: BOS + text + EOS, every token after BOS trained."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX, *ids[1:]]
+    return TokenizedExample(ids[:max_length], labels[:max_length], len(ids) > max_length)
+
+
+def preview_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
+    """Render an example with the trained part visible: trained tokens between ⟦ and ⟧, the rest plain.
+
+    What the model is asked to learn is exactly what stands between the brackets — a quick check that
+    the mask covers the answers and their `</s>`, and nothing of the prompts.
+    """
+    parts: list[str] = []
+    start = 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
+            parts.append(text if labels[start] == IGNORE_INDEX else f"⟦{text}⟧")
+            start = i
+    return "".join(parts)
+
+
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> TokenizedExample:
+    """Tokenise a normalised `Example`: a conversation with the chat template, or raw text."""
+    if example.messages is not None:
+        return tokenize_conversation(tokenizer, example.messages, max_length)
+    return tokenize_text(tokenizer, example.text or "", max_length)
