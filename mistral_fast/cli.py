@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mistral-fast` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.debug:  # our debug logs only; other libraries' DEBUG output (fonts, HTTP) is noise here
+        logging.getLogger("mistral_fast").setLevel(logging.DEBUG)
     try:
         return args.handler(args)
     except MistralFastError as err:

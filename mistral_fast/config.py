@@ -158,6 +158,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 _fail(f"train.{name}", value, "a positive integer")
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            # the Trainer can only reload the best model if every evaluation step is also a save step
+            _fail(
+                "train.save_steps",
+                self.save_steps,
+                f"a multiple of train.eval_steps={self.eval_steps} when train.load_best_model_at_end is true",
+            )
         if self.max_steps == 0 or self.max_steps < -1:
             _fail("train.max_steps", self.max_steps, "-1 (all epochs) or a positive integer")
         if not 0 <= self.warmup_ratio < 1:

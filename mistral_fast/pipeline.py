@@ -154,15 +154,19 @@ def run(cfg: RunConfig) -> RunResult:
     """
     import json
 
-    from mistral_fast.modeling import load_model
-    from mistral_fast.train import train
+    from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
 
+    backend, _ = resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
+    validate_model_request(cfg)  # path, architecture, LoRA targets: fails in a second, no weights loaded
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "run_config.yaml")
 
     data = prepare_data(cfg)  # bad records fail here, in seconds, before gigabytes of weights load
     loaded = load_model(cfg)
+
+    from mistral_fast.train import train  # after load_model: imports TRL, which unsloth patches
+
     trained = train(cfg, loaded, data)
 
     result = RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict())

@@ -1,0 +1,310 @@
+"""Training: TRL's SFTTrainer wired for QLoRA, with metrics, checkpoints and crash-safe resume.
+
+The data arrive already tokenised with assistant-only labels (`mistral_fast.tokenizer`), so TRL's
+own templating is bypassed: what we tested against mistral_common is exactly what is trained on.
+
+Run directory layout (`train.output_dir`)::
+
+    run_config.yaml      the resolved config
+    checkpoints/         checkpoint-N/ … each with a COMPLETE marker once fully written
+    adapter/             the final LoRA adapter (peft) + tokenizer
+    metrics.jsonl        one JSON line per log event, flushed as it happens
+    loss_curve.png       train / eval loss against step
+    tensorboard/         TensorBoard event files
+    result.json          final metrics, timings, paths
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from mistral_fast.config import RunConfig
+
+if TYPE_CHECKING:
+    from mistral_fast.modeling import LoadedModel
+    from mistral_fast.pipeline import PreparedData
+
+log = logging.getLogger("mistral_fast")
+
+COMPLETE_MARKER = "COMPLETE"  # written into a checkpoint dir after the Trainer finished saving it
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced and measured."""
+
+    run_dir: str
+    adapter_dir: str
+    backend: str
+    train_loss: float | None
+    eval_loss: float | None
+    perplexity: float | None
+    first_logged_loss: float | None
+    steps: int
+    train_seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    resumed_from: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for result.json."""
+        return asdict(self)
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log event to metrics.jsonl and flushes, so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it (on_save comes last).
+
+    A run killed while a checkpoint is being written leaves a directory without the marker; resume
+    skips it and takes the previous complete one instead of crashing on, or silently loading, a
+    half-written state.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+class TrainableFp32Callback(TrainerCallback):
+    """Casts LoRA weights back to fp32 after the Trainer set-up (TRL casts them to bf16 on 4-bit bases).
+
+    bf16 adapter weights lose small updates: on CPU at lr 2e-4 only about half of the lora_A entries
+    moved in 20 steps, all of them in fp32 (see DESIGN.md).
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from mistral_fast.modeling import cast_trainable_to_fp32
+
+        if model is not None:
+            cast_trainable_to_fp32(model)
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The highest-numbered checkpoint with its COMPLETE marker; incomplete ones are reported and skipped."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for ckpt in reversed(found):
+        if (ckpt / COMPLETE_MARKER).exists():
+            return ckpt
+        log.warning("skipping %s: incomplete (the run was interrupted while saving it)", ckpt)
+    return None
+
+
+def _optimizer(cfg: RunConfig) -> str:
+    import torch
+
+    if cfg.train.optimizer != "auto":
+        return cfg.train.optimizer
+    # Paged 8-bit AdamW keeps optimizer state small and spills to CPU on VRAM spikes (QLoRA paper);
+    # bitsandbytes' paged optimizers need CUDA.
+    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_dir: Path) -> Any:
+    """Translate the run config into TRL's `SFTConfig`."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    dtype = loaded.compute_dtype
+    load_best = t.load_best_model_at_end and has_eval
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=_optimizer(cfg),
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=load_best,
+        metric_for_best_model="eval_loss" if load_best else None,
+        greater_is_better=False if load_best else None,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        seed=t.seed,
+        data_seed=t.seed,
+        max_length=cfg.model.max_seq_length,
+        packing=t.packing,
+        # Unsloth applies its own (offloaded) gradient checkpointing in get_peft_model.
+        gradient_checkpointing=t.gradient_checkpointing and loaded.backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to="none",  # TensorBoard is added as an explicit callback writing into the run directory
+        disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+    )
+
+
+def _callbacks(run_dir: Path) -> list[TrainerCallback]:
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [
+        MetricsCallback(run_dir / "metrics.jsonl"),
+        CompleteCheckpointCallback(),
+        TrainableFp32Callback(),
+        TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
+    ]
+
+
+def _trainer_class(loaded: LoadedModel) -> type:
+    """TRL's SFTTrainer, or on the hf backend without CUDA a subclass whose loss works on a CPU.
+
+    TRL 1.15 computes every loss through its fused LM head, a Triton kernel: on a CPU it fails
+    ("0 active drivers") when triton is installed and cannot run when it is not. Without CUDA we
+    compute the standard causal-LM loss from the model's logits instead (transformers' own
+    `Trainer.compute_loss`). Unsloth's CPU backend reroutes the fused head itself.
+    """
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if torch.cuda.is_available() or loaded.backend == "unsloth":
+        return SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CpuSFTTrainer
+
+
+def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResult:
+    """Fine-tune the LoRA adapter of `loaded` on `data`; write the run directory; return the figures.
+
+    With ``train.resume`` it continues from the last complete checkpoint in the run directory (a
+    checkpoint caught mid-save is skipped). Only the main process writes files.
+    """
+    import torch
+
+    from mistral_fast.modeling import cast_trainable_to_fp32
+
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None
+    if cfg.train.resume and resume is None:
+        log.info("train.resume: no complete checkpoint in %s, starting from scratch", run_dir / "checkpoints")
+    if resume is None:  # a fresh run starts a fresh history
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = _trainer_class(loaded)(
+        model=loaded.model,
+        args=build_sft_config(cfg, loaded, data.eval is not None, run_dir),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=loaded.tokenizer,
+        callbacks=_callbacks(run_dir),
+    )
+    cast_trainable_to_fp32(trainer.model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    adapter_dir = run_dir / "adapter"
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(adapter_dir)  # safetensors: adapter_model.safetensors + adapter_config
+        loaded.tokenizer.save_pretrained(adapter_dir)
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    return _result(cfg, loaded, trainer, output, seconds, eval_loss, adapter_dir, resume)
+
+
+def _peak_memory_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _result(cfg, loaded, trainer, output, seconds, eval_loss, adapter_dir, resume) -> TrainResult:
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    tokens = trainer.state.num_input_tokens_seen or 0
+    return TrainResult(
+        run_dir=cfg.train.output_dir,
+        adapter_dir=str(adapter_dir),
+        backend=loaded.backend,
+        train_loss=history[-1]["loss"] if history else output.training_loss,
+        eval_loss=eval_loss,
+        perplexity=math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+        first_logged_loss=history[0]["loss"] if history else None,
+        steps=trainer.state.global_step,
+        train_seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
+        peak_memory_mb=round(_peak_memory_mb(), 1),
+        resumed_from=str(resume) if resume else None,
+        extra={
+            "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+            **{f"{key}_reason": reason for key, reason in loaded.reasons.items()},
+        },
+    )
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
+    """Draw train and eval loss against step from metrics.jsonl into a PNG (written atomically)."""
+    if not metrics_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on CI, papermill or a batch node
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
