@@ -156,7 +156,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
 
-    backend, _ = resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
+    resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)  # path, architecture, LoRA targets: fails in a second, no weights loaded
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ def _trainer_class(loaded: LoadedModel) -> type:
         return SFTTrainer
 
     class CpuSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN202
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return CpuSFTTrainer

@@ -139,3 +139,42 @@ def test_unsloth_backend_uses_our_tokenizer(unsloth_run: dict[str, Any]) -> None
     r = unsloth_run
     assert r["pad_matches_ours"]  # Unsloth would otherwise set pad = eos
     assert r["padding_side"] == "right"
+
+
+def test_unsloth_backend_trains_through_the_cli(tmp_path: Path) -> None:
+    """The same pipeline (`mistral-fast train`) on the unsloth backend: 4-bit LoRA SFT runs and saves an adapter."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mistral_fast.cli",
+        "train",
+        "smoke",
+        "--set",
+        "model.backend=unsloth",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_steps=2",
+        "--set",
+        "train.save_steps=2",
+        "--set",
+        "data.max_examples=32",
+        "--set",
+        f"train.output_dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["train"]["backend"] == "unsloth" and result["train"]["steps"] == 4
+    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
