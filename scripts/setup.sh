@@ -22,6 +22,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" torch==2.13.0
 fi
 "${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf]"
+# pip then notes "unsloth requires torchvision / xformers, which is not installed": expected, on purpose.
 "${pip[@]}" -c requirements-ci.txt --no-deps unsloth unsloth_zoo
 "${pip[@]}" -c requirements-ci.txt tyro hf_transfer json5 structlog einops msgspec "wheel>=0.42" torchao \
   cut_cross_entropy diffusers nest-asyncio
