@@ -57,7 +57,7 @@ class ModelConfig:
     max_seq_length: int = 2048  # longest training example in tokens; longer ones are truncated
     tokenizer: Literal["v3", "v1", "model"] = "v3"  # v3: Mistral-7B v0.3; v1: v0.1/v0.2; model: its own
     trust_remote_code: bool = False  # never run a repository's Python unless asked
-    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"  # attention kernel for the hf backend
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"  # hf backend kernel
 
     def __post_init__(self) -> None:
         if not self.name_or_path:

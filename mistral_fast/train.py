@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from mistral_fast.config import RunConfig
+from mistral_fast.errors import ConfigError
 
 if TYPE_CHECKING:
     from mistral_fast.modeling import LoadedModel
@@ -188,6 +189,32 @@ def _callbacks(run_dir: Path) -> list[TrainerCallback]:
     ]
 
 
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def check_packing(cfg: RunConfig, loaded: LoadedModel) -> None:
+    """Refuse packing where packed examples would attend to each other.
+
+    TRL packs examples into one row and marks their starts with `position_ids`; only flash attention
+    turns that into separate sequences. With sdpa or eager attention (transformers 5.17) a packed
+    example attends to the ones before it: measured on the tiny model, the logits of the second of two
+    packed sequences differed from its logits alone by up to 8 (sdpa) and 10 (eager). Unsloth's GPU
+    kernels handle packing themselves.
+
+    Raises:
+        ConfigError: ``train.packing`` is on for the hf backend without flash attention.
+    """
+    if not cfg.train.packing or loaded.backend == "unsloth":
+        return
+    impl = getattr(loaded.model.config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        raise ConfigError(
+            f"train.packing=true needs flash attention on the hf backend, but the model uses {impl!r}: packed "
+            "examples would attend to each other — set model.attn_implementation=flash_attention_2 (CUDA, "
+            "flash-attn installed), use model.backend=unsloth on a GPU, or set train.packing=false"
+        )
+
+
 def _trainer_class(loaded: LoadedModel) -> type:
     """TRL's SFTTrainer, or on the hf backend without CUDA a subclass whose loss works on a CPU.
 
@@ -220,6 +247,7 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
 
     from mistral_fast.modeling import cast_trainable_to_fp32
 
+    check_packing(cfg, loaded)
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None

@@ -201,3 +201,13 @@ def test_it_learns_to_answer_and_stop(tmp_path) -> None:
         new = out[0, prompt["input_ids"].shape[1] :].tolist()
         answer = tok.encode(conv[1]["content"], add_special_tokens=False)
         assert new[: len(answer) + 1] == [*answer, tok.eos_token_id], tok.decode(new)
+
+
+def test_packing_without_flash_attention_is_refused(tmp_path) -> None:
+    """Packed examples must not attend to each other: with sdpa on CPU the run stops before training."""
+    from mistral_fast.errors import ConfigError
+    from mistral_fast.pipeline import run
+
+    with pytest.raises(ConfigError, match=r"train\.packing=true needs flash attention.*'sdpa'"):
+        run(smoke(tmp_path, "train.packing=true", "train.max_steps=2"))
+    assert not (tmp_path / "run" / "adapter").exists()
