@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -30,11 +29,9 @@ def test_light_imports_do_not_import_torch(statement) -> None:
     assert json.loads(out) == []
 
 
-def test_help_starts_fast() -> None:
-    start = time.perf_counter()
+def test_help_lists_the_subcommands() -> None:
     proc = subprocess.run([sys.executable, "-m", "mistral_fast.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train" in proc.stdout and "prepare" in proc.stdout
-    assert time.perf_counter() - start < 5  # measured ~0.1 s; torch alone would take ~2 s
 
 
 def test_config_prints_resolved_yaml(capsys) -> None:
