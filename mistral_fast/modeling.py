@@ -610,11 +610,19 @@ def _load_our_tokenizer(cfg: RunConfig, path: str) -> PreTrainedTokenizerFast:
 def _bnb_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
+    from mistral_fast.distributed import using_fsdp
+
+    extra = {}
+    if using_fsdp():
+        # FSDP flattens each wrapped module's parameters into one tensor of one float dtype: the packed
+        # 4-bit weights must be stored as that dtype (not uint8) for FSDP to shard them (FSDP + QLoRA).
+        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.model.quant_type,
         bnb_4bit_use_double_quant=cfg.model.double_quant,
         bnb_4bit_compute_dtype=dtype,
+        **extra,
     )
 
 
@@ -624,18 +632,22 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    from mistral_fast.distributed import using_fsdp
+
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(cfg, dtype)
-    if torch.cuda.is_available():
-        # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU.
+    fsdp = using_fsdp()
+    if torch.cuda.is_available() and not fsdp:
+        # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU. Under FSDP
+        # the wrapper places the shards itself (cpu_ram_efficient_loading), so no device_map.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     disable_cpu_weight_repacking(model)
     gc = for_training and cfg.train.gradient_checkpointing
-    if for_training and cfg.model.load_in_4bit:
+    if for_training and cfg.model.load_in_4bit and not fsdp:
         # Freezes the base and casts every non-4-bit parameter (norms, embeddings, lm_head) to fp32,
         # which keeps the residual stream and the logits in fp32 (QLoRA's recipe). Non-reentrant
         # checkpointing needs no input-grad hook and is what torch recommends.
@@ -643,6 +655,7 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     elif gc:
+        # Also the FSDP path: its flat parameters need one dtype, so nothing is cast to fp32 there.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return _attach_lora(model, cfg, for_training=for_training)
 

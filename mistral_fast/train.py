@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from mistral_fast.config import RunConfig
+from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, world_size
 from mistral_fast.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class TrainableFp32Callback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from mistral_fast.modeling import cast_trainable_to_fp32
 
-        if model is not None:
+        if model is not None and not using_fsdp():  # FSDP flat parameters need one dtype
             cast_trainable_to_fp32(model)
 
 
@@ -145,7 +146,7 @@ def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_di
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_for_world(cfg),  # same effective batch on 1 or N devices
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
@@ -263,19 +264,37 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
         processing_class=loaded.tokenizer,
         callbacks=_callbacks(run_dir),
     )
-    cast_trainable_to_fp32(trainer.model)
+    if not using_fsdp():
+        cast_trainable_to_fp32(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    digest = adapter_digest(trainer.model)
+    if world_size() > 1:  # every rank says what it holds: after DDP all ranks must hold the same adapter
+        log.info("rank %d/%d adapter sha256 %s", rank(), world_size(), digest)
     adapter_dir = run_dir / "adapter"
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(adapter_dir)  # safetensors: adapter_model.safetensors + adapter_config
         loaded.tokenizer.save_pretrained(adapter_dir)
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    return _result(cfg, loaded, trainer, output, seconds, eval_loss, adapter_dir, resume)
+    result = _result(cfg, loaded, trainer, output, seconds, eval_loss, adapter_dir, resume)
+    # the Trainer's own count of processes in its process group: 2 means DDP really ran, data sharded
+    result.extra.update(adapter_sha256=digest, world_size=trainer.args.world_size)
+    return result
+
+
+def adapter_digest(model: Any) -> str:
+    """sha256 over the trainable (LoRA) weights, by name: equal digests mean equal adapters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, param in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _peak_memory_mb() -> float:
