@@ -1,0 +1,131 @@
+"""Exports of a trained run: streamed 16-bit merge, GGUF, Ollama Modelfile, equivalence report.
+
+``export_run(cfg)`` does what ``cfg.export`` asks and writes everything into ``run_dir/export/``:
+
+* ``merged/``: the LoRA merged into 16-bit weights (`merge_adapter`; never re-quantised to 4-bit),
+* ``model-<type>.gguf`` + ``model-<type>.Modelfile`` per GGUF type (`export_gguf`, `quantize_gguf`,
+  `write_modelfile`),
+* ``equivalence.json`` / ``equivalence.md``: adapter vs merged vs each GGUF (`equivalence_report`,
+  when llama-cpp-python is installed),
+* ``export.json``: what was written, with sizes.
+
+Heavy libraries (torch, bitsandbytes, gguf, llama_cpp) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mistral_fast.config import RunConfig
+from mistral_fast.export.gguf import (
+    GGUF_TYPES,
+    INSTALL_LLAMA_CPP,
+    KQUANT_TYPES,
+    atomic_path,
+    export_gguf,
+    quantize_gguf,
+    write_modelfile,
+)
+from mistral_fast.export.merge import merge_adapter
+from mistral_fast.export.report import equivalence_report
+
+__all__ = [
+    "GGUF_TYPES",
+    "KQUANT_TYPES",
+    "equivalence_report",
+    "export_gguf",
+    "export_run",
+    "merge_adapter",
+    "quantize_gguf",
+    "write_modelfile",
+]
+
+log = logging.getLogger("mistral_fast")
+
+
+def _load_run(cfg_or_run_dir: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, Path]:
+    if isinstance(cfg_or_run_dir, RunConfig):
+        return cfg_or_run_dir, Path(cfg_or_run_dir.train.output_dir)
+    from mistral_fast.config import load_config
+
+    run_dir = Path(cfg_or_run_dir)
+    return load_config(run_dir / "run_config.yaml"), run_dir
+
+
+def export_run(
+    cfg_or_run_dir: RunConfig | str | os.PathLike[str],
+    *,
+    merged: bool | None = None,
+    gguf: list[str] | None = None,
+    merge_base: str | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Write the exports ``cfg.export`` asks for into ``run_dir/export/``.
+
+    Args:
+        cfg_or_run_dir: the run's config (its ``train.output_dir`` is the run directory) or a run
+            directory with ``run_config.yaml``.
+        merged: keep the merged 16-bit model (default ``export.merged``); GGUFs need a merge either
+            way, made in a temporary directory when it is not kept.
+        gguf: GGUF types (default ``export.gguf``), e.g. ``["f16", "q8_0", "q4_k_m"]``.
+        merge_base: ``"dequantized"`` or ``"original"`` (default ``export.merge_base``).
+        report: also write the equivalence report when GGUFs were written and llama-cpp-python is
+            installed (it loads every model: minutes for a 7B).
+
+    Returns:
+        ``{"merged": path or None, "gguf": {type: path}, "modelfiles": {...}, "report": path or None}``.
+
+    Raises:
+        ModelError: a k-quant was asked for without llama-cpp-python (the message says how to get it).
+    """
+    cfg, run_dir = _load_run(cfg_or_run_dir)
+    keep_merged = cfg.export.merged if merged is None else merged
+    types = list(cfg.export.gguf if gguf is None else gguf)
+    base = merge_base or cfg.export.merge_base
+    if any(t in KQUANT_TYPES for t in types) and importlib.util.find_spec("llama_cpp") is None:
+        from mistral_fast.errors import ModelError
+
+        raise ModelError(f"export.gguf={types}: {INSTALL_LLAMA_CPP}")  # before minutes of merging
+    out = run_dir / "export"
+    result: dict[str, Any] = {"merged": None, "merge_base": base, "gguf": {}, "modelfiles": {}, "report": None}
+    if not keep_merged and not types:
+        return result
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=run_dir) as tmp:
+        merged_dir = merge_adapter(run_dir, out / "merged" if keep_merged else Path(tmp) / "merged", base=base)
+        result["merged"] = str(merged_dir) if keep_merged else None
+        result["gguf"] = _write_ggufs(merged_dir, out, types, Path(tmp), name=run_dir.name)
+        result["modelfiles"] = {t: str(write_modelfile(p)) for t, p in result["gguf"].items()}
+        if report and types and importlib.util.find_spec("llama_cpp") is not None:
+            equivalence_report(run_dir, list(result["gguf"].values()), merged_dir=merged_dir, out_dir=out)
+            result["report"] = str(out / "equivalence.md")
+    _write_manifest(result, out)
+    return result
+
+
+def _write_ggufs(merged_dir: Path, out: Path, types: list[str], tmp: Path, *, name: str) -> dict[str, str]:
+    """Each requested type; k-quants are made by llama.cpp from an f16 GGUF (kept only if requested)."""
+    written: dict[str, str] = {}
+    f16 = None
+    for qtype in [t for t in types if t in GGUF_TYPES]:
+        written[qtype] = str(export_gguf(merged_dir, out / f"model-{qtype}.gguf", qtype, name=name))
+    for qtype in [t for t in types if t in KQUANT_TYPES]:
+        f16 = written.get("f16") or f16 or str(export_gguf(merged_dir, tmp / "model-f16.gguf", "f16", name=name))
+        written[qtype] = str(quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype))
+    return written
+
+
+def _write_manifest(result: dict[str, Any], out: Path) -> None:
+    files = [Path(p) for p in result["gguf"].values()] + [Path(p) for p in result["modelfiles"].values()]
+    if result["merged"]:
+        files += sorted(Path(result["merged"]).iterdir())
+    result["files"] = {str(f.relative_to(out)): f.stat().st_size for f in files}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "export.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("exports of %s: %s", out.parent, ", ".join(result["files"]) or "none")

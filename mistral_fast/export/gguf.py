@@ -1,0 +1,393 @@
+"""GGUF export with gguf-py (no llama.cpp build), k-quants through llama.cpp's own quantiser, Modelfile.
+
+`export_gguf` writes llama.cpp's ``llama`` architecture (what llama.cpp's own converter uses for
+Mistral): its tensor names, Q/K rows permuted into the rotary layout llama.cpp expects, the exact
+SentencePiece vocabulary (pieces, scores, token types, BOS/EOS/UNK, add_bos, add_space_prefix) and
+our chat template. It streams: a first pass reads only the safetensors headers to write the GGUF
+header and tensor table, a second converts and writes one tensor at a time. Files are written to a
+temporary name and renamed, so an interrupted export never leaves a truncated GGUF at the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.errors import ModelError
+from mistral_fast.export.merge import checkpoint_files
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger("mistral_fast")
+
+# Written by gguf-py in numpy; k-quants need llama.cpp's quantiser (importance-aware mixes per tensor).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0")
+KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
+INSTALL_LLAMA_CPP = (
+    "k-quants (and the equivalence report) need llama.cpp's Python bindings: "
+    "pip install 'mistral-fast[gguf]' (builds llama-cpp-python from source: ~3 min on 2 cores; "
+    'set CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF '
+    '-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" to keep it short)'
+)
+_ARCH = "llama"
+
+
+@dataclass
+class _Tensor:
+    """One output tensor: where it comes from and how it is written."""
+
+    source: Path
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int  # 0: no Q/K permutation; else the number of heads to permute by
+
+
+def _ggml_type(qtype: str) -> Any:
+    import gguf
+
+    return gguf.GGMLQuantizationType[qtype.upper()]
+
+
+def _file_type(qtype: str) -> int:
+    import gguf
+
+    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    names |= {"q4_0": "MOSTLY_Q4_0", "q5_0": "MOSTLY_Q5_0"}
+    return int(gguf.LlamaFileType[names[qtype]])
+
+
+def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotary layout (halves) to llama.cpp's (interleaved pairs), as llama.cpp's converter does.
+
+    HF checkpoints were permuted from Meta's layout when converted; llama.cpp's ``llama`` rope works
+    on Meta's interleaved layout, so each head's rows go back: (2, d/2) -> (d/2, 2).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if config.get("model_type") not in ("mistral", "llama") and not any("Mistral" in a for a in archs):
+        raise ModelError(f"{model_dir}: GGUF export supports Mistral (llama-architecture) models, not {archs}")
+    return config
+
+
+def _plan(model_dir: Path, config: dict[str, Any], qtype: str) -> list[_Tensor]:
+    """Map every checkpoint tensor to its GGUF name and type (headers only, no data read)."""
+    import gguf
+    from safetensors import safe_open
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    plan = []
+    for file in checkpoint_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed by llama.cpp from rope_theta
+                gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise ModelError(f"{model_dir}: tensor {name!r} has no llama.cpp name; not a Mistral checkpoint?")
+                shape = tuple(f.get_slice(name).get_shape())
+                heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else 0
+                plan.append(_Tensor(file, name, gguf_name, shape, _tensor_type(shape, qtype), heads))
+    return plan
+
+
+def _tensor_type(shape: tuple[int, ...], qtype: str) -> Any:
+    """Norms (1-D) stay F32 as in llama.cpp's converter; rows not divisible by the block stay F16."""
+    import gguf
+
+    wanted = _ggml_type(qtype)
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    if shape[-1] % block:
+        log.warning("row size %d is not a multiple of %s's block %d: stored as F16", shape[-1], qtype, block)
+        return gguf.GGMLQuantizationType.F16
+    return wanted
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * type_size
+
+
+def _convert(tensor: torch.Tensor, spec: _Tensor) -> np.ndarray:
+    """The bytes llama.cpp reads for one tensor (16-bit casts in torch, exact; quants by gguf-py)."""
+    import gguf
+    import torch
+
+    if spec.permute_heads:
+        tensor = permute_qk(tensor, spec.permute_heads)
+    kind = gguf.GGMLQuantizationType
+    if spec.qtype == kind.BF16:
+        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    if spec.qtype == kind.F16:
+        return tensor.to(torch.float16).contiguous().numpy()
+    array = tensor.float().contiguous().numpy()
+    return array if spec.qtype == kind.F32 else gguf.quants.quantize(array, spec.qtype)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """A temporary path beside ``final`` that is renamed onto it only when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _vocab(sp_model: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], Any]:
+    """Pieces, scores and token types from the SentencePiece protobuf, padded to ``vocab_size``.
+
+    SentencePiece's piece types (NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5, BYTE=6)
+    have the same numbers as gguf's ``TokenType``, so they are written unchanged.
+    """
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+    if len(tokens) > vocab_size:
+        raise ModelError(f"{sp_model}: {len(tokens)} pieces but the model's vocab_size is {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer: never produced
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    return tokens, scores, types, proto
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    tok_cfg = model_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        return json.loads(tok_cfg.read_text()).get("chat_template")
+    return None
+
+
+def _add_metadata(writer: Any, config: dict[str, Any], qtype: str, name: str) -> None:
+    import gguf
+
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer.add_name(name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(_file_type(qtype))
+    if qtype not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: Any, model_dir: Path, sp_model: Path, vocab_size: int) -> None:
+    tokens, scores, types, proto = _vocab(sp_model, vocab_size)
+    spec = proto.trainer_spec
+    writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece (SPM) tokenizer
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(spec.bos_id)
+    writer.add_eos_token_id(spec.eos_id)
+    writer.add_unk_token_id(spec.unk_id)
+    writer.add_add_bos_token(True)  # Mistral prompts start with one BOS
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+    template = _chat_template(model_dir)
+    if template:
+        writer.add_chat_template(template)
+
+
+def export_gguf(
+    model_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    qtype: str = "f16",
+    *,
+    sp_model: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write a 16-bit (merged or base) Mistral checkpoint as a GGUF file for llama.cpp / Ollama.
+
+    Args:
+        model_dir: a transformers model directory (safetensors, config.json, tokenizer files), e.g.
+            the output of `merge_adapter`.
+        out_path: the ``.gguf`` file to write (atomically).
+        qtype: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` or ``q5_0``; k-quants go through
+            `quantize_gguf` from an f16/bf16 GGUF.
+        sp_model: the SentencePiece ``.model`` whose pieces and scores form the vocabulary; default:
+            ``model_dir/tokenizer.model`` (which `merge_adapter` writes), else our v3 file.
+        name: ``general.name`` in the GGUF (shown by llama.cpp and Ollama); default: the directory name.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ModelError: an unsupported type or architecture, or a tensor llama.cpp has no name for.
+    """
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    if qtype in KQUANT_TYPES:
+        raise ModelError(
+            f"qtype={qtype!r} is a k-quant: export f16 first, then quantize_gguf(f16_path, out, {qtype!r})"
+        )
+    if qtype not in GGUF_TYPES:
+        raise ModelError(f"qtype={qtype!r}: use one of {list(GGUF_TYPES)} (or {list(KQUANT_TYPES)} via quantize_gguf)")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    config = _read_config(model_dir)
+    plan = _plan(model_dir, config, qtype)
+    writer = gguf.GGUFWriter(None, _ARCH)
+    _add_metadata(writer, config, qtype, name or model_dir.name)
+    _add_tokenizer(writer, model_dir, _resolve_sp_model(model_dir, sp_model), config["vocab_size"])
+    for spec in plan:
+        writer.add_tensor_info(
+            spec.gguf_name, spec.shape, _np_dtype(spec.qtype), _nbytes(spec.shape, spec.qtype), spec.qtype
+        )
+    with atomic_path(out_path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with torch.no_grad():
+            for spec in plan:  # the order of add_tensor_info: one tensor in memory at a time
+                with safe_open(spec.source, framework="pt") as f:
+                    writer.write_tensor_data(_convert(f.get_tensor(spec.hf_name), spec))
+        writer.close()
+    log.info("wrote %s (%s, %d tensors)", out_path, qtype, len(plan))
+    return out_path
+
+
+def _np_dtype(qtype: Any) -> Any:
+    """The numpy dtype `add_tensor_info` expects: the float type, else raw bytes (shape given in elements)."""
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType
+    return {kind.F32: np.float32, kind.F16: np.float16, kind.BF16: np.int16}.get(qtype, np.int8)
+
+
+def _resolve_sp_model(model_dir: Path, sp_model: str | os.PathLike[str] | None) -> Path:
+    from mistral_fast.tokenizer import sentencepiece_path
+
+    if sp_model is not None:
+        return Path(sp_model)
+    own = model_dir / "tokenizer.model"
+    return own if own.is_file() else sentencepiece_path("v3")
+
+
+def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtype: str, *, threads: int = 0) -> Path:
+    """Quantise a GGUF with llama.cpp's own quantiser (``llama_model_quantize`` from llama-cpp-python).
+
+    This is how k-quants are made: llama.cpp picks per-tensor types for ``*_k_m`` mixes (e.g. Q6_K
+    for parts of attn_v and ffn_down in Q4_K_M) and falls back to legacy quants for rows that are
+    not a multiple of 256. Start from an f16/bf16/f32 GGUF; re-quantising a quantised one is refused.
+
+    Args:
+        src: the 16-bit GGUF from `export_gguf`.
+        dst: the GGUF to write (atomically).
+        qtype: ``q4_k_m``, ``q5_k_m``, ``q6_k`` (or any llama.cpp ``LLAMA_FTYPE_MOSTLY_*`` name).
+        threads: quantisation threads; 0: all cores.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        ModelError: llama-cpp-python is not installed (with how to get it), or llama.cpp failed.
+    """
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelError(f"quantize_gguf({qtype!r}): {INSTALL_LLAMA_CPP}") from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise ModelError(f"qtype={qtype!r}: llama.cpp has no such type; use one of {list(KQUANT_TYPES)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ModelError(f"{src}: no such GGUF file; write it with export_gguf(model_dir, path, 'f16') first")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_path(dst) as tmp:
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if code != 0:
+            raise ModelError(f"llama.cpp could not quantise {src} to {qtype} (return code {code}); see its log above")
+    log.info("quantised %s -> %s (%s)", src, dst, qtype)
+    return dst
+
+
+# Mistral v3 in Ollama's Go template language, token for token like our Jinja template: one BOS (llama.cpp
+# adds it: add_bos_token), no spaces around [INST]/[/INST] (llama.cpp gives each text chunk after a control
+# token its own SentencePiece space prefix, as mistral_common does), the system prompt in the last user
+# message joined by a blank line, and </s> after each assistant turn.
+OLLAMA_TEMPLATE = """\
+{{- range $i, $m := .Messages }}
+{{- if eq $m.Role "user" }}[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}
+
+{{ end }}{{ $m.Content }}[/INST]
+{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>
+{{- end }}
+{{- end }}"""
+
+
+def write_modelfile(
+    gguf_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
+    *,
+    system: str = "",
+    parameters: dict[str, Any] | None = None,
+) -> Path:
+    """Write an Ollama ``Modelfile`` for a GGUF: ``ollama create NAME -f <this file>``.
+
+    Args:
+        gguf_path: the GGUF; referenced by a relative path, so the two can move together.
+        out_path: default ``<gguf stem>.Modelfile`` beside the GGUF (one per GGUF type).
+        system: a default system prompt (Ollama's ``SYSTEM``), empty for none.
+        parameters: extra ``PARAMETER`` lines, e.g. ``{"temperature": 0.2}``.
+
+    Returns:
+        The Modelfile path.
+    """
+    gguf_path = Path(gguf_path)
+    out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
+    lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += ['PARAMETER stop "</s>"', 'PARAMETER stop "[INST]"']  # EOS, and a runaway next user turn
+    lines += [f"PARAMETER {key} {value}" for key, value in (parameters or {}).items()]
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,412 @@
+"""Streamed 16-bit merge of a LoRA adapter into its base model.
+
+The merge never loads the whole model: it walks the base checkpoint's safetensors tensor by tensor,
+and for each LoRA target weight computes ``W' = base(W) + (alpha/r)·B·A`` in fp32 and rounds once to
+16 bits. Peak memory is one output shard plus one tensor, so a 7B model merges in a few GB of RAM.
+
+``base(W)`` is either the NF4 round trip of ``W`` (``"dequantized"``: the weights the adapter was
+trained against, reproducing the trained model) or ``W`` itself (``"original"``). The result is never
+re-quantised to 4 bits: merging into a 4-bit layer and re-quantising (what peft's
+``merge_and_unload`` does on a bitsandbytes model, peft #2321) rounds the LoRA update away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from mistral_fast.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("mistral_fast")
+
+MERGE_BASES = ("dequantized", "original")
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_SIZE = re.compile(r"^\s*(?P<num>\d+(\.\d+)?)\s*(?P<unit>[KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Tokenizer files our tokenizer writes (plus the SentencePiece model, for GGUF and other loaders).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class MergeSource:
+    """Everything the merge needs to know about a trained run, resolved from its files.
+
+    Attributes:
+        adapter_dir: the peft adapter directory.
+        base_path: the base model directory (its safetensors are streamed).
+        quant: NF4 settings the base was trained with (``None``: trained on 16-bit weights).
+        tokenizer_version: ``"v3"``/``"v1"`` (our built-in tokenizer) or ``"model"``.
+    """
+
+    adapter_dir: Path
+    base_path: Path
+    quant: dict[str, Any] | None
+    tokenizer_version: str
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``"2GB"``, ``"500MiB"`` or an int.
+
+    Raises:
+        ModelError: an unreadable size.
+    """
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(str(size))
+    if not match:
+        raise ModelError(f"shard_size={size!r}: use e.g. '2GB', '500MB' or a number of bytes")
+    return int(float(match["num"]) * _UNITS[(match["unit"] or "").lower()])
+
+
+def resolve_source(run_or_adapter_dir: str | os.PathLike[str]) -> MergeSource:
+    """Find the adapter, the base model and the quantisation of a run directory or adapter directory.
+
+    Raises:
+        ModelError: no adapter there, or the base model cannot be found.
+    """
+    from mistral_fast.modeling import resolve_model_path
+
+    path = Path(run_or_adapter_dir)
+    adapter_dir = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{path}: no adapter_config.json here or in {path / 'adapter'}: give a run or adapter directory"
+        )
+    run_dir = adapter_dir.parent
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    run_cfg = _read_yaml(run_dir / "run_config.yaml")
+    model_cfg = run_cfg.get("model", {})
+    base = model_cfg.get("name_or_path") or adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{adapter_dir}: cannot tell the base model (no run_config.yaml, no base_model_name_or_path)")
+    quant = None
+    if model_cfg.get("load_in_4bit", True):
+        quant = {
+            "quant_type": model_cfg.get("quant_type", "nf4"),
+            "double_quant": model_cfg.get("double_quant", True),
+            "dtype": _trained_compute_dtype(run_dir, model_cfg.get("compute_dtype", "auto")),
+        }
+    base_path = _local_checkpoint(resolve_model_path(base))
+    return MergeSource(adapter_dir, base_path, quant, model_cfg.get("tokenizer", "v3"))
+
+
+def _local_checkpoint(path_or_repo: str) -> Path:
+    """A local directory with the base's 16-bit safetensors (a hub model: its cached snapshot).
+
+    Raises:
+        ModelError: the checkpoint is itself pre-quantised (e.g. ``*-bnb-4bit``): its 16-bit weights,
+            which both merge bases start from, are not in it.
+    """
+    path = Path(path_or_repo)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer.model"]  # the weights training already cached
+        path = Path(snapshot_download(path_or_repo, allow_patterns=patterns))
+    config = json.loads((path / "config.json").read_text())
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise ModelError(
+            f"{path_or_repo}: the base checkpoint is pre-quantised ({method}); merge into its 16-bit "
+            "original instead (e.g. mistralai/Mistral-7B-v0.3 for unsloth/mistral-7b-v0.3-bnb-4bit)"
+        )
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+
+
+def _trained_compute_dtype(run_dir: Path, requested: str) -> str:
+    """The compute dtype training really used: bitsandbytes quantised the weights in that dtype.
+
+    ``result.json`` records it; an ``auto`` resolved here again could differ on another machine.
+    """
+    result = run_dir / "result.json"
+    if result.is_file():
+        extra = json.loads(result.read_text()).get("train", {}).get("extra", {})
+        if extra.get("compute_dtype"):
+            return extra["compute_dtype"]
+    from mistral_fast.modeling import resolve_compute_dtype
+
+    return str(resolve_compute_dtype(requested)[0]).removeprefix("torch.")
+
+
+def load_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """The adapter as ``{base weight name: (A, B)}`` (fp32) and its scaling ``alpha/r``.
+
+    Raises:
+        ModelError: an adapter this merge does not reproduce exactly (DoRA, per-module ranks,
+            fan-in/fan-out, trained extra modules).
+    """
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [
+        k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)
+    ]
+    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ModelError(f"{adapter_dir}: the streamed merge supports plain LoRA only; this adapter sets {unsupported}")
+    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+        match = _LORA_KEY.match(key)
+        if not match:
+            raise ModelError(f"{adapter_dir}: unexpected adapter tensor {key!r}: only lora_A/lora_B are merged")
+        pairs.setdefault(match["module"] + ".weight", {})[match["ab"]] = tensor.float()
+    return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}, scaling
+
+
+def is_quantized_linear(name: str, weight: torch.Tensor) -> bool:
+    """Whether 4-bit loading quantised this weight: every decoder Linear, LoRA target or not.
+
+    transformers keeps the embeddings, the norms and ``lm_head`` in 16 bits (``lm_head`` is in
+    bitsandbytes' modules-not-to-convert); every other 2-D ``.weight`` of a Mistral is a Linear.
+    """
+    return weight.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
+
+
+def nf4_roundtrip(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
+    """What a bitsandbytes ``Linear4bit`` holds for ``weight``, dequantised (in the compute dtype).
+
+    transformers casts the checkpoint tensor to the compute dtype and bitsandbytes quantises that
+    (blocksize 64, absmax itself quantised with double quant); dequantising returns that dtype.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    x = weight.to(getattr(torch, quant["dtype"]))
+    packed, state = bnbf.quantize_4bit(
+        x, blocksize=64, compress_statistics=quant["double_quant"], quant_type=quant["quant_type"]
+    )
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def merge_tensor(
+    weight: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor] | None,
+    scaling: float,
+    quant: dict[str, Any] | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """One merged weight: ``base(W) + scaling·B·A`` in fp32, rounded once to ``out_dtype``.
+
+    The order of operations is peft's (``(B @ A) * scaling`` in fp32, added to the base weight), so
+    the result equals ``merge_and_unload`` on a 16-bit model holding the same base weights.
+    """
+    base = nf4_roundtrip(weight, quant) if quant is not None else weight
+    if lora is None:
+        return base.to(out_dtype)
+    a, b = lora
+    return (base.float() + (b @ a) * scaling).to(out_dtype)
+
+
+def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> list[list[tuple[Path, str]]]:
+    """Group tensors (in checkpoint order) into shards of at most ``max_bytes`` output bytes."""
+    from safetensors import safe_open
+
+    shards: list[list[tuple[Path, str]]] = [[]]
+    size = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                nbytes = math.prod(f.get_slice(name).get_shape()) * out_dtype.itemsize
+                if shards[-1] and size + nbytes > max_bytes:
+                    shards.append([])
+                    size = 0
+                shards[-1].append((file, name))
+                size += nbytes
+    return shards
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory, in index order.
+
+    Raises:
+        ModelError: no safetensors there (``.bin`` checkpoints cannot be streamed safely).
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelError(f"{model_dir}: no model.safetensors(.index.json); convert the checkpoint to safetensors first")
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype of the first floating tensor of a checkpoint (the dtype it ships in)."""
+    from safetensors import safe_open
+
+    with safe_open(checkpoint_files(model_dir)[0], framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            tensor = f.get_slice(name)
+            dtype = tensor.get_dtype()
+            if dtype.startswith(("BF", "F")):
+                import torch
+
+                return {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    raise ModelError(f"{model_dir}: no floating-point tensor in the checkpoint")
+
+
+def merge_adapter(
+    run_or_adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    base: str = "dequantized",
+    shard_size: str | int = "2GB",
+    dtype: str | None = None,
+) -> Path:
+    """Merge a run's LoRA adapter into its base model and save 16-bit sharded safetensors, streamed.
+
+    The output directory loads with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer``:
+    shards (+ index when more than one), ``config.json`` without any quantisation config,
+    ``generation_config.json``, our exact tokenizer and the SentencePiece ``tokenizer.model``.
+
+    Args:
+        run_or_adapter_dir: a run directory (with ``adapter/`` and ``run_config.yaml``) or an adapter directory.
+        out_dir: where to write; built in a temporary sibling and renamed into place, so an
+            interrupted merge never leaves a partial model at this path.
+        base: ``"dequantized"``: the NF4 round trip of the base weights, which the adapter was
+            trained against (reproduces the trained model); ``"original"``: the 16-bit weights.
+        shard_size: largest shard (``"2GB"``, ``"500MB"`` or bytes).
+        dtype: ``"bfloat16"`` or ``"float16"``; default: the base checkpoint's 16-bit dtype, else bf16.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ModelError: bad ``base``/``dtype``, no adapter, an unsupported adapter, or adapter weights
+            that match no base tensor.
+    """
+    import torch
+
+    if base not in MERGE_BASES:
+        raise ModelError(f"export.merge_base={base!r}: use one of {list(MERGE_BASES)}")
+    source = resolve_source(run_or_adapter_dir)
+    out_dtype = _output_dtype(source.base_path, dtype)
+    quant = source.quant if base == "dequantized" else None
+    lora, scaling = load_lora(source.adapter_dir)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            _write_shards(source.base_path, tmp, lora, scaling, quant, out_dtype, parse_size(shard_size))
+        _write_side_files(source, tmp, out_dtype)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("merged %s (%s base, %d LoRA weights) into %s", source.adapter_dir, base, len(lora), out)
+    return out
+
+
+def _output_dtype(base_path: Path, dtype: str | None) -> torch.dtype:
+    import torch
+
+    if dtype is None:
+        found = checkpoint_dtype(base_path)
+        return found if found in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if dtype not in ("bfloat16", "float16"):
+        raise ModelError(f"dtype={dtype!r}: the merged model is saved in 16 bits: bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def _write_shards(
+    base_path: Path,
+    out: Path,
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    quant: dict[str, Any] | None,
+    out_dtype: torch.dtype,
+    max_bytes: int,
+) -> None:
+    """Stream the base tensor by tensor into shards; only one shard is ever held in memory."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    plan = _shard_plan(checkpoint_files(base_path), out_dtype, max_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(plan) == 1
+        else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    )
+    weight_map: dict[str, str] = {}
+    used: set[str] = set()
+    total = 0
+    for shard, shard_name in zip(plan, names, strict=True):
+        tensors: dict[str, torch.Tensor] = {}
+        for file, name in shard:
+            with safe_open(file, framework="pt") as f:
+                weight = f.get_tensor(name)
+            nf4 = quant if is_quantized_linear(name, weight) else None
+            tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype)
+            weight_map[name] = shard_name
+            total += tensors[name].nbytes
+            if name in lora:
+                used.add(name)
+        save_file(tensors, out / shard_name, metadata={"format": "pt"})
+        del tensors
+    missing = sorted(set(lora) - used)
+    if missing:
+        raise ModelError(f"adapter weights match no tensor of the base model {base_path}: {missing[:3]}")
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_side_files(source: MergeSource, out: Path, out_dtype: torch.dtype) -> None:
+    """config.json (16-bit, no quantisation config), generation config, tokenizer files."""
+    config = json.loads((source.base_path / "config.json").read_text())
+    config.pop("quantization_config", None)
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:  # transformers 4 name; keep both consistent
+        config["torch_dtype"] = dtype_name
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = source.base_path / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, out / "generation_config.json")
+    tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
+    for name in _TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, out / name)
+    sp_model = _sentencepiece_model(source)
+    if sp_model is not None:
+        shutil.copyfile(sp_model, out / "tokenizer.model")
+
+
+def _sentencepiece_model(source: MergeSource) -> Path | None:
+    """The SentencePiece file behind the run's tokenizer (GGUF export reads its pieces and scores)."""
+    from mistral_fast.tokenizer import sentencepiece_path
+
+    if source.tokenizer_version in ("v3", "v1"):
+        return sentencepiece_path(source.tokenizer_version)
+    own = source.base_path / "tokenizer.model"
+    return own if own.is_file() else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an older one at ``final`` is removed only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

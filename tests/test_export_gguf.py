@@ -1,0 +1,232 @@
+"""GGUF export: llama.cpp (llama-cpp-python) and transformers read what gguf-py wrote, with our logits and ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mistral_fast.errors import ModelError
+from mistral_fast.export import export_gguf, export_run, quantize_gguf, write_modelfile
+from mistral_fast.export import gguf as gguf_export
+from mistral_fast.modeling import tiny_model_dir
+from mistral_fast.tokenizer import load_tokenizer, reference_chat_ids, reference_tokenizer
+
+TEXT = "Convert 3 miles to kilometres, please. The answer is"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Two  spaces: 10 °F in °C?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def f16_gguf(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_gguf(model_dir, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=n)
+    return out[0, len(ids) :].tolist()
+
+
+def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model) -> None:
+    pytest.importorskip("llama_cpp")
+    from mistral_fast.export.report import gguf_side
+
+    ids = load_tokenizer("v3")(TEXT).input_ids
+    side = gguf_side(f16_gguf, [ids], eos=2, max_new_tokens=12)
+    with torch.no_grad():
+        reference = hf_model(torch.tensor([ids])).logits[0].numpy()
+    # fp16 weights (from bf16: exact) and llama.cpp's fp16/fp32 kernels: measured 0.005 of a logit range ~9.
+    assert np.abs(side.logits[0] - reference).max() < 0.003 * np.abs(reference).max()
+    assert (side.logits[0].argmax(-1) == reference.argmax(-1)).all()
+    assert side.continuations[0] == _hf_greedy(hf_model, ids, 12)[: len(side.continuations[0])]
+    assert len(side.continuations[0]) == 12 or side.stopped[0]
+
+
+def test_gguf_tokenizer_gives_mistral_common_ids(f16_gguf: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from mistral_fast.export.report import TOKENIZER_TEXTS, open_gguf
+
+    reference = reference_tokenizer("v3").instruct_tokenizer.tokenizer
+    llm = open_gguf(f16_gguf, n_ctx=64)
+    try:
+        for text in TOKENIZER_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == reference.encode(
+                text, bos=True, eos=False
+            )
+        rendered = load_tokenizer("v3").apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+        got = llm.tokenize(rendered.encode(), add_bos=False, special=True)
+        assert got == reference_chat_ids(CHAT, "v3", add_generation_prompt=True)
+        assert llm.token_bos() == 1 and llm.token_eos() == 2
+        assert "[INST]" in llm.metadata["tokenizer.chat_template"]
+    finally:
+        llm.close()
+
+
+def test_transformers_loads_our_gguf(f16_gguf: Path, hf_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # transformers reads GGUF itself (dequantises, and un-permutes Q/K from llama.cpp's layout).
+    model = AutoModelForCausalLM.from_pretrained(f16_gguf.parent, gguf_file=f16_gguf.name, dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer("v3")(TEXT).input_ids])
+    with torch.no_grad():
+        got, reference = model(ids).logits, hf_model(ids).logits
+    assert (got - reference).abs().max() < 0.003 * reference.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("qtype", "tol"), [("f32", 0.0), ("bf16", 0.0), ("q8_0", 0.01), ("q5_0", 0.06), ("q4_0", 0.12)]
+)
+def test_gguf_types_hold_the_weights_in_llama_cpp_layout(
+    model_dir: Path, tmp_path: Path, qtype: str, tol: float
+) -> None:
+    import gguf
+    from safetensors.torch import load_file
+
+    path = export_gguf(model_dir, tmp_path / f"m-{qtype}.gguf", qtype)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    weights = load_file(model_dir / "model.safetensors")
+    assert len(tensors) == len(weights) == 21
+    assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type == gguf.GGMLQuantizationType[qtype.upper()]
+    values = gguf.quants.dequantize(q.data, q.tensor_type).reshape(128, 128)
+    expected = gguf_export.permute_qk(weights["model.layers.1.self_attn.q_proj.weight"].float(), 4).numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(values - expected).max() <= tol * scale
+    if qtype in ("f32", "bf16"):  # from bf16 weights both are exact
+        assert np.array_equal(values, expected)
+    field = reader.fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == gguf_export._file_type(qtype)
+
+
+def test_q_k_permutation_is_inverted_by_transformers_gguf_loader() -> None:
+    # Rows of each head go from HF's halves layout to llama.cpp's interleaved pairs, as llama.cpp's
+    # converter does; transformers' GGUF loader applies the inverse.
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.arange(64 * 8, dtype=torch.float32).reshape(64, 8)
+    permuted = gguf_export.permute_qk(w, 2)
+    assert torch.equal(permuted[0], w[0]) and torch.equal(permuted[1], w[16]) and torch.equal(permuted[2], w[1])
+    back = LlamaTensorProcessor()._reverse_permute_weights(permuted.numpy(), 4, 2)
+    assert np.array_equal(back, w.numpy())
+
+
+def test_k_quant_through_llama_cpp(f16_gguf: Path, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    out = quantize_gguf(f16_gguf, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
+    reader = gguf.GGUFReader(out)
+    types = {t.tensor_type.name for t in reader.tensors}
+    # rows of 128 are not a multiple of 256 (QK_K): llama.cpp falls back per tensor, as it must
+    assert types <= {"F32", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"}
+    assert out.stat().st_size < f16_gguf.stat().st_size / 2
+
+
+def test_k_quant_without_llama_cpp_says_how_to_get_it(f16_gguf: Path, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what an environment without the extra sees
+    with pytest.raises(ModelError, match=r"pip install 'mistral-fast\[gguf\]'"):
+        quantize_gguf(f16_gguf, tmp_path / "x.gguf", "q4_k_m")
+    with pytest.raises(ModelError, match="quantize_gguf"):
+        export_gguf(f16_gguf.parent, tmp_path / "x.gguf", "q4_k_m")
+
+
+def test_interrupted_export_leaves_no_file(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def failing_convert(tensor, spec):
+        calls.append(spec.gguf_name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-file
+        return real(tensor, spec)
+
+    real = gguf_export._convert
+    monkeypatch.setattr(gguf_export, "_convert", failing_convert)
+    final = tmp_path / "m.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model_dir, final, "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_modelfile(f16_gguf: Path, tmp_path: Path) -> None:
+    path = write_modelfile(f16_gguf, system="Be brief.", parameters={"temperature": 0.2})
+    text = path.read_text()
+    assert path == f16_gguf.with_suffix(".Modelfile")
+    assert text.startswith(f"FROM ./{f16_gguf.name}\n")
+    assert "[INST]{{ if and $.System" in text and "{{ $m.Content }}</s>" in text
+    assert 'PARAMETER stop "</s>"' in text and "PARAMETER temperature 0.2" in text and 'SYSTEM """Be brief."""' in text
+
+
+@pytest.mark.slow
+def test_export_run_writes_everything_and_the_report(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from test_export_merge import make_adapter_run
+
+    from mistral_fast.config import RunConfig
+
+    run_dir = tmp_path / "run"
+    make_adapter_run(run_dir)
+    cfg = RunConfig.from_dict(
+        {**_yaml(run_dir / "run_config.yaml"), "export": {"merged": True, "gguf": ["f16", "q8_0", "q4_k_m"]}}
+    )
+    result = export_run(cfg)
+    out = run_dir / "export"
+    assert sorted(result["gguf"]) == ["f16", "q4_k_m", "q8_0"] and (out / "merged" / "model.safetensors").is_file()
+    assert not (out / "model-f16.gguf.tmp").exists() and (out / "model-q4_k_m.Modelfile").is_file()
+    report = json.loads((out / "equivalence.json").read_text())
+    pairs = {(p["reference"], p["other"]): p for p in report["pairs"]}
+    assert pairs[("adapter", "merged")]["relative_logit_diff"] < 0.02
+    f16 = pairs[("merged", "model-f16.gguf")]
+    assert f16["relative_logit_diff"] < 0.003 and all(f16["greedy_match"]) and f16["eos_stop_match"]
+    assert all(t["all_match"] for t in report["tokenizer"].values())
+    assert "| merged | model-f16.gguf |" in (out / "equivalence.md").read_text()
+    assert json.loads((out / "export.json").read_text())["files"]["model-f16.gguf"] > 0
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_model, tmp_path: Path) -> None:
+    """A model whose first greedy token is </s>: both runtimes must stop there (the report's EOS check)."""
+    pytest.importorskip("llama_cpp")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.export.report import _hf_side, compare, gguf_side
+
+    ids = load_tokenizer("v3")(TEXT).input_ids
+    first = _hf_greedy(hf_model, ids, 1)[0]
+    edited = tmp_path / "eos-model"
+    shutil.copytree(model_dir, edited)
+    weights = load_file(edited / "model.safetensors")
+    weights["lm_head.weight"][2] = weights["lm_head.weight"][first] * 1.5  # </s> outscores the old argmax
+    save_file(weights, edited / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(edited, dtype=torch.float32)
+    reference = _hf_side("hf", model, [ids], eos=2, max_new_tokens=8)
+    side = gguf_side(export_gguf(edited, tmp_path / "eos.gguf", "f16"), [ids], eos=2, max_new_tokens=8)
+    assert reference.continuations == side.continuations == [[2]]
+    assert compare(reference, side)["eos_stop_match"] and side.stopped == [True]

@@ -1,0 +1,196 @@
+"""Streamed 16-bit merge: equals peft's merge_and_unload and reproduces the adapter model's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mistral_fast as mf
+from mistral_fast.errors import ModelError
+from mistral_fast.export import merge_adapter
+from mistral_fast.export.merge import checkpoint_files, is_quantized_linear, parse_size
+
+PROMPT = "Convert 3 miles to kilometres, please. The answer is"
+
+
+def make_adapter_run(run_dir: Path, targets: str = "all-linear", compute_dtype: str = "auto") -> mf.LoadedModel:
+    """A run directory as training leaves it: 4-bit base + LoRA with non-zero B, adapter saved.
+
+    Random B instead of training keeps this fast; every LoRA matrix is non-zero, so a merge that
+    skipped or mis-scaled any of them would show.
+    """
+    from mistral_fast.modeling import load_model
+
+    overrides = [f"train.output_dir={run_dir}", f"lora.targets={targets}", f"model.compute_dtype={compute_dtype}"]
+    cfg = mf.load_config("smoke", overrides)
+    loaded = load_model(cfg, for_training=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    loaded.model.save_pretrained(run_dir / "adapter")
+    loaded.tokenizer.save_pretrained(run_dir / "adapter")
+    cfg.save(run_dir / "run_config.yaml")
+    extra = {"compute_dtype": str(loaded.compute_dtype).removeprefix("torch.")}
+    (run_dir / "result.json").write_text(json.dumps({"train": {"extra": extra}}))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, mf.LoadedModel]:
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, make_adapter_run(run_dir)
+
+
+def _peft_merged(
+    base_path: str, adapter_dir: Path, replace: dict[str, torch.Tensor] | None, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """peft's own merge_and_unload on a base in ``dtype`` (optionally with some weights replaced)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if replace:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in replace.items():
+                params[name].copy_(value)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _dequantized_from_4bit_model(loaded: mf.LoadedModel) -> dict[str, torch.Tensor]:
+    """What each bitsandbytes layer of the loaded (training) model holds, dequantised."""
+    import bitsandbytes.functional as bnbf
+
+    out = {}
+    for name, module in loaded.model.named_modules():
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"):
+            key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+            out[key] = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return out
+
+
+@pytest.mark.parametrize("base", ["dequantized", "original"])
+def test_streamed_merge_equals_peft_merge_and_unload(adapter_run, tmp_path: Path, base: str) -> None:
+    run_dir, loaded = adapter_run
+    out = merge_adapter(run_dir, tmp_path / "merged", base=base)
+    ours = load_file(out / "model.safetensors")
+    replace = _dequantized_from_4bit_model(loaded) if base == "dequantized" else None
+    assert replace is None or len(replace) == 14  # 2 layers x 7 Linear, all quantised in training
+    reference = _peft_merged(loaded.path, run_dir / "adapter", replace)
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        assert ours[name].dtype == torch.bfloat16
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_fp32_compute_and_attention_only_lora(tmp_path: Path) -> None:
+    """CPUs without bf16 train with fp32 compute: bitsandbytes then quantises fp32 copies of the weights.
+
+    LoRA on attention only: the MLP weights were NF4 in training too, so they take the round trip as well.
+    """
+    run_dir = tmp_path / "run"
+    loaded = make_adapter_run(run_dir, targets="attention", compute_dtype="float32")
+    dequantized = _dequantized_from_4bit_model(loaded)
+    assert len(dequantized) == 14 and all(t.dtype == torch.float32 for t in dequantized.values())
+    ours = load_file(merge_adapter(run_dir, tmp_path / "merged") / "model.safetensors")
+    # peft in fp32, rounded once to the checkpoint's bf16: what the streamed merge computes
+    reference = _peft_merged(loaded.path, run_dir / "adapter", dequantized, torch.float32)
+    assert all(torch.equal(ours[k], v.to(torch.bfloat16)) for k, v in reference.items())
+
+
+def test_merged_model_reproduces_adapter_logits(adapter_run, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, loaded = adapter_run
+    out = merge_adapter(run_dir, tmp_path / "merged")
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = loaded.model(ids).logits.float()
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        got = merged(ids).logits.float()
+    # The adapter model adds x·Aᵀ·Bᵀ in a separate bf16 matmul; the merged one rounds W + BA to bf16
+    # once: the two differ by bf16 rounding only (measured ~1% of the logit range), while a missing
+    # or mis-scaled LoRA update moves logits by far more (checked below).
+    scale = reference.abs().max()
+    assert (got - reference).abs().max() < 0.02 * scale
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75  # a random model has near-ties
+    original = merge_adapter(run_dir, tmp_path / "original", base="original")
+    with torch.no_grad():
+        unmerged_base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.bfloat16)(ids).logits.float()
+    assert (unmerged_base - reference).abs().max() > 5 * (got - reference).abs().max()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok(PROMPT).input_ids == loaded.tokenizer(PROMPT).input_ids
+    assert (original / "tokenizer.model").is_file()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_sharded_merge_loads_and_matches_single_file(adapter_run, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = adapter_run
+    single = load_file(merge_adapter(run_dir, tmp_path / "one") / "model.safetensors")
+    sharded = merge_adapter(run_dir, tmp_path / "many", shard_size="10MB")
+    files = checkpoint_files(sharded)
+    assert len(files) >= 2 and all(f.stat().st_size <= 10_000_000 + 100_000 for f in files)
+    merged: dict[str, torch.Tensor] = {}
+    for file in files:
+        merged |= load_file(file)
+    assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
+    model = AutoModelForCausalLM.from_pretrained(sharded)
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_merge_replaces_existing_output_atomically(adapter_run, tmp_path: Path) -> None:
+    run_dir, _ = adapter_run
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    merge_adapter(run_dir / "adapter", out, base="original")  # the adapter dir works too
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary directory left behind
+
+
+def test_merge_refuses_bad_requests(adapter_run, tmp_path: Path) -> None:
+    run_dir, _ = adapter_run
+    with pytest.raises(ModelError, match="merge_base"):
+        merge_adapter(run_dir, tmp_path / "x", base="nf4")
+    with pytest.raises(ModelError, match=r"adapter_config\.json"):
+        merge_adapter(tmp_path, tmp_path / "x")
+    with pytest.raises(ModelError, match="16 bits"):
+        merge_adapter(run_dir, tmp_path / "x", dtype="float32")
+    assert not (tmp_path / "x").exists()
+
+
+def test_helpers() -> None:
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20 and parse_size(5) == 5
+    with pytest.raises(ModelError, match="shard_size"):
+        parse_size("lots")
+    assert is_quantized_linear("model.layers.0.mlp.up_proj.weight", torch.zeros(2, 2))
+    assert not is_quantized_linear("lm_head.weight", torch.zeros(2, 2))
+    assert not is_quantized_linear("model.embed_tokens.weight", torch.zeros(2, 2))
+    assert not is_quantized_linear("model.norm.weight", torch.zeros(2))
+
+
+def test_interrupted_merge_leaves_nothing_at_the_final_path(adapter_run, tmp_path: Path, monkeypatch) -> None:
+    from mistral_fast.export import merge as merge_module
+
+    calls = []
+    real = merge_module.merge_tensor
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt  # Ctrl-C half-way through the shard
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "merge_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(adapter_run[0], tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
