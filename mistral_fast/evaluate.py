@@ -1,0 +1,494 @@
+"""Evaluation: loss/perplexity, generation, ROUGE-L/BLEU/exact match, base vs tuned, streaming chat.
+
+Everything here works on the `LoadedModel` the trainer used (called by `pipeline.run` right after
+training) or on one rebuilt from a finished run directory by `load_run`. Prompts go through the exact
+Mistral chat template (`tokenizer.apply_chat_template(..., add_generation_prompt=True)`), so what is
+measured is what a user of the tuned model will send.
+
+Definitions (so the numbers can be checked by hand):
+
+* loss: mean cross-entropy over every trained token (labels != -100) of the eval split, each token
+  weighted equally (not a mean of batch means); perplexity = exp(loss).
+* ROUGE-L: mean F-measure of `rouge_score`'s rougeL (longest common subsequence), 0..1.
+* BLEU: sacrebleu's corpus BLEU, 0..100.
+* exact match: share of answers equal to the reference after stripping and collapsing whitespace.
+
+torch and transformers are imported inside the functions: `write_json_atomic` and the metric helpers
+stay usable from the runner without loading them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.errors import ModelError
+
+if TYPE_CHECKING:
+    from mistral_fast.config import EvalConfig
+    from mistral_fast.data import Example
+    from mistral_fast.modeling import LoadedModel
+
+log = logging.getLogger("mistral_fast")
+
+IGNORE_INDEX = -100
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling parameters of `generate`; temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 128  # stop after this many new tokens if no </s> came
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples from softmax(logits / T)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much mass
+    top_k: int = 0  # keep only the k most likely tokens (0 = off)
+    seed: int = 42  # sampling seed, so a sampled evaluation repeats
+    batch_size: int = 8  # prompts per generate() call
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_model` measured (also written to ``eval.json`` in the run directory)."""
+
+    loss: float | None
+    perplexity: float | None
+    eval_tokens: int
+    rouge_l: float | None
+    bleu: float | None
+    exact_match: float | None
+    base: dict[str, Any] | None  # the same figures for the base model (adapter disabled)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # prompt, reference, tuned, base answers
+    generation: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+    def comparison_table(self) -> str:
+        """Base vs tuned figures as a Markdown table."""
+        rows = [("loss", "loss"), ("perplexity", "perplexity"), ("ROUGE-L", "rouge_l"), ("BLEU", "bleu")]
+        rows.append(("exact match", "exact_match"))
+        base = self.base or {}
+        lines = ["| metric | base | tuned |", "| --- | --- | --- |"]
+        for label, key in rows:
+            lines.append(f"| {label} | {_fmt(base.get(key))} | {_fmt(getattr(self, key))} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """A few lines for logs, the CLI and notebooks."""
+        return self.comparison_table() + f"\n({len(self.samples)} prompts, {self.seconds:.1f} s)"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write `data` as indented JSON through a temp file + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+        json.dump(data, tmp, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp.name, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and perplexity
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(rows: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> Iterator[tuple[Any, Any, Any]]:
+    """Right-padded (input_ids, attention_mask, labels) tensors; padding carries no loss."""
+    import torch
+
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(row["labels"])
+        yield ids, mask, labels
+
+
+def eval_loss(model: Any, rows: Any, *, pad_token_id: int, batch_size: int = 4) -> tuple[float | None, int]:
+    """Token-weighted mean cross-entropy of `model` over the trained tokens of `rows`.
+
+    Args:
+        model: a causal LM (peft or plain).
+        rows: a `datasets.Dataset` or list of dicts with ``input_ids`` and ``labels`` (-100 = not scored).
+        pad_token_id: id used for padding (never EOS, so the scored ``</s>`` is never mistaken for padding).
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``(loss, scored_tokens)``; loss is None when there is no scored token.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in rows]
+    device = _device(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask, labels in _batches(rows, batch_size, pad_token_id):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            # position t predicts token t+1: drop the last logit and the first label
+            shifted = labels[:, 1:].to(device)
+            total += F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
+            count += int((shifted != IGNORE_INDEX).sum())
+    return (total / count if count else None), count
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); None for no loss, inf where exp overflows."""
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def split_prompt(example: Example) -> tuple[list[dict[str, str]], str] | None:
+    """(prompt messages, reference answer) of a conversation: everything before its last assistant turn.
+
+    Returns:
+        None for raw-text examples or conversations without an assistant turn.
+    """
+    messages = example.messages or []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        return None
+    return messages[:last], messages[last]["content"]
+
+
+def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,  # stop on </s>
+        "pad_token_id": tokenizer.pad_token_id,  # <pad>, not </s>: finished rows are padded with it
+        "do_sample": settings.temperature > 0,
+    }
+    if settings.temperature > 0:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+    else:  # greedy: leave sampling knobs unset, or transformers warns about ignored flags
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left padding: every prompt ends at the same column, so new tokens line up after it."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation up to the point where the assistant answers (exact chat template)."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    settings: GenerationSettings | None = None,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Answer each conversation; stops at ``</s>`` or after ``max_new_tokens``.
+
+    Args:
+        model: a causal LM (the tuned peft model, or a base one).
+        tokenizer: the exact Mistral tokenizer with its chat template.
+        conversations: message lists ending with a user turn.
+        settings: sampling parameters (greedy by default).
+        **generate_kwargs: passed on to ``model.generate`` (e.g. ``logits_processor``).
+
+    Returns:
+        One dict per conversation: ``text`` (special tokens removed), ``tokens`` (new ids up to and
+        including ``</s>``) and ``stopped`` (whether ``</s>`` ended it).
+    """
+    import torch
+
+    settings = settings or GenerationSettings()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(settings.seed)
+    was_training = model.training
+    model.eval()
+    outputs: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(conversations), settings.batch_size):
+            prompts = [encode_prompt(tokenizer, c) for c in conversations[start : start + settings.batch_size]]
+            ids, mask = _left_pad(prompts, pad)
+            device = _device(model)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    use_cache=True,
+                    **_generate_kwargs(tokenizer, settings),
+                    **generate_kwargs,
+                )
+            for row in out[:, ids.shape[1] :].tolist():
+                stopped = eos in row
+                tokens = row[: row.index(eos) + 1] if stopped else row
+                text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                outputs.append({"text": text, "tokens": tokens, "stopped": stopped})
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def stream_chat(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], settings: GenerationSettings | None = None
+) -> Iterator[str]:
+    """Yield the answer to `messages` piece by piece as it is generated (``TextIteratorStreamer``).
+
+    The prompt is built with the exact chat template; generation runs in a background thread and the
+    pieces arrive as soon as they decode to text. Stops at ``</s>``.
+    """
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    settings = settings or GenerationSettings()
+    torch.manual_seed(settings.seed)
+    ids, mask = _left_pad([encode_prompt(tokenizer, messages)], tokenizer.pad_token_id)
+    device = _device(model)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "streamer": streamer, "use_cache": True}
+    kwargs.update(_generate_kwargs(tokenizer, settings))
+    model.eval()
+    errors: list[BaseException] = []
+
+    def work() -> None:  # a thread target; errors are re-raised in the caller below
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as err:
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float | None]:
+    """ROUGE-L F-measure (mean, 0..1), corpus BLEU (0..100) and exact-match rate (0..1).
+
+    Returns:
+        ``{"rouge_l", "bleu", "exact_match"}``; all None for empty lists.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"rouge_l": None, "bleu": None, "exact_match": None}
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+    bleu = sacrebleu.corpus_bleu(predictions, [references]).score
+    exact = [_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True)]
+    return {"rouge_l": sum(rouge) / len(rouge), "bleu": float(bleu), "exact_match": sum(exact) / len(exact)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage
+# ---------------------------------------------------------------------------------------------
+
+
+def _measure(loaded: LoadedModel, rows: Any, prompts: list, references: list[str], settings, batch_size) -> dict:
+    """Loss, perplexity, generations and text metrics of the model as it is now (adapter on or off)."""
+    tok = loaded.tokenizer
+    loss, tokens = (
+        eval_loss(loaded.model, rows, pad_token_id=tok.pad_token_id, batch_size=batch_size) if rows else (None, 0)
+    )
+    answers = generate(loaded.model, tok, prompts, settings) if prompts else []
+    metrics = text_metrics([a["text"] for a in answers], references)
+    return {"loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "answers": answers, **metrics}
+
+
+@contextmanager
+def _inference_mode(loaded: LoadedModel) -> Iterator[None]:
+    """KV cache on (training turned it off) and, on the unsloth backend, Unsloth's inference mode.
+
+    Unsloth's docs ask for ``FastLanguageModel.for_inference`` before generating with a model it
+    prepared for training; ``for_training`` puts it back, so a caller can keep training afterwards.
+    """
+    model = loaded.model
+    use_cache = getattr(model.config, "use_cache", True)
+    was_training = model.training
+    model.config.use_cache = True
+    unsloth = None
+    if loaded.backend == "unsloth":
+        from unsloth import FastLanguageModel as unsloth  # already imported: the backend chose it
+
+        unsloth.for_inference(model)
+    try:
+        yield
+    finally:
+        if unsloth is not None and was_training:
+            unsloth.for_training(model)
+        model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    eval_rows: Any,
+    eval_examples: list[Example],
+    cfg: EvalConfig,
+    *,
+    compare_base: bool = True,
+    batch_size: int = 4,
+    seed: int = 42,
+) -> EvalResult:
+    """Measure the tuned model (and the base, with the adapter switched off) on the held-out split.
+
+    Args:
+        loaded: the model (a peft model) and its tokenizer.
+        eval_rows: tokenised eval split (``input_ids``, ``labels``) for loss/perplexity; None to skip.
+        eval_examples: the held-out conversations; the first ``cfg.num_samples`` with an assistant turn
+            are answered and scored against their last assistant turn.
+        cfg: ``eval`` section of the run config (max_new_tokens, num_samples, temperature).
+        compare_base: also measure the base model under ``model.disable_adapter()``.
+        batch_size: rows per forward pass for the loss.
+        seed: sampling seed.
+    """
+    start = time.perf_counter()
+    pairs = [p for p in (split_prompt(e) for e in eval_examples) if p is not None][: cfg.num_samples]
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+    if compare_base and not callable(getattr(loaded.model, "disable_adapter", None)):
+        raise ModelError("compare_base needs a peft model (model.disable_adapter()); pass compare_base=False")
+    with _inference_mode(loaded):
+        tuned = _measure(loaded, eval_rows, prompts, refs, settings, batch_size)
+        base = None
+        if compare_base:
+            with loaded.model.disable_adapter():
+                base = _measure(loaded, eval_rows, prompts, refs, settings, batch_size)
+    samples = [
+        {
+            "prompt": p,
+            "reference": r,
+            "tuned": tuned["answers"][i]["text"],
+            "tuned_stopped": tuned["answers"][i]["stopped"],
+            **({"base": base["answers"][i]["text"]} if base else {}),
+        }
+        for i, (p, r) in enumerate(pairs)
+    ]
+    base_figures = {k: v for k, v in base.items() if k != "answers"} if base else None
+    return EvalResult(
+        loss=tuned["loss"],
+        perplexity=tuned["perplexity"],
+        eval_tokens=tuned["eval_tokens"],
+        rouge_l=tuned["rouge_l"],
+        bleu=tuned["bleu"],
+        exact_match=tuned["exact_match"],
+        base=base_figures,
+        samples=samples,
+        generation=asdict(settings),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
+def save_eval(result: EvalResult, run_dir: str | os.PathLike[str]) -> Path:
+    """Write ``eval.json`` into the run directory, atomically."""
+    return write_json_atomic(Path(run_dir) / EVAL_FILE, result.to_dict())
+
+
+def load_run(run_dir: str | os.PathLike[str], *, backend: str | None = None) -> LoadedModel:
+    """Rebuild a finished run's model: its base in 4-bit, with the saved adapter, ready to generate.
+
+    The base and LoRA shape come from the run's ``run_config.yaml``; `load_model(cfg,
+    for_training=False)` loads the base exactly as training did (and switches off bitsandbytes' CPU
+    weight repacking); the weights of ``adapter/adapter_model.safetensors`` then replace the fresh
+    adapter. Every saved tensor must land on a LoRA parameter of the model, or the run does not match.
+
+    Args:
+        run_dir: a run directory written by `pipeline.run`.
+        backend: override ``model.backend`` (e.g. ``"hf"`` to evaluate an unsloth run on a CPU).
+
+    Raises:
+        ModelError: no run config or adapter in `run_dir`, or the adapter does not fit the model.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mistral_fast.config import load_config
+    from mistral_fast.modeling import disable_cpu_weight_repacking, load_model
+
+    run = Path(run_dir)
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    if not (run / "run_config.yaml").is_file() or not adapter.is_file():
+        raise ModelError(
+            f"{run}: not a finished run (needs run_config.yaml and adapter/adapter_model.safetensors); "
+            "train one with `mistral-fast train` or give the right directory"
+        )
+    cfg = load_config(run / "run_config.yaml")
+    if backend:
+        cfg = cfg.with_overrides({"model.backend": backend})
+    loaded = load_model(cfg, for_training=False)
+    disable_cpu_weight_repacking(loaded.model)  # generate() is a no-grad eval forward: keep bnb from repacking
+    result = set_peft_model_state_dict(loaded.model, load_file(str(adapter)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        first = (unexpected or missing)[0]
+        raise ModelError(
+            f"{adapter}: the adapter does not fit the model of {run / 'run_config.yaml'} "
+            f"({len(unexpected)} unexpected, {len(missing)} missing LoRA tensors; first: {first})"
+        )
+    loaded.path = str(run)
+    loaded.info["adapter"] = str(adapter.parent)
+    return loaded
