@@ -348,3 +348,19 @@ def load_config(
 def list_presets() -> list[str]:
     """Names of the preset configs shipped in `configs/`."""
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def check_field(dotted: str, value: Any) -> Any:
+    """Check one value against the type of a `RunConfig` field (``"lora.rank"``) and return it coerced.
+
+    Only the type is checked (range and cross-field checks need the whole config); used to refuse a
+    wrong notebook parameter before a kernel starts.
+
+    Raises:
+        ConfigError: unknown field, or a value of the wrong type, naming the field and what it expects.
+    """
+    section, _, name = dotted.partition(".")
+    sections = get_type_hints(RunConfig)
+    if section not in sections or name not in {f.name for f in fields(sections[section])}:
+        raise ConfigError(f"{dotted!r} is not a config field (use section.field, e.g. lora.rank)")
+    return _coerce(dotted, get_type_hints(sections[section])[name], value)

@@ -26,3 +26,7 @@ class TokenizerError(MistralFastError):
 
 class ModelError(MistralFastError):
     """A model path, architecture or quantisation request cannot be honoured."""
+
+
+class NotebookError(MistralFastError):
+    """A notebook run failed: a cell raised, timed out, or the notebook is malformed."""

@@ -1,0 +1,209 @@
+"""What the notebooks call: parameters → `RunConfig`, a saved run's evaluation, results as JSON.
+
+Notebooks hold no logic (DESIGN.md, Notebooks): each cell calls one function from here or from the
+stages, so papermill runs, the CLI and a Python session all share the same code.
+
+Notebook parameters map onto config fields by name: ``section_field`` is ``section.field``
+(``lora_rank`` → ``lora.rank``, ``train_max_steps`` → ``train.max_steps``). ``smoke`` switches to the
+tiny local model; ``preset`` names the base preset; ``overrides`` (``{"train.max_steps": 4}``) is
+applied last, always.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+from mistral_fast.config import RunConfig, load_config
+
+if TYPE_CHECKING:
+    from mistral_fast.evaluate import EvalResult
+    from mistral_fast.modeling import LoadedModel
+    from mistral_fast.pipeline import PreparedData
+
+RESULTS_FILE = "results.json"
+# With smoke=True these keep the smoke preset's values: a 7B-sized sequence length, batch or schedule
+# would turn a one-minute CPU check into hours. LoRA shape, learning rate, data and output dir still apply,
+# so a smoke sweep over rank x alpha x lr is meaningful; `overrides` can change anything.
+SMOKE_KEEPS = frozenset(
+    {
+        "model.name_or_path",
+        "model.max_seq_length",
+        "model.compute_dtype",
+        "model.backend",
+        "train.epochs",
+        "train.max_steps",
+        "train.per_device_batch_size",
+        "train.gradient_accumulation_steps",
+        "train.logging_steps",
+        "train.eval_steps",
+        "train.save_steps",
+        "train.gradient_checkpointing",
+        "eval.max_new_tokens",
+        "eval.num_samples",
+    }
+)
+
+
+@functools.cache
+def config_fields() -> frozenset[str]:
+    """Every dotted field of `RunConfig` (``"lora.rank"``, …)."""
+    hints = get_type_hints(RunConfig)
+    return frozenset(f"{s.name}.{f.name}" for s in fields(RunConfig) for f in fields(hints[s.name]))
+
+
+def config_key(name: str) -> str | None:
+    """The dotted config field a notebook parameter maps to (``lora_rank`` → ``lora.rank``), or None."""
+    section, _, field_name = name.partition("_")
+    key = f"{section}.{field_name}"
+    return key if key in config_fields() else None
+
+
+def notebook_config(params: dict[str, Any]) -> RunConfig:
+    """Build the run config from a notebook's parameters (pass ``globals()``).
+
+    Args:
+        params: the notebook namespace; only ``smoke``, ``preset``, ``overrides`` and names that map
+            to config fields are read. Empty strings leave the preset's value (e.g. ``data_path = ""``
+            keeps the sample data shipped with the package).
+
+    Returns:
+        ``smoke`` preset (when ``smoke``) or ``preset``, then the mapped parameters, then ``overrides``.
+    """
+    smoke = bool(params.get("smoke", False))
+    cfg = load_config("smoke" if smoke else params.get("preset") or None)
+    mapped: dict[str, Any] = {}
+    for name, value in params.items():
+        key = config_key(name) if not name.startswith("_") else None
+        if key is None or (isinstance(value, str) and value == "") or (smoke and key in SMOKE_KEEPS):
+            continue
+        mapped[key] = value
+    mapped.update(params.get("overrides") or {})
+    return cfg.with_overrides(mapped) if mapped else cfg
+
+
+def preview_data(data: PreparedData, cfg: RunConfig, index: int = 0) -> str:
+    """Training example `index` rendered with its trained tokens between ⟦ and ⟧ (what the loss sees)."""
+    from mistral_fast.pipeline import tokenizer_for
+    from mistral_fast.tokenizer import preview_example
+
+    row = data.train[index]
+    return preview_example(tokenizer_for(cfg), row["input_ids"], row["labels"])
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def write_results(run_dir: str | os.PathLike[str], **sections: Any) -> Path:
+    """Write sections into the run's ``results.json``, atomically: what a notebook run produced, as data.
+
+    The runner and sweeps read this file; nothing is ever scraped from cell outputs. Sections already
+    in the file from another notebook (``run`` from 01, ``evaluation`` from 02, ``export`` from 03) are
+    kept, so the notebooks of one run add up instead of overwriting each other.
+
+    Args:
+        run_dir: the run directory.
+        **sections: named results (dataclasses, objects with ``to_dict`` or plain JSON values).
+    """
+    import json
+
+    from mistral_fast.evaluate import write_json_atomic
+
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        existing = {}
+    return write_json_atomic(path, {**existing, **{k: _plain(v) for k, v in sections.items()}})
+
+
+def resolve_run_dir(run_dir: str | os.PathLike[str], *, smoke: bool = False) -> Path:
+    """A notebook's ``run_dir``; empty means the default run of 01_finetune (``runs/a100``, or ``runs/smoke``)."""
+    return Path(run_dir) if str(run_dir) else Path(load_config("smoke" if smoke else "a100").train.output_dir)
+
+
+def ensure_run(run_dir: str | os.PathLike[str], *, smoke: bool = False) -> Path:
+    """The run directory to evaluate; with ``smoke`` and no finished run there, train a quick tiny one.
+
+    Args:
+        run_dir: a run directory; empty for the default one (see `resolve_run_dir`).
+        smoke: the tiny local model: a missing run is trained first (seconds on a CPU).
+
+    Raises:
+        ModelError: (without smoke) the directory holds no finished run.
+    """
+    from mistral_fast.errors import ModelError
+
+    run = resolve_run_dir(run_dir, smoke=smoke)
+    if (run / "adapter" / "adapter_model.safetensors").is_file():
+        return run
+    if not smoke:
+        raise ModelError(f"{run}: no finished run (adapter/adapter_model.safetensors); run 01_finetune first")
+    from mistral_fast.pipeline import run as run_pipeline
+
+    overrides = {"train.output_dir": str(run), "train.max_steps": 4, "train.eval_steps": 2, "train.save_steps": 2}
+    overrides |= {"data.max_examples": 32, "eval.num_samples": 2, "eval.max_new_tokens": 8}
+    run_pipeline(load_config("smoke", overrides))
+    return run
+
+
+def evaluate_run(
+    loaded: LoadedModel,
+    *,
+    num_samples: int = 8,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    compare_base: bool = True,
+) -> EvalResult:
+    """Evaluate a model from `evaluate.load_run` on its run's held-out split; write ``eval.json``.
+
+    The split is rebuilt from the run's config (same data, seed and fraction), tokenised with the
+    loaded tokenizer, so the prompts are exactly those held out during training.
+    """
+    from mistral_fast.config import EvalConfig
+    from mistral_fast.evaluate import evaluate_model, save_eval
+    from mistral_fast.pipeline import prepare_data
+
+    cfg = load_config(Path(loaded.path) / "run_config.yaml")
+    data = prepare_data(cfg, loaded.tokenizer)
+    settings = EvalConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature)
+    result = evaluate_model(
+        loaded, data.eval, data.eval_examples, settings, compare_base=compare_base, seed=cfg.train.seed
+    )
+    save_eval(result, loaded.path)
+    return result
+
+
+def comparison_table(evaluation: EvalResult | dict[str, Any] | None) -> str:
+    """Base vs tuned figures (loss, perplexity, ROUGE-L, BLEU, exact match) as a Markdown table."""
+    from mistral_fast.evaluate import EvalResult
+
+    if evaluation is None:
+        return "(no evaluation)"
+    if isinstance(evaluation, dict):
+        evaluation = EvalResult(**evaluation)
+    return evaluation.comparison_table()
+
+
+def samples_frame(result: EvalResult | dict[str, Any]) -> Any:
+    """The held-out prompts with reference, tuned and base answers side by side (a pandas DataFrame)."""
+    import pandas as pd
+
+    samples = result.get("samples", []) if isinstance(result, dict) else result.samples
+
+    rows = [
+        {
+            "prompt": s["prompt"][-1]["content"],
+            "reference": s["reference"],
+            "tuned": s["tuned"],
+            "base": s.get("base", ""),
+        }
+        for s in samples
+    ]
+    return pd.DataFrame(rows, columns=["prompt", "reference", "tuned", "base"])

@@ -1,0 +1,545 @@
+"""Run notebooks headlessly with papermill, and sweeps of them.
+
+`run_notebook` checks the parameters against the notebook's ``parameters`` cell (and the config field
+types) before any kernel starts, pins a kernel of *this* Python environment, sets the working
+directory, streams cell output to the log, applies an execution timeout, always keeps the output
+notebook (a failed run too, with the failing cell marked), scrubs secrets from it, and returns the
+notebook's ``results.json`` as data. `run_sweep` runs one notebook per variation of a grid or list and
+writes a results table (CSV, Markdown) and a plot; finished variations are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mistral_fast.errors import ConfigError, MistralFastError, NotebookError
+
+log = logging.getLogger("mistral_fast")
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+RESULTS_FILE = "results.json"
+DEFAULT_TIMEOUT_S = 24 * 3600  # per cell: a 7B training cell runs for hours; tests pass far less
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials"}
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{16,}|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,})$")
+_SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY")
+
+
+@dataclass
+class Parameter:
+    """One entry of a notebook's ``parameters`` cell."""
+
+    name: str
+    default: Any
+    help: str
+    line: int
+
+
+@dataclass
+class NotebookRun:
+    """What `run_notebook` returns: where the output notebook is and the results it wrote."""
+
+    notebook: str
+    output_notebook: str
+    results_path: str | None
+    results: dict[str, Any] | None
+    seconds: float
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameters cell
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_notebook(path: Path) -> Any:
+    import nbformat
+
+    if not path.is_file():
+        raise NotebookError(f"{path}: no such notebook")
+    return nbformat.read(path, as_version=4)
+
+
+def parameters_cell(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(index, source) of the notebook's cell tagged ``parameters``.
+
+    Raises:
+        NotebookError: no cell or several cells carry the tag.
+    """
+    nb = _read_notebook(Path(path))
+    found = [(i, c.source) for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(found) != 1:
+        raise NotebookError(f"{path}: needs exactly one cell tagged 'parameters', found {len(found)}")
+    return found[0]
+
+
+def read_parameters(path: str | os.PathLike[str]) -> dict[str, Parameter]:
+    """The parameters of a notebook: ``name = literal  # help`` lines of its ``parameters`` cell.
+
+    Raises:
+        NotebookError: a statement is not a plain assignment of a literal, or has no ``# help`` comment.
+    """
+    _, source = parameters_cell(path)
+    lines = source.splitlines()
+    params: dict[str, Parameter] = {}
+    for node in ast.parse(source).body:
+        where = f"{path}: parameters cell line {node.lineno}"
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise NotebookError(f"{where}: only `name = literal  # help` assignments belong here")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise NotebookError(f"{where}: {node.targets[0].id} must be a plain literal, not an expression") from None
+        _, hash_, comment = lines[node.end_lineno - 1].partition("#")
+        if not hash_ or not comment.strip():
+            raise NotebookError(f"{where}: {node.targets[0].id} needs a `# help` comment")
+        params[node.targets[0].id] = Parameter(node.targets[0].id, value, comment.strip(), node.lineno)
+    return params
+
+
+def looks_secret(name: str, value: Any) -> bool:
+    """Whether a parameter looks like a credential (by its name's words, or an ``hf_…`` style value)."""
+    words = set(re.split(r"[_\W]+", name.lower()))
+    if words & _SECRET_WORDS or any(w in name.lower() for w in ("secret", "password")):
+        return True
+    return isinstance(value, str) and bool(_SECRET_VALUE.match(value.strip()))
+
+
+def _type_name(value: Any) -> str:
+    return "float" if isinstance(value, float) else type(value).__name__
+
+
+def _check_type(name: str, value: Any, default: Any) -> Any:
+    """Coerce `value` to the type of the notebook default, the harmless cases only (int → float)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int | float | str):
+        with contextlib.suppress(ValueError):
+            return float(value)  # YAML reads 2e-4 as a string
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(
+        f"notebook parameter {name}={value!r}: expected {_type_name(default)} (like its default {default!r}), "
+        f"got {_type_name(value)}"
+    )
+
+
+def check_parameters(path: str | os.PathLike[str], values: dict[str, Any]) -> dict[str, Any]:
+    """Validate parameter overrides against a notebook, before any kernel starts.
+
+    Checks: the name exists in the ``parameters`` cell; the value has the default's type; for names that
+    map to config fields (``lora_rank`` → ``lora.rank``) the config field's type too, and every key of
+    an ``overrides`` dict; nothing looks like a secret (tokens come from the environment only).
+
+    Returns:
+        The values, coerced (``"2e-4"`` → ``0.0002`` for a float).
+
+    Raises:
+        ConfigError: naming the parameter and what it expects.
+    """
+    from mistral_fast.config import check_field
+    from mistral_fast.notebook import config_key
+
+    known = read_parameters(path)
+    checked: dict[str, Any] = {}
+    for name, value in values.items():
+        if looks_secret(name, value):
+            raise ConfigError(
+                f"notebook parameter {name!r} looks like a secret: never pass credentials as parameters (they "
+                "would be saved in the output notebook); set HF_TOKEN in the environment instead"
+            )
+        if name not in known:
+            raise ConfigError(f"{Path(path).name} has no parameter {name!r}; its parameters are {sorted(known)}")
+        key = config_key(name)
+        if key is None:
+            value = _check_type(name, value, known[name].default)
+        else:  # the config field's own type is the authority (lora_targets takes a set name *or* a list)
+            try:
+                value = check_field(key, value)
+            except ConfigError as err:
+                raise ConfigError(f"notebook parameter {name} (config field {key}): {err}") from None
+        if name == "overrides":
+            for dotted, item in value.items():
+                check_field(dotted, item)
+        checked[name] = value
+    _check_config_values(known, checked)
+    return checked
+
+
+def _check_config_values(known: dict[str, Parameter], values: dict[str, Any]) -> None:
+    """Build the run config the kernel will build (`notebook_config`), so bad values fail here too.
+
+    Types are checked one by one above; ranges, allowed names (``lora_targets``) and cross-field rules
+    (``save_steps`` a multiple of ``eval_steps``) need the whole config.
+    """
+    from mistral_fast.notebook import config_key, notebook_config
+
+    if not any(config_key(name) for name in known):
+        return  # a notebook that builds no run config (02, 03) has nothing more to check
+    namespace = {name: p.default for name, p in known.items()} | values
+    try:
+        notebook_config(namespace)
+    except ConfigError as err:
+        raise ConfigError(f"notebook parameters: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel, execution, secrets
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pinned_kernel() -> Iterator[str]:
+    """A kernelspec that starts ``sys.executable`` (this environment), visible through JUPYTER_PATH.
+
+    Written to a private temp directory, so nothing in the user's Jupyter set-up is touched, and the
+    notebook's own kernel metadata (``python3``, which may be any Python on the machine) is overridden.
+    """
+    name = "mistral-fast-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:8]
+    with tempfile.TemporaryDirectory(prefix="mistral_fast_jupyter.") as root:
+        spec = Path(root) / "kernels" / name
+        spec.mkdir(parents=True)
+        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        kernel = {"argv": argv, "display_name": f"mistral_fast ({sys.executable})", "language": "python"}
+        (spec / "kernel.json").write_text(json.dumps(kernel))
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, old) if p)
+        try:
+            yield name
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old
+
+
+def secret_values() -> list[str]:
+    """Values of credential-like environment variables (HF_TOKEN, …) long enough to be worth scanning for."""
+    names = {n for n in os.environ if n in _SECRET_ENV or looks_secret(n, None)}
+    return sorted({os.environ[n] for n in names if len(os.environ[n]) >= 8})
+
+
+def finalise_output(path: Path, source: Path) -> int:
+    """Scrub credentials from an output notebook and give it back the source's kernelspec.
+
+    Every value of a credential-like environment variable (HF_TOKEN, …) is replaced by ``***``. The
+    pinned kernel lived in a temp directory, so the output gets the source notebook's kernelspec (it
+    opens in Jupyter without a "kernel not found" prompt) and records which Python ran it.
+
+    Returns:
+        How many credential occurrences were removed.
+    """
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    found = 0
+    for value in secret_values():
+        found += text.count(value)
+        text = text.replace(value, "***")
+    if found:
+        log.warning("%s: removed %d occurrence(s) of credentials from the output notebook", path, found)
+    nb = json.loads(text)
+    kernelspec = _read_notebook(source).metadata.get("kernelspec")
+    if kernelspec:
+        nb.setdefault("metadata", {})["kernelspec"] = dict(kernelspec)
+    nb.setdefault("metadata", {})["mistral_fast"] = {"python": sys.executable}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return found
+
+
+def _results_dir(params: dict[str, Parameter], values: dict[str, Any], cwd: Path) -> Path | None:
+    """Where the notebook writes results.json: its ``run_dir`` parameter, or its run config's output dir."""
+    from mistral_fast.notebook import config_key, notebook_config, resolve_run_dir
+
+    namespace = {name: p.default for name, p in params.items()} | values
+    if "run_dir" in namespace:
+        return cwd / resolve_run_dir(namespace["run_dir"], smoke=bool(namespace.get("smoke")))
+    if any(config_key(name) for name in params):  # resolved as the kernel will: "" keeps the preset's dir
+        return cwd / notebook_config(namespace).train.output_dir
+    return None
+
+
+def resolve_notebook(notebook: str | os.PathLike[str]) -> Path:
+    """A notebook path, or the name of one shipped in ``notebooks/`` (``01_finetune``)."""
+    path = Path(notebook)
+    if path.is_file():
+        return path
+    for candidate in (NOTEBOOKS_DIR / path.name, NOTEBOOKS_DIR / f"{path.name}.ipynb"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))
+    raise NotebookError(f"notebook {str(notebook)!r} not found; give a path or one of {shipped}")
+
+
+def run_notebook(
+    notebook: str | os.PathLike[str],
+    parameters: dict[str, Any] | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: int = DEFAULT_TIMEOUT_S,
+) -> NotebookRun:
+    """Execute a notebook headlessly with papermill in a kernel of this environment.
+
+    Args:
+        notebook: path, or a name from ``notebooks/``.
+        parameters: overrides of the ``parameters`` cell (checked first; see `check_parameters`).
+        output: the output notebook path (default ``runs/notebooks/<name>.ipynb`` under `cwd`).
+        cwd: working directory of the kernel (default: the current one); relative paths resolve there.
+        timeout: seconds any one cell may run.
+
+    Returns:
+        A `NotebookRun` with the output notebook path and the ``results.json`` the notebook wrote.
+
+    Raises:
+        ConfigError: a bad parameter (before any kernel starts).
+        NotebookError: a cell failed or timed out (the output notebook is kept and named).
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    path = resolve_notebook(notebook)
+    values = check_parameters(path, parameters or {})
+    workdir = Path(cwd or os.getcwd()).resolve()
+    out = Path(output) if output else workdir / "runs" / "notebooks" / path.name
+    out = out if out.is_absolute() else workdir / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results_dir = _results_dir(read_parameters(path), values, workdir)
+    before = _mtime(results_dir / RESULTS_FILE) if results_dir else None
+    start = time.perf_counter()
+    log.info("notebook %s -> %s (cwd %s)", path, out, workdir)
+    try:
+        with pinned_kernel() as kernel:
+            papermill.execute_notebook(
+                str(path), str(out), parameters=values, kernel_name=kernel, cwd=str(workdir),
+                log_output=True, progress_bar=False, execution_timeout=timeout, request_save_on_cell_execute=True,
+            )  # fmt: skip
+    except PapermillExecutionError as err:
+        source = (err.source or "").strip()
+        first_line = _one_line(source.splitlines()[0]) if source else ""
+        index = _source_index(path, err.source, err.cell_index)
+        raise NotebookError(
+            f"{path.name}: cell {index} (`{first_line[:80]}`) failed: "
+            f"{err.ename}: {_one_line(err.evalue)}; output notebook kept at {out}"
+        ) from None
+    except Exception as err:  # timeouts and dead kernels come from nbclient/jupyter_client
+        if isinstance(err, MistralFastError):
+            raise
+        raise NotebookError(f"{path.name}: {type(err).__name__}: {_one_line(str(err))}; output kept at {out}") from err
+    finally:
+        finalise_output(out, path)
+    return _finish(path, out, results_dir, before, values, time.perf_counter() - start)
+
+
+def _source_index(path: Path, source: str | None, fallback: int) -> int:
+    """Index of the failing cell in the *source* notebook (papermill's index counts its injected cells)."""
+    cells = _read_notebook(path).cells
+    return next((i for i, cell in enumerate(cells) if source is not None and cell.source == source), fallback)
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    return " ".join(text.split())[:500]
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def _finish(path: Path, out: Path, results_dir: Path | None, before: int | None, values, seconds) -> NotebookRun:
+    results_path = results_dir / RESULTS_FILE if results_dir else None
+    results = None
+    # only a results.json this run wrote counts; one left by an earlier run must not pass for it
+    if results_path is not None and _mtime(results_path) not in (None, before):
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    return NotebookRun(
+        notebook=str(path),
+        output_notebook=str(out),
+        results_path=str(results_path) if results is not None else None,
+        results=results,
+        seconds=round(seconds, 2),
+        parameters=values,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "peak_memory_mb", "wall_seconds")
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file: a notebook, base parameters, and a grid or list of variations."""
+
+    notebook: str
+    parameters: dict[str, Any]
+    variations: list[dict[str, Any]]
+    out: str
+    timeout: int = DEFAULT_TIMEOUT_S
+
+
+def load_sweep(path: str | os.PathLike[str], out: str | None = None) -> SweepSpec:
+    """Read a sweep YAML file: ``notebook``, ``parameters``, ``grid`` (product) and/or ``variations`` (list).
+
+    Raises:
+        ConfigError: unknown keys, no variation, or a variation with a bad parameter (checked up front).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
+    unknown = sorted(set(data) - {"notebook", "parameters", "grid", "variations", "out", "timeout"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; use notebook, parameters, grid, variations, out, timeout")
+    grid = data.get("grid") or {}
+    if any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ConfigError(f"{path}: every grid entry must be a non-empty list (e.g. lora_rank: [8, 16])")
+    variations = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] if grid else []
+    variations += list(data.get("variations") or [])
+    if not variations:
+        raise ConfigError(f"{path}: no variations; give `grid:` and/or `variations:`")
+    spec = SweepSpec(
+        notebook=str(data.get("notebook", "01_finetune")),
+        parameters=dict(data.get("parameters") or {}),
+        variations=variations,
+        out=str(out or data.get("out") or Path("runs") / "sweeps" / path.stem),
+        timeout=int(data.get("timeout", DEFAULT_TIMEOUT_S)),
+    )
+    nb = resolve_notebook(spec.notebook)
+    for variation in variations:  # every variation is checked before the first kernel starts
+        check_parameters(nb, {**spec.parameters, **variation})
+    return spec
+
+
+def variation_name(index: int, variation: dict[str, Any]) -> str:
+    """A directory name for a variation: ``03-lora_rank=16-lora_alpha=32``."""
+    text = "-".join(f"{k}={json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in variation.items())
+    return f"{index:02d}-" + re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)[:100]
+
+
+def _status(vdir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((vdir / "status.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_variation(spec: SweepSpec, index: int, variation: dict[str, Any]) -> dict[str, Any]:
+    """Run (or reuse, when it finished before) one variation; never raises for a failed notebook."""
+    from mistral_fast.evaluate import write_json_atomic
+
+    vdir = Path(spec.out).resolve() / variation_name(index, variation)
+    previous = _status(vdir)
+    if previous.get("status") == "done":
+        log.info("sweep: %s already finished, skipped", vdir.name)
+        return previous
+    params = {**spec.parameters, **variation}
+    nb = resolve_notebook(spec.notebook)
+    if "train_output_dir" in read_parameters(nb):
+        params["train_output_dir"] = str(vdir / "run")
+    status: dict[str, Any] = {"name": vdir.name, "variation": variation}
+    status["output_notebook"] = str(vdir / "notebook.ipynb")
+    start = time.perf_counter()
+    try:
+        done = run_notebook(nb, params, output=vdir / "notebook.ipynb", timeout=spec.timeout)
+        status |= {"status": "done", "results": done.results}
+    except MistralFastError as err:  # one failure must not stop the sweep
+        log.error("sweep: %s failed: %s", vdir.name, err)
+        status |= {"status": "failed", "error": str(err)}
+    status["wall_seconds"] = round(time.perf_counter() - start, 2)
+    write_json_atomic(vdir / "status.json", status)
+    return status
+
+
+def _row(status: dict[str, Any]) -> dict[str, Any]:
+    run = (status.get("results") or {}).get("run") or {}
+    train, evaluation = run.get("train") or {}, run.get("evaluation") or {}
+    return {
+        "name": status.get("name"),
+        **status.get("variation", {}),
+        "status": status.get("status"),
+        "train_loss": train.get("train_loss"),
+        "eval_loss": evaluation.get("loss", train.get("eval_loss")),
+        "perplexity": evaluation.get("perplexity", train.get("perplexity")),
+        "tokens_per_second": train.get("tokens_per_second"),
+        "peak_memory_mb": train.get("peak_memory_mb"),
+        "wall_seconds": status.get("wall_seconds"),
+    }
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """Write the sweep table as ``sweep.csv`` and ``sweep.md`` and a plot ``sweep.png`` (atomically)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    paths = {"csv": out / "sweep.csv", "markdown": out / "sweep.md", "plot": out / "sweep.png"}
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as tmp:
+        writer = csv.DictWriter(tmp, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp.name, paths["csv"])
+    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    tmp_md = paths["markdown"].with_suffix(".tmp")
+    tmp_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp_md, paths["markdown"])
+    _plot(rows, paths["plot"])
+    return paths
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.5))
+    width = 0.4
+    for offset, key in ((-width / 2, "train_loss"), (width / 2, "eval_loss")):
+        values = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
+        ax.bar([i + offset for i in range(len(rows))], values, width, label=key.replace("_", " "))
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("loss")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_sweep(path: str | os.PathLike[str], *, out: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Run every variation of a sweep file; write the table and plot into its output directory.
+
+    Returns:
+        The table rows (one per variation) and the paths of ``sweep.csv``, ``sweep.md``, ``sweep.png``.
+    """
+    spec = load_sweep(path, out)
+    statuses = [run_variation(spec, i, v) for i, v in enumerate(spec.variations)]
+    rows = [_row(s) for s in statuses]
+    return rows, write_table(rows, Path(spec.out).resolve())
