@@ -54,23 +54,115 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune: the whole pipeline for a config file or preset, with overrides."""
+    from mistral_fast.distributed import is_main_process
     from mistral_fast.pipeline import run
 
     cfg = _config(args)
     if args.resume:
         cfg = cfg.with_overrides({"train.resume": True})
-    print(run(cfg).summary())
+    result = run(cfg)
+    if is_main_process():  # one summary, not one per rank
+        print(result.summary())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README demo: the smoke preset (tiny local Mistral, sample data), showing the loss fall."""
-    from mistral_fast.pipeline import run
+    """The README demo: notebooks/01_finetune.ipynb headless with smoke=True (tiny local Mistral, sample data)."""
+    from mistral_fast.runner import run_notebook
 
-    cfg = _config(argparse.Namespace(config="smoke", set=args.set))
-    result = run(cfg)
-    print(result.summary())
-    print(f"loss curve: {cfg.train.output_dir}/loss_curve.png; metrics: {cfg.train.output_dir}/metrics.jsonl")
+    overrides = dict(_split_set(item) for item in args.set or [])
+    params = {"smoke": True, "train_output_dir": args.out, **({"overrides": overrides} if overrides else {})}
+    done = run_notebook("01_finetune", params, output=f"{args.out}/01_finetune.ipynb", timeout=args.timeout)
+    print(_notebook_summary(done))
+    print(f"loss curve: {args.out}/loss_curve.png; metrics: {args.out}/metrics.jsonl")
+    return 0
+
+
+def _split_set(item: str) -> tuple[str, object]:
+    import yaml
+
+    from mistral_fast.errors import ConfigError
+
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {item!r} is not key=value (e.g. --set train.max_steps=10)")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _notebook_summary(done) -> str:
+    lines = [f"output notebook: {done.output_notebook} ({done.seconds:.0f} s)"]
+    lines.append(f"results: {done.results_path}" if done.results_path else "results: none written")
+    return "\n".join(lines)
+
+
+def _read_params(args: argparse.Namespace) -> dict[str, object]:
+    """Parameters from -f params.yaml, then -p key value pairs (values parsed as YAML scalars)."""
+    import yaml
+
+    from mistral_fast.errors import ConfigError
+
+    params: dict[str, object] = {}
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"-f {args.file}: cannot read parameters ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"-f {args.file}: must be a mapping of parameter names to values")
+        params.update(loaded)
+    for key, raw in args.param or []:
+        params[key] = yaml.safe_load(raw) if raw.strip() else ""
+    return params
+
+
+def cmd_notebook(args: argparse.Namespace) -> int:
+    """Execute a notebook headless with papermill (parameters checked first); print where its results are."""
+    from pathlib import Path
+
+    from mistral_fast.runner import resolve_notebook, run_notebook
+
+    path = resolve_notebook(args.notebook)
+    output = Path(args.out) / path.name if args.out else None
+    done = run_notebook(path, _read_params(args), output=output, cwd=args.cwd, timeout=args.timeout)
+    print(_notebook_summary(done))
+    if args.json and done.results is not None:
+        print(json.dumps(done.results))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a notebook once per variation of a sweep file; write the results table and plot."""
+    from mistral_fast.runner import run_sweep
+
+    rows, paths = run_sweep(args.sweep, out=args.out)
+    failed = [r["name"] for r in rows if r["status"] != "done"]
+    print(paths["markdown"].read_text(encoding="utf-8"), end="")
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    if failed:
+        print(f"{len(failed)} of {len(rows)} variations failed (re-run to retry them): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Estimate memory for a config: breakdown, fit, suggestion; full FT vs LoRA vs QLoRA side by side."""
+    from mistral_fast.memory import memory_report
+
+    print(memory_report(_config(args), gpu=args.gpu, world_size=args.world_size))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run: merged 16-bit safetensors, GGUF files + Modelfiles, equivalence report."""
+    import json
+
+    from mistral_fast.export import export_run
+
+    gguf = [t for group in args.gguf for t in group.split(",")] if args.gguf else None
+    written = export_run(
+        args.run_dir, merged=args.merged or None, gguf=gguf, merge_base=args.base, report=not args.no_report
+    )
+    print(json.dumps(written, indent=2, default=str))
     return 0
 
 
@@ -105,8 +197,54 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     ),
     "demo": (
         cmd_demo,
-        "train the tiny local Mistral on the sample data (offline, a few minutes on a CPU)",
-        lambda p: p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field"),
+        "run notebooks/01_finetune.ipynb headless on the tiny local Mistral (offline, a couple of minutes)",
+        lambda p: (
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field"),
+            p.add_argument("--out", default="runs/demo", help="run directory (also holds the output notebook)"),
+            p.add_argument("--timeout", type=int, default=600, help="seconds any one cell may run"),
+        ),
+    ),
+    "notebook": (
+        cmd_notebook,
+        "notebook run NOTEBOOK [-p key value …] [-f params.yaml]: execute a notebook headless with papermill",
+        lambda p: (
+            p.add_argument("action", choices=["run"], help="what to do with the notebook"),
+            p.add_argument("notebook", help="a notebook path or a name from notebooks/ (e.g. 01_finetune)"),
+            p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), help="set a parameter"),
+            p.add_argument("-f", "--file", help="YAML file of parameters (-p wins)"),
+            p.add_argument("--out", help="directory for the output notebook (default runs/notebooks)"),
+            p.add_argument("--cwd", help="working directory of the kernel (default: the current one)"),
+            p.add_argument("--timeout", type=int, default=24 * 3600, help="seconds any one cell may run"),
+            p.add_argument("--json", action="store_true", help="also print the notebook's results as JSON"),
+        ),
+    ),
+    "memory": (
+        cmd_memory,
+        "estimate GPU memory for a config (breakdown, fits?, suggestion; full FT vs LoRA vs QLoRA)",
+        lambda p: (
+            _with_config(p),
+            p.add_argument("--gpu", help="t4, l4, a10, a100-40gb, a100-80gb, h100, h200 or a size in GiB"),
+            p.add_argument("--world-size", type=int, default=1, help="data-parallel processes"),
+        ),
+    ),
+    "export": (
+        cmd_export,
+        "export a run: merged 16-bit safetensors, GGUF (f16, bf16, q8_0, q4_k_m, …) + Ollama Modelfile, report",
+        lambda p: (
+            p.add_argument("run_dir", help="a run directory (holds run_config.yaml and adapter/)"),
+            p.add_argument("--merged", action="store_true", help="keep the merged 16-bit model"),
+            p.add_argument("--gguf", action="append", help="GGUF type(s), e.g. --gguf f16,q8_0 (repeatable)"),
+            p.add_argument("--base", choices=["dequantized", "original"], help="merge base (default: config)"),
+            p.add_argument("--no-report", action="store_true", help="skip the equivalence report"),
+        ),
+    ),
+    "sweep": (
+        cmd_sweep,
+        "run a notebook per variation of SWEEP.yaml (grid/list); write a CSV/Markdown table and a plot",
+        lambda p: (
+            p.add_argument("sweep", help="sweep YAML: notebook, parameters, grid and/or variations"),
+            p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/sweeps/NAME)"),
+        ),
     ),
 }
 

@@ -131,6 +131,7 @@ class RunResult:
     run_dir: str
     data: dict[str, Any]
     train: dict[str, Any]
+    evaluation: dict[str, Any] | None = None  # loss/perplexity, ROUGE-L/BLEU, base vs tuned (eval.json)
 
     def summary(self) -> str:
         """A short human summary for the CLI and notebooks."""
@@ -144,23 +145,34 @@ class RunResult:
         if t["eval_loss"] is not None:
             lines.append(f"eval loss: {t['eval_loss']:.4f} (perplexity {t['perplexity']:.2f})")
         lines.append(f"adapter: {t['adapter_dir']}")
+        e = self.evaluation
+        if e and e.get("rouge_l") is not None:
+            lines.append(
+                f"held-out answers: ROUGE-L {e['rouge_l']:.3f}, BLEU {e['bleu']:.2f}, exact {e['exact_match']:.2f}"
+            )
         return "\n".join(lines)
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """Run the whole pipeline for a config: data → model → train; write the run directory.
+    """Run the whole pipeline for a config: data → model → train → evaluate; write the run directory.
 
     This is the recipe every entry point follows; read it top to bottom.
     """
     import json
 
+    from mistral_fast.distributed import is_main_process
+    from mistral_fast.memory import preflight
     from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)  # path, architecture, LoRA targets: fails in a second, no weights loaded
+    estimate = preflight(cfg)  # on a GPU: a run that will not fit stops here, with the numbers and a fix
+    log.info("memory estimate: %.1f GiB per device (%s)", estimate.total / 2**30, estimate.device or "no device")
     run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "run_config.yaml")
+    main = is_main_process()  # under torchrun/accelerate every rank runs this; only rank 0 writes
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "run_config.yaml")
 
     data = prepare_data(cfg)  # bad records fail here, in seconds, before gigabytes of weights load
     loaded = load_model(cfg)
@@ -169,7 +181,14 @@ def run(cfg: RunConfig) -> RunResult:
 
     trained = train(cfg, loaded, data)
 
+    from mistral_fast.evaluate import evaluate_model, save_eval
+
     result = RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict())
+    if not main:  # the other ranks' work ends with training; rank 0 evaluates and writes
+        return result
+    evaluation = evaluate_model(loaded, data.eval, data.eval_examples, cfg.eval, seed=cfg.train.seed)
+    save_eval(evaluation, run_dir)
+    result.evaluation = evaluation.to_dict()
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(run_dir / "result.json")

@@ -21,6 +21,11 @@ echo "setup: installing into $root/.venv (first run takes a few minutes)" >&2
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" torch==2.13.0
 fi
+# llama-cpp-python is a source package: it compiles llama.cpp (about 3 min on 2 cores, then cached by pip).
+# Portable CPU kernels, and none of the examples, server or tools we don't use.
+export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF"
+export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 "${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf]"
 # pip then notes "unsloth requires torchvision / xformers, which is not installed": expected, on purpose.
 "${pip[@]}" -c requirements-ci.txt --no-deps unsloth unsloth_zoo
