@@ -50,6 +50,7 @@ _LAZY = {
     "export_gguf": "export",
     "equivalence_report": "export",
     "estimate_memory": "memory",
+    "memory_report": "memory",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -66,7 +66,7 @@ def test_every_finetune_parameter_maps_to_config_or_is_known() -> None:
     from mistral_fast.notebook import config_key
 
     params = read_parameters(NOTEBOOKS_DIR / "01_finetune.ipynb")
-    extra = {"smoke", "preset", "overrides", "install_requirement"}
+    extra = {"smoke", "preset", "overrides", "install_requirement", "gpu"}
     assert all(config_key(name) or name in extra for name in params)
 
 
