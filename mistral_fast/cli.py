@@ -8,8 +8,12 @@ starts without torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -60,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.resume:
         cfg = cfg.with_overrides({"train.resume": True})
+    args.writing = f"train.output_dir={cfg.train.output_dir}"  # named if the disk fills up
     result = run(cfg)
     if is_main_process():  # one summary, not one per rank
         print(result.summary())
@@ -169,6 +174,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-check a run directory against its manifest.json: every listed file present with its sha256."""
+    from mistral_fast.manifest import ManifestError, verify_run
+
+    report = verify_run(args.run_dir)
+    for kind in ("missing", "changed"):
+        for rel in report[kind]:
+            print(f"{kind}: {rel}")
+    if args.verbose:
+        print("\n".join(f"ok: {rel}" for rel in report["ok"]))
+    for rel in report["untracked"]:
+        print(f"untracked (not in the manifest): {rel}")
+    print(f"training data: {report['data'][0]}")
+    bad = len(report["missing"]) + len(report["changed"])
+    if bad:
+        raise ManifestError(
+            f"{args.run_dir}: {len(report['missing'])} missing, {len(report['changed'])} changed of "
+            f"{bad + len(report['ok'])} files in manifest.json — restore them or re-run"
+        )
+    print(f"{args.run_dir}: all {len(report['ok'])} files match manifest.json")
+    return 0
+
+
 def _with_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML file or preset name (see `mistral-fast config --list`)")
     parser.add_argument(
@@ -249,6 +277,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
             p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/sweeps/NAME)"),
         ),
     ),
+    "verify": (
+        cmd_verify,
+        "re-check a run directory against its manifest.json (sha256 of every file it wrote)",
+        lambda p: (
+            p.add_argument("run_dir", help="a run directory (holds manifest.json)"),
+            p.add_argument("-v", "--verbose", action="store_true", help="also list the files that match"),
+        ),
+    ),
 }
 
 
@@ -264,6 +300,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NO_SPACE_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (28|27|122)\b")
+
+
+def _no_space(err: BaseException) -> str | None:
+    """The reason when `err` (or an exception it was raised from) is a full disk or a size limit, else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err.strerror or str(err)
+        match = _NO_SPACE_TEXT.search(str(err))
+        if match:
+            return os.strerror(int(match.group(1))) if match.group(1) else match.group(0)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _close_progress_bars() -> None:
+    """Close progress bars a failed step left open, so the error line stays the last line of the output.
+
+    (Otherwise tqdm redraws them at interpreter exit, after our message.)
+    """
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mistral-fast` console script."""
     args = build_parser().parse_args(argv)
@@ -275,7 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MistralFastError as err:
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        reason = None if args.debug else _no_space(err)
+        if reason is None:
+            raise
+        # a full disk (ENOSPC), a quota (EDQUOT) or a file-size limit (EFBIG): the user can act on it. Libraries
+        # wrap it (tokenizers: "File too large (os error 27)", torch: RuntimeError), so the chain is searched.
+        _close_progress_bars()
+        where = getattr(err, "filename", None) or getattr(args, "writing", None) or "the output directory"
+        print(f"error: writing {where}: {reason} — free space there (or raise the limit) and rerun", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -306,7 +306,10 @@ def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.", source=source)
         else:
-            kwargs[key] = _coerce(f"{prefix}{key}", hint, value)
+            try:
+                kwargs[key] = _coerce(f"{prefix}{key}", hint, value)
+            except ConfigError as err:  # name the file too, not only the field
+                raise ConfigError(f"{source}: {err}") from None
     try:
         return cls(**kwargs)
     except ConfigError as err:

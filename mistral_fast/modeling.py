@@ -404,6 +404,7 @@ def resolve_compute_dtype(requested: str) -> tuple[torch.dtype, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -428,6 +429,14 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ModelError(
                 f"model.name_or_path={name_or_path!r}: {local.resolve()} has no config.json; "
                 "give a directory written by save_pretrained (config.json + safetensors)"
+            )
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled and not any(local.glob("*.safetensors")):
+            # .bin/.pt/.pth are pickles: loading one can run arbitrary code. Only safetensors are read.
+            raise ModelError(
+                f"model.name_or_path={name_or_path!r}: {local.resolve()} has only pickled weights {pickled[:3]}, "
+                "which are never loaded (they can run code); convert them to safetensors on a trusted machine "
+                "(transformers: from_pretrained + save_pretrained) and point here again"
             )
         return str(local)
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
@@ -634,7 +643,8 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
 
     from mistral_fast.distributed import using_fsdp
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+    # safetensors only: pickled .bin weights of an untrusted checkpoint could run code when loaded
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code, "use_safetensors": True}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.load_in_4bit:

@@ -153,6 +153,29 @@ class RunResult:
         return "\n".join(lines)
 
 
+def make_run_dir(run_dir: Path) -> Path:
+    """Create the run directory, refusing a path that is (or lies under) a file, with the field to change.
+
+    Raises:
+        ConfigError: naming ``train.output_dir`` and what is in the way.
+    """
+    from mistral_fast.errors import ConfigError
+
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(
+            f"train.output_dir={str(run_dir)!r}: {blocker} is a file, not a directory — "
+            "choose another train.output_dir or move the file away"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except PermissionError as err:
+        raise ConfigError(
+            f"train.output_dir={str(run_dir)!r}: cannot create it ({err.strerror}) — choose a writable directory"
+        ) from None
+    return run_dir
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline for a config: data → model → train → evaluate; write the run directory.
 
@@ -170,11 +193,11 @@ def run(cfg: RunConfig) -> RunResult:
     log.info("memory estimate: %.1f GiB per device (%s)", estimate.total / 2**30, estimate.device or "no device")
     run_dir = Path(cfg.train.output_dir)
     main = is_main_process()  # under torchrun/accelerate every rank runs this; only rank 0 writes
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg)  # bad records fail here, in seconds, before gigabytes of weights load
+    if main:  # after every input check: a refused run leaves nothing at train.output_dir
+        make_run_dir(run_dir)
         cfg.save(run_dir / "run_config.yaml")
 
-    data = prepare_data(cfg)  # bad records fail here, in seconds, before gigabytes of weights load
     loaded = load_model(cfg)
 
     from mistral_fast.train import train  # after load_model: imports TRL, which unsloth patches
@@ -192,4 +215,7 @@ def run(cfg: RunConfig) -> RunResult:
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(run_dir / "result.json")
+    from mistral_fast.manifest import write_manifest
+
+    write_manifest(cfg, run_dir)  # last: the sha256 of every file above (`mistral-fast verify RUN_DIR`)
     return result
