@@ -1,23 +1,33 @@
-"""Streamed export at Mistral-7B shape: time and peak memory of merge (NF4-dequantised base) + GGUF q8_0.
+"""Export at Mistral-7B shape, ours against the references, side by side in one run: time and peak RSS.
 
 Builds a random Mistral-7B-v0.3-shaped bf16 checkpoint on disk tensor by tensor (never the whole model in
 memory), a rank-16 all-linear LoRA adapter with non-zero B, and a run directory pointing at them; then runs
-each export stage in its own process under ``/usr/bin/time -v`` so every stage reports its own peak RSS.
-The claim being measured: peak memory stays near one shard (merge) or one tensor (GGUF), not the model.
+each stage in its own process under ``/usr/bin/time -v`` (wall seconds, peak RSS of that stage alone):
+
+* ours (a): `export_merged_gguf`: merge onto the NF4-dequantised base + GGUF q8_0 in one pass;
+* reference: peft ``merge_and_unload`` + ``save_pretrained`` (the original 16-bit base, as peft merges);
+* reference: llama.cpp's ``convert_hf_to_gguf.py`` q8_0 and f16 of that peft-merged checkpoint;
+* ours (b): `export_gguf` q8_0 and f16 of the same peft-merged checkpoint.
+
+llama.cpp's converter ships (with its ``gguf-py``) in the llama-cpp-python *source* package:
+``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcpp`` and unpack it there;
+give its unpacked ``vendor/llama.cpp`` directory as ``--llama-cpp LLAMA_CPP_DIR``. Never commit it.
 
 Usage:
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/export_7b.py --work /big/disk/dir            # 32 layers
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/export_7b.py --work /tmp/e7 --layers 4        # quick look
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/export_7b.py --work /big/dir --llama-cpp LLAMA_CPP_DIR
+    ... --layers 4        # a quick look (every stage on the same smaller checkpoint)
 
-Disk: ~14.5 GB checkpoint + 14.5 GB merged + 7.7 GB q8_0 GGUF for 32 layers (scales with --layers).
-Prints one JSON line per stage and a summary; figures go to benchmarks/README.md by hand.
+Disk: ~14.5 GB checkpoint + 14.5 GB peft-merged + one GGUF at a time (7.7 GB q8_0, 14.5 GB f16) for 32 layers;
+each output is deleted after its stage. Prints one JSON line per stage and a summary with the targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -110,42 +120,99 @@ def build_run(run_dir: Path, base: Path, layers: int, rank: int = 16) -> None:
     (run_dir / "result.json").write_text(json.dumps({"train": {"extra": {"compute_dtype": "bfloat16"}}}))
 
 
-def timed(stage: str, code: str) -> dict[str, float | str]:
-    """Run ``code`` in a fresh Python under /usr/bin/time -v: wall seconds and peak RSS of that stage alone."""
+def timed(stage: str, argv: list[str], env: dict[str, str] | None = None) -> dict[str, float | str]:
+    """Run ``argv`` under /usr/bin/time -v: wall seconds and peak RSS of that stage alone."""
     start = time.perf_counter()
     proc = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, check=False
+        ["/usr/bin/time", "-v", *argv], capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
     )
     if proc.returncode:
-        raise SystemExit(f"{stage} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
-    row = {"stage": stage, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(rss_kb / 2**20, 2)}
+    row = {"stage": stage, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(rss_kb / 2**20, 2)}
     print(json.dumps(row), flush=True)
     return row
 
 
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+PEFT_MERGE = """
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)
+merged = PeftModel.from_pretrained(model, {adapter!r}).merge_and_unload()
+merged.save_pretrained({out!r})
+"""
+
+
+def add_tokenizer(model_dir: Path) -> None:
+    """The SentencePiece model and tokenizer files, which both GGUF writers read (copied, not timed)."""
+    from mistral_fast.tokenizer import load_tokenizer, sentencepiece_path
+
+    load_tokenizer("v3").save_pretrained(model_dir)
+    shutil.copyfile(sentencepiece_path("v3"), model_dir / "tokenizer.model")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch directory (needs ~37 GB for 32 layers)")
+    parser.add_argument("--work", type=Path, required=True, help="scratch directory (needs ~45 GB for 32 layers)")
+    parser.add_argument(
+        "--llama-cpp", type=Path, required=True, help="llama.cpp source (convert_hf_to_gguf.py, gguf-py)"
+    )
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Mistral-7B)")
-    parser.add_argument("--qtype", default="q8_0", help="GGUF type written from the merged model")
-    parser.add_argument("--shard-size", default="2GB", help="merged shard size")
     args = parser.parse_args()
-    base, run_dir = args.work / "base", args.work / "run"
-    merged, gguf = run_dir / "export" / "merged", run_dir / "export" / f"model-{args.qtype}.gguf"
+    base, run_dir, out = args.work / "base", args.work / "run", args.work / "out"
+    peft_merged = args.work / "peft-merged"
+    out.mkdir(parents=True, exist_ok=True)
     here = "from pathlib import Path; from benchmarks.export_7b import build_checkpoint, build_run; "
-    export = "from mistral_fast.export import merge_adapter, export_gguf; "
-    rows = [timed("build checkpoint", here + f"build_checkpoint(Path({str(base)!r}), {args.layers})")]
-    rows.append(timed("build adapter", here + f"build_run(Path({str(run_dir)!r}), Path({str(base)!r}), {args.layers})"))
-    merge = f"merge_adapter({str(run_dir)!r}, {str(merged)!r}, shard_size={args.shard_size!r})"
-    rows.append(timed("merge (dequantized)", export + merge))
-    rows.append(timed(f"gguf {args.qtype}", export + f"export_gguf({str(merged)!r}, {str(gguf)!r}, {args.qtype!r})"))
-    sizes = {"checkpoint_gb": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9}
-    sizes |= {
-        "merged_gb": sum(f.stat().st_size for f in merged.glob("*.safetensors")) / 1e9,
-        "gguf_gb": gguf.stat().st_size / 1e9,
+    export = "from mistral_fast.export import export_gguf, export_merged_gguf; "
+    rows = [timed("build checkpoint", python(here + f"build_checkpoint(Path({str(base)!r}), {args.layers})"))]
+    rows.append(
+        timed("build adapter", python(here + f"build_run(Path({str(run_dir)!r}), Path({str(base)!r}), {args.layers})"))
+    )
+    sizes: dict[str, float] = {"checkpoint_gb": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9}
+
+    def gguf_stage(stage: str, argv: list[str], path: Path, env: dict[str, str] | None = None) -> None:
+        rows.append(timed(stage, argv, env))
+        sizes[stage] = path.stat().st_size / 1e9
+        path.unlink()
+
+    one_pass = out / "one-pass-q8_0.gguf"
+    gguf_stage("ours (a): one-pass merge (NF4-dequantised base) + GGUF q8_0", python(
+        export + f"export_merged_gguf({str(run_dir)!r}, {str(one_pass)!r}, 'q8_0')"), one_pass)  # fmt: skip
+    adapter = str(run_dir / "adapter")
+    rows.append(timed("peft merge_and_unload + save_pretrained", python(
+        PEFT_MERGE.format(base=str(base), adapter=adapter, out=str(peft_merged)))))  # fmt: skip
+    add_tokenizer(peft_merged)
+    converter = [sys.executable, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(peft_merged)]
+    env = {"PYTHONPATH": str(args.llama_cpp / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    for qtype in ("q8_0", "f16"):
+        path = out / f"converter-{qtype}.gguf"
+        gguf_stage(
+            f"llama.cpp convert_hf_to_gguf {qtype}", [*converter, "--outfile", str(path), "--outtype", qtype], path, env
+        )
+        path = out / f"ours-{qtype}.gguf"
+        gguf_stage(f"ours (b): export_gguf {qtype}", python(
+            export + f"export_gguf({str(peft_merged)!r}, {str(path)!r}, {qtype!r})"), path)  # fmt: skip
+    shutil.rmtree(peft_merged)
+    by = {r["stage"]: r for r in rows}
+    ours_a = by["ours (a): one-pass merge (NF4-dequantised base) + GGUF q8_0"]
+    peft = by["peft merge_and_unload + save_pretrained"]
+    conv = {q: by[f"llama.cpp convert_hf_to_gguf {q}"] for q in ("q8_0", "f16")}
+    ours_b = {q: by[f"ours (b): export_gguf {q}"] for q in ("q8_0", "f16")}
+    reference_a = peft["seconds"] + conv["q8_0"]["seconds"]
+    targets = {
+        "a_time_ratio (<= 0.6)": round(ours_a["seconds"] / reference_a, 3),
+        "a_peak_rss_gib (<= 2)": ours_a["peak_rss_gib"],
     }
-    print(json.dumps({"layers": args.layers, "stages": rows, **{k: round(v, 2) for k, v in sizes.items()}}))
+    for q in ("q8_0", "f16"):
+        targets[f"b_{q}_time_ratio (<= 1.0)"] = round(ours_b[q]["seconds"] / conv[q]["seconds"], 3)
+        targets[f"b_{q}_rss_ratio (<= 1.1)"] = round(ours_b[q]["peak_rss_gib"] / conv[q]["peak_rss_gib"], 3)
+    summary = {"layers": args.layers, "stages": rows, "sizes_gb": {k: round(v, 2) for k, v in sizes.items()}}
+    print(json.dumps(summary | {"targets": targets}, indent=1))
 
 
 if __name__ == "__main__":

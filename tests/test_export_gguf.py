@@ -199,6 +199,11 @@ def test_export_run_writes_everything_and_the_report(tmp_path: Path) -> None:
     assert f16["relative_logit_diff"] < 0.003 and all(f16["greedy_match"]) and f16["eos_stop_match"]
     assert all(t["all_match"] for t in report["tokenizer"].values())
     assert "| merged | model-f16.gguf |" in (out / "equivalence.md").read_text()
+    ppl = report["perplexity"]
+    assert ppl["eval_examples"] >= 4 and ppl["eval_tokens"] > 100
+    assert abs(ppl["sides"]["model-f16.gguf"] / ppl["sides"]["merged"] - 1) < 0.01
+    assert abs(ppl["sides"]["adapter"] / ppl["sides"]["merged"] - 1) < 0.02
+    assert "Perplexity on the first" in (out / "equivalence.md").read_text()
     assert json.loads((out / "export.json").read_text())["files"]["model-f16.gguf"] > 0
 
 
@@ -230,3 +235,57 @@ def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_
     side = gguf_side(export_gguf(edited, tmp_path / "eos.gguf", "f16"), [ids], eos=2, max_new_tokens=8)
     assert reference.continuations == side.continuations == [[2]]
     assert compare(reference, side)["eos_stop_match"] and side.stopped == [True]
+
+
+@pytest.fixture(scope="module")
+def adapter_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_export_merge import make_adapter_run
+
+    run_dir = tmp_path_factory.mktemp("one-pass") / "run"
+    make_adapter_run(run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize(("qtype", "base"), [("f16", "dequantized"), ("q8_0", "dequantized"), ("bf16", "original")])
+def test_one_pass_gguf_is_byte_identical_to_merge_then_export(
+    adapter_run_dir: Path, tmp_path: Path, qtype: str, base: str
+) -> None:
+    from mistral_fast.export import export_merged_gguf, merge_adapter
+
+    merged = merge_adapter(adapter_run_dir, tmp_path / "merged", base=base, shard_size="3MB")  # shards != base's
+    two_step = export_gguf(merged, tmp_path / "two-step.gguf", qtype, name="run")
+    one_pass = export_merged_gguf(adapter_run_dir, tmp_path / "one-pass.gguf", qtype, base=base)
+    assert one_pass.read_bytes() == two_step.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "one-pass.gguf", "two-step.gguf"]
+
+
+def test_export_run_without_merged_writes_no_checkpoint(adapter_run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mistral_fast.config import RunConfig
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(adapter_run_dir, run_dir)
+    cfg = RunConfig.from_dict({**_yaml(run_dir / "run_config.yaml"), "train": {"output_dir": str(run_dir)}})
+    result = export_run(cfg, merged=False, gguf=["f16"], report=False)
+    assert result["merged"] is None and Path(result["gguf"]["f16"]).is_file()
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
+        "export.json",
+        "model-f16.Modelfile",
+        "model-f16.gguf",
+    ]
+    assert not list(run_dir.glob(".merge-*"))
+
+
+def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_path: Path) -> None:
+    """The report's perplexity: llama.cpp's logits of an f16 GGUF score the eval split like transformers does."""
+    pytest.importorskip("llama_cpp")
+    from mistral_fast.export import export_merged_gguf, merge_adapter
+    from mistral_fast.export.report import _run_config, eval_rows, gguf_side, merged_side
+
+    rows = eval_rows(_run_config(adapter_run_dir), limit=4)
+    assert len(rows) == 4 and all(any(t != -100 for t in labels) for _, labels in rows)
+    merged = merged_side(merge_adapter(adapter_run_dir, tmp_path / "merged"), [], 2, 0, "float32", rows)
+    side = gguf_side(export_merged_gguf(adapter_run_dir, tmp_path / "m.gguf", "f16"), [[1]], 2, 1, rows)
+    assert merged.eval_tokens == side.eval_tokens == sum(sum(t != -100 for t in lab[1:]) for _, lab in rows)
+    assert merged.perplexity > 1 and abs(side.perplexity / merged.perplexity - 1) < 0.01

@@ -194,3 +194,26 @@ def test_interrupted_merge_leaves_nothing_at_the_final_path(adapter_run, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         merge_adapter(adapter_run[0], tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fast_nf4_roundtrip_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool) -> None:
+    """Our fused NF4 round trip against bitsandbytes' quantize_4bit/dequantize_4bit on awkward tensors."""
+    from mistral_fast.export.merge import _CHUNK_BLOCKS, _nf4_roundtrip_fast, nf4_roundtrip_bnb
+
+    gen = torch.Generator().manual_seed(3)
+    quant = {"quant_type": "nf4", "double_quant": double_quant, "dtype": dtype}
+    rows = _CHUNK_BLOCKS * 64 // 512 + 37  # more than one chunk, the last one partial
+    heavy = torch.randn(rows, 512, generator=gen) * 0.02
+    heavy[0, :64] = 0  # an all-zero block (absmax 0)
+    heavy[1, 5] = 3.0  # an outlier: the rest of its block rounds to the middle levels
+    heavy[2, :64] = torch.linspace(-1, 1, 64)  # values on and near the level midpoints
+    tensors = [heavy, torch.randn(96, 64, generator=gen), torch.rand(8, 4096, generator=gen) - 0.5]
+    for weight in [t.to(torch.bfloat16) for t in tensors] + [tensors[1]]:  # bf16 checkpoints, and an fp32 one
+        before = weight.clone()
+        expected = nf4_roundtrip_bnb(weight, quant)
+        got = _nf4_roundtrip_fast(weight, quant)
+        assert got.dtype == expected.dtype == getattr(torch, dtype)
+        assert torch.equal(got, expected)
+        assert torch.equal(weight, before)  # the checkpoint tensor is not scaled in place

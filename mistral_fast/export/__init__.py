@@ -3,7 +3,8 @@
 ``export_run(cfg)`` does what ``cfg.export`` asks and writes everything into ``run_dir/export/``:
 
 * ``merged/``: the LoRA merged into 16-bit weights (`merge_adapter`; never re-quantised to 4-bit),
-* ``model-<type>.gguf`` + ``model-<type>.Modelfile`` per GGUF type (`export_gguf`, `quantize_gguf`,
+* ``model-<type>.gguf`` + ``model-<type>.Modelfile`` per GGUF type (`export_gguf` from ``merged/``, or
+  `export_merged_gguf` straight from base + adapter when ``merged/`` is not kept; `quantize_gguf`,
   `write_modelfile`),
 * ``equivalence.json`` / ``equivalence.md``: adapter vs merged vs each GGUF (`equivalence_report`,
   when llama-cpp-python is installed),
@@ -20,7 +21,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mistral_fast.config import RunConfig
 from mistral_fast.export.gguf import (
@@ -29,6 +30,7 @@ from mistral_fast.export.gguf import (
     KQUANT_TYPES,
     atomic_path,
     export_gguf,
+    export_merged_gguf,
     quantize_gguf,
     write_modelfile,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "KQUANT_TYPES",
     "equivalence_report",
     "export_gguf",
+    "export_merged_gguf",
     "export_run",
     "merge_adapter",
     "quantize_gguf",
@@ -71,8 +74,9 @@ def export_run(
     Args:
         cfg_or_run_dir: the run's config (its ``train.output_dir`` is the run directory) or a run
             directory with ``run_config.yaml``.
-        merged: keep the merged 16-bit model (default ``export.merged``); GGUFs need a merge either
-            way, made in a temporary directory when it is not kept.
+        merged: keep the merged 16-bit model (default ``export.merged``); when it is not kept, each GGUF
+            is merged on the fly from base + adapter (`export_merged_gguf`): no merged checkpoint is
+            written (the report, if asked for, still merges one into a temporary directory).
         gguf: GGUF types (default ``export.gguf``), e.g. ``["f16", "q8_0", "q4_k_m"]``.
         merge_base: ``"dequantized"`` or ``"original"`` (default ``export.merge_base``).
         report: also write the equivalence report when GGUFs were written and llama-cpp-python is
@@ -97,25 +101,45 @@ def export_run(
     if not keep_merged and not types:
         return result
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=run_dir) as tmp:
-        merged_dir = merge_adapter(run_dir, out / "merged" if keep_merged else Path(tmp) / "merged", base=base)
-        result["merged"] = str(merged_dir) if keep_merged else None
-        result["gguf"] = _write_ggufs(merged_dir, out, types, Path(tmp), name=run_dir.name)
+        merged_dir = merge_adapter(run_dir, out / "merged", base=base) if keep_merged else None
+        result["merged"] = str(merged_dir) if merged_dir else None
+        source = merged_dir or _OnePass(run_dir, base)
+        result["gguf"] = _write_ggufs(source, out, types, Path(tmp), name=run_dir.name)
         result["modelfiles"] = {t: str(write_modelfile(p)) for t, p in result["gguf"].items()}
         if report and types and importlib.util.find_spec("llama_cpp") is not None:
+            if merged_dir is None:  # the report's merged side: the same merge, in the temporary directory
+                merged_dir = merge_adapter(run_dir, Path(tmp) / "merged", base=base)
             equivalence_report(run_dir, list(result["gguf"].values()), merged_dir=merged_dir, out_dir=out)
             result["report"] = str(out / "equivalence.md")
     _write_manifest(result, out)
+    if (run_dir / "manifest.json").exists():  # the run's manifest (`mistral-fast verify`) covers exports too
+        from mistral_fast.manifest import update_manifest
+
+        update_manifest(run_dir, [out])
     return result
 
 
-def _write_ggufs(merged_dir: Path, out: Path, types: list[str], tmp: Path, *, name: str) -> dict[str, str]:
+class _OnePass(NamedTuple):
+    """GGUFs merged on the fly from the base and the adapter of a run (no merged checkpoint)."""
+
+    run_dir: Path
+    base: str
+
+
+def _gguf(source: Path | _OnePass, path: Path, qtype: str, name: str) -> Path:
+    if isinstance(source, _OnePass):
+        return export_merged_gguf(source.run_dir, path, qtype, base=source.base, name=name)
+    return export_gguf(source, path, qtype, name=name)
+
+
+def _write_ggufs(source: Path | _OnePass, out: Path, types: list[str], tmp: Path, *, name: str) -> dict[str, str]:
     """Each requested type; k-quants are made by llama.cpp from an f16 GGUF (kept only if requested)."""
     written: dict[str, str] = {}
     f16 = None
     for qtype in [t for t in types if t in GGUF_TYPES]:
-        written[qtype] = str(export_gguf(merged_dir, out / f"model-{qtype}.gguf", qtype, name=name))
+        written[qtype] = str(_gguf(source, out / f"model-{qtype}.gguf", qtype, name))
     for qtype in [t for t in types if t in KQUANT_TYPES]:
-        f16 = written.get("f16") or f16 or str(export_gguf(merged_dir, tmp / "model-f16.gguf", "f16", name=name))
+        f16 = written.get("f16") or f16 or str(_gguf(source, tmp / "model-f16.gguf", "f16", name))
         written[qtype] = str(quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype))
     return written
 

@@ -3,8 +3,10 @@
 Each side computes its own logits: the adapter model (4-bit base + LoRA, as trained) and the merged
 16-bit model through transformers, every GGUF through llama.cpp itself (llama-cpp-python), never
 through our own GGUF reader. Reported per pair: max and relative logit difference, top-1 agreement,
-whether greedy continuations and EOS stops match; and per GGUF whether its own tokenizer gives the
-ids of mistral_common and of our tokenizer. Written as JSON and Markdown into ``run_dir/export``.
+whether greedy continuations and EOS stops match; per side the perplexity on (the first
+``eval_examples`` of) the run's eval split, over the trained (label != -100) tokens; and per GGUF whether
+its own tokenizer gives the ids of mistral_common and of our tokenizer. Written as JSON and Markdown
+into ``run_dir/export``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -55,6 +58,55 @@ class Side:
     logits: list[Any] = field(default_factory=list)  # numpy (n_tokens, vocab) float32 per prompt
     continuations: list[list[int]] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)  # ended on EOS within the token budget
+    nll: float = 0.0  # summed negative log-likelihood of the eval split's trained tokens
+    eval_tokens: int = 0
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp(mean NLL) over the eval tokens; None when no eval data was scored."""
+        return math.exp(self.nll / self.eval_tokens) if self.eval_tokens else None
+
+
+EvalRows = list[tuple[list[int], list[int]]]  # (input_ids, labels) per eval example
+
+
+def eval_rows(cfg: Any, limit: int | None = 32) -> EvalRows:
+    """The run's eval split as ``(input_ids, labels)``, its first ``limit`` examples (None: all).
+
+    Empty when the run has no eval split (``data.eval_fraction=0``) or its data cannot be read here.
+    """
+    from mistral_fast.errors import DataError
+    from mistral_fast.pipeline import prepare_data
+
+    try:
+        evaluation = prepare_data(cfg).eval
+    except (DataError, FileNotFoundError, OSError) as err:
+        log.warning("equivalence report without perplexity: the run's data cannot be prepared (%s)", err)
+        return []
+    if evaluation is None:
+        return []
+    rows = evaluation.select(range(min(len(evaluation), limit))) if limit else evaluation
+    return [(list(r["input_ids"]), list(r["labels"])) for r in rows]
+
+
+def _nll(logits: Any, labels: list[int]) -> tuple[float, int]:
+    """Summed NLL of ``labels[1:]`` under ``logits[:-1]`` (next-token), skipping -100; in float64."""
+    import numpy as np
+
+    target = np.asarray(labels[1:])
+    keep = target != -100
+    rows = np.asarray(logits[:-1], dtype=np.float64)[keep]
+    if not len(rows):
+        return 0.0, 0
+    top = rows.max(-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(rows - top).sum(-1))
+    return float((log_z - rows[np.arange(len(rows)), target[keep]]).sum()), int(keep.sum())
+
+
+def _add_nll(side: Side, logits: Any, labels: list[int]) -> None:
+    nll, tokens = _nll(logits, labels)
+    side.nll += nll
+    side.eval_tokens += tokens
 
 
 def _run_config(run_dir: Path) -> Any:
@@ -78,11 +130,15 @@ def prompt_ids(cfg: Any, prompts: tuple[list[dict[str, str]], ...]) -> tuple[lis
     return ids, texts
 
 
-def _hf_side(name: str, model: Any, prompts: list[list[int]], eos: int, max_new_tokens: int) -> Side:
+def _hf_side(
+    name: str, model: Any, prompts: list[list[int]], eos: int, max_new_tokens: int, rows: EvalRows = ()
+) -> Side:
     import torch
 
     side = Side(name)
     with torch.no_grad():
+        for ids, labels in rows:
+            _add_nll(side, model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy(), labels)
         for ids in prompts:
             batch = torch.tensor([ids], device=model.device)
             side.logits.append(model(batch).logits[0].float().cpu().numpy())
@@ -100,7 +156,9 @@ def _add_continuation(side: Side, tokens: list[int], eos: int) -> None:
     side.stopped.append(stopped)
 
 
-def adapter_side(cfg: Any, adapter_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> Side:
+def adapter_side(
+    cfg: Any, adapter_dir: Path, prompts: list[list[int]], max_new_tokens: int, rows: EvalRows = ()
+) -> Side:
     """The model as trained: the 4-bit base with the saved LoRA weights."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -112,7 +170,7 @@ def adapter_side(cfg: Any, adapter_dir: Path, prompts: list[list[int]], max_new_
     if result.unexpected_keys:
         raise ModelError(f"{adapter_dir}: adapter does not fit the run's model: {result.unexpected_keys[:3]}")
     disable_cpu_weight_repacking(loaded.model)
-    side = _hf_side("adapter", loaded.model, prompts, loaded.tokenizer.eos_token_id, max_new_tokens)
+    side = _hf_side("adapter", loaded.model, prompts, loaded.tokenizer.eos_token_id, max_new_tokens, rows)
     del loaded
     _free_memory()
     return side
@@ -128,7 +186,12 @@ def _free_memory() -> None:
 
 
 def merged_side(
-    merged_dir: Path, prompts: list[list[int]], eos: int, max_new_tokens: int, dtype: str = "float32"
+    merged_dir: Path,
+    prompts: list[list[int]],
+    eos: int,
+    max_new_tokens: int,
+    dtype: str = "float32",
+    rows: EvalRows = (),
 ) -> Side:
     """The merged 16-bit model computed in ``dtype`` (on the GPU if there is one)."""
     import torch
@@ -136,7 +199,7 @@ def merged_side(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), device_map={"": device})
-    side = _hf_side("merged", model, prompts, eos, max_new_tokens)
+    side = _hf_side("merged", model, prompts, eos, max_new_tokens, rows)
     del model
     _free_memory()
     return side
@@ -169,13 +232,18 @@ def open_gguf(path: Path, n_ctx: int = 512) -> Any:
     return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, seed=0)
 
 
-def gguf_side(path: Path, prompts: list[list[int]], eos: int, max_new_tokens: int) -> Side:
-    """llama.cpp's own logits and greedy (argmax) continuation for each prompt."""
+def gguf_side(path: Path, prompts: list[list[int]], eos: int, max_new_tokens: int, rows: EvalRows = ()) -> Side:
+    """llama.cpp's own logits and greedy (argmax) continuation for each prompt, and its eval NLL."""
     import numpy as np
 
-    llm = open_gguf(path, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 8)
+    n_ctx = max([len(p) + max_new_tokens for p in prompts] + [len(ids) for ids, _ in rows]) + 8
+    llm = open_gguf(path, n_ctx=n_ctx)
     side = Side(path.name)
     try:
+        for ids, labels in rows:  # logits_all: llama.cpp's logits at every position
+            llm.reset()
+            llm.eval(ids)
+            _add_nll(side, np.array(llm.scores[: len(ids)], dtype=np.float32), labels)
         for ids in prompts:
             llm.reset()
             llm.eval(ids)
@@ -244,6 +312,7 @@ def equivalence_report(
     max_new_tokens: int = 16,
     out_dir: str | os.PathLike[str] | None = None,
     merged_dtype: str = "auto",
+    eval_examples: int | None = 32,
 ) -> dict[str, Any]:
     """Compare the adapter model, the merged model and each GGUF of a run; write JSON + Markdown.
 
@@ -258,9 +327,12 @@ def equivalence_report(
         merged_dtype: dtype the merged model computes in: ``float32`` (exact; 4 bytes a parameter, 28 GB
             for a 7B), ``bfloat16`` (half the memory, adds bf16 rounding to its logits) or ``auto``
             (`merged_compute_dtype`: fp32 when it fits easily in free memory).
+        eval_examples: perplexity on the first this many examples of the run's eval split (None: all;
+            0: no perplexity). Each is one forward pass per side: seconds on a GPU, minutes for a 7B on CPU.
 
     Returns:
-        The report: ``pairs`` (one comparison per pair of sides), ``tokenizer`` (per GGUF), ``prompts``.
+        The report: ``pairs`` (one comparison per pair of sides), ``perplexity`` (per side, with the
+        number of eval examples and tokens), ``tokenizer`` (per GGUF), ``prompts``.
     """
     from mistral_fast.export.merge import merge_adapter, resolve_source
     from mistral_fast.pipeline import tokenizer_for
@@ -269,22 +341,30 @@ def equivalence_report(
     cfg = _run_config(run_dir)
     ids, texts = prompt_ids(cfg, prompts)
     eos = tokenizer_for(cfg).eos_token_id
-    adapter = adapter_side(cfg, resolve_source(run_dir).adapter_dir, ids, max_new_tokens)
+    rows = eval_rows(cfg, eval_examples) if eval_examples != 0 else []
+    adapter = adapter_side(cfg, resolve_source(run_dir).adapter_dir, ids, max_new_tokens, rows)
     with tempfile.TemporaryDirectory(prefix="merged-", dir=run_dir) as tmp:
         merged_path = Path(merged_dir) if merged_dir else run_dir / "export" / "merged"
         if not (merged_path / "config.json").is_file():
             merged_path = merge_adapter(run_dir, Path(tmp) / "merged")
         if merged_dtype == "auto":
             merged_dtype = merged_compute_dtype(merged_path)
-        merged = merged_side(merged_path, ids, eos, max_new_tokens, merged_dtype)
+        merged = merged_side(merged_path, ids, eos, max_new_tokens, merged_dtype, rows)
     report: dict[str, Any] = {"run_dir": str(run_dir), "prompts": len(ids), "max_new_tokens": max_new_tokens}
     report["merged_dtype"] = merged_dtype
     report["pairs"] = [compare(adapter, merged)]
     report["tokenizer"] = {}
+    sides = [adapter, merged]
     for path in map(Path, gguf_paths):
-        side = gguf_side(path, ids, eos, max_new_tokens)
+        side = gguf_side(path, ids, eos, max_new_tokens, rows)
         report["pairs"] += [compare(merged, side), compare(adapter, side)]
         report["tokenizer"][path.name] = tokenizer_check(path, ids, texts, cfg)
+        sides.append(side)
+    report["perplexity"] = {
+        "eval_examples": len(rows),
+        "eval_tokens": adapter.eval_tokens,
+        "sides": {side.name: side.perplexity for side in sides},
+    }
     write_report(report, Path(out_dir) if out_dir else run_dir / "export")
     return report
 
@@ -317,6 +397,21 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {p['reference']} | {p['other']} | {p['max_abs_logit_diff']:.4g} | {p['relative_logit_diff']:.3%} "
             f"| {p['top1_agreement']:.1%} | {greedy} | {'yes' if p['eos_stop_match'] else 'no'} |"
         )
+    ppl = report.get("perplexity") or {}
+    if ppl.get("eval_tokens"):
+        lines += [
+            "",
+            f"Perplexity on the first {ppl['eval_examples']} examples of the run's eval split "
+            f"({ppl['eval_tokens']} trained tokens; exp of the mean NLL, label != -100):",
+            "",
+            "| side | perplexity | vs merged |",
+            "| --- | --- | --- |",
+        ]
+        merged = ppl["sides"].get("merged")
+        for name, value in ppl["sides"].items():
+            lines.append(
+                f"| {name} | {value:.4f} | {value / merged - 1:+.3%} |" if merged else f"| {name} | {value:.4f} | |"
+            )
     if report["tokenizer"]:
         lines += ["", "| GGUF | its tokenizer = mistral_common and ours |", "| --- | --- |"]
         lines += [f"| {name} | {'yes' if t['all_match'] else 'NO'} |" for name, t in report["tokenizer"].items()]
