@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mistral_fast.atomic import write_text_atomic
 from mistral_fast.errors import ConfigError
 
 TARGET_SETS: dict[str, tuple[str, ...]] = {
@@ -225,13 +225,7 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the resolved config as YAML, atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, path)
-        return path
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> RunConfig:
         """A copy with `section.field=value` overrides applied (values parsed as YAML scalars)."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mistral_fast.atomic import atomic_path
 from mistral_fast.config import DataConfig
 from mistral_fast.errors import DataError
 
@@ -372,10 +373,7 @@ def split_examples(examples: list[Any], eval_fraction: float, seed: int) -> tupl
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write rows as JSON lines atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return Path(path)

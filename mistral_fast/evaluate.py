@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.atomic import write_text_atomic
 from mistral_fast.errors import ModelError
 
 if TYPE_CHECKING:
@@ -97,12 +97,7 @@ def _fmt(value: float | None) -> str:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write `data` as indented JSON through a temp file + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-        json.dump(data, tmp, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp.name, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 # ---------------------------------------------------------------------------------------------

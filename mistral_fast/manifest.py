@@ -18,12 +18,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.atomic import atomic_path, is_temp_name
 from mistral_fast.errors import MistralFastError
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _tracked(run_dir: Path, path: Path) -> bool:
         and not path.is_symlink()
         and rel.parts[0] not in EXCLUDED_DIRS
         and rel.as_posix() != MANIFEST
-        and not path.name.endswith(".tmp")
+        and not is_temp_name(path.name)
     )
 
 
@@ -128,12 +128,11 @@ def _data_hash(cfg: RunConfig) -> dict[str, Any]:
 
 def _write(run_dir: Path, manifest: dict[str, Any]) -> Path:
     final = run_dir / MANIFEST
-    with tempfile.NamedTemporaryFile("w", dir=run_dir, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-        json.dump(manifest, tmp, indent=2, sort_keys=False, default=str)
-        tmp.write("\n")
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, final)
+    with atomic_path(final) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())  # the manifest vouches for the other files: make it durable first
     return final
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.atomic import write_text_atomic
 from mistral_fast.config import RunConfig
 from mistral_fast.data import Example, load_messages, split_examples
 from mistral_fast.errors import DataError, TokenizerError
@@ -212,9 +213,7 @@ def run(cfg: RunConfig) -> RunResult:
     evaluation = evaluate_model(loaded, data.eval, data.eval_examples, cfg.eval, seed=cfg.train.seed)
     save_eval(evaluation, run_dir)
     result.evaluation = evaluation.to_dict()
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(asdict(result), indent=2))
-    tmp.replace(run_dir / "result.json")
+    write_text_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
     from mistral_fast.manifest import write_manifest
 
     write_manifest(cfg, run_dir)  # last: the sha256 of every file above (`mistral-fast verify RUN_DIR`)

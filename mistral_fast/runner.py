@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from mistral_fast.atomic import atomic_path, write_text_atomic
 from mistral_fast.errors import ConfigError, MistralFastError, NotebookError
 
 log = logging.getLogger("mistral_fast")
@@ -262,9 +263,7 @@ def finalise_output(path: Path, source: Path) -> int:
     if kernelspec:
         nb.setdefault("metadata", {})["kernelspec"] = dict(kernelspec)
     nb.setdefault("metadata", {})["mistral_fast"] = {"python": sys.executable}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return found
 
 
@@ -496,17 +495,14 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     paths = {"csv": out / "sweep.csv", "markdown": out / "sweep.md", "plot": out / "sweep.png"}
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp", newline="") as tmp:
-        writer = csv.DictWriter(tmp, fieldnames=columns)
+    with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp.name, paths["csv"])
     fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    tmp_md = paths["markdown"].with_suffix(".tmp")
-    tmp_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp_md, paths["markdown"])
+    write_text_atomic(paths["markdown"], "\n".join(lines) + "\n")
     _plot(rows, paths["plot"])
     return paths
 
@@ -527,10 +523,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run_sweep(path: str | os.PathLike[str], *, out: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from mistral_fast.atomic import atomic_path
 from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, world_size
 from mistral_fast.errors import ConfigError
@@ -350,8 +350,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temp name has no .png suffix to infer it from
     plt.close(fig)
-    os.replace(tmp, out)
     return out

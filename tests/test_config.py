@@ -54,7 +54,7 @@ def test_yaml_round_trip(tmp_path) -> None:
     path = cfg.save(tmp_path / "run_config.yaml")
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text())["lora"]["rank"] == 32
-    assert not list(tmp_path.glob("*.tmp")), "atomic save leaves no temp file"
+    assert [p.name for p in tmp_path.iterdir()] == ["run_config.yaml"], "atomic save leaves no temp file"
 
 
 def test_overrides_parse_yaml_scalars_and_lists() -> None:

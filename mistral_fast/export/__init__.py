@@ -23,12 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mistral_fast.atomic import atomic_path
 from mistral_fast.config import RunConfig
 from mistral_fast.export.gguf import (
     GGUF_TYPES,
     INSTALL_LLAMA_CPP,
     KQUANT_TYPES,
-    atomic_path,
     export_gguf,
     export_merged_gguf,
     quantize_gguf,

@@ -10,17 +10,17 @@ temporary name and renamed, so an interrupted export never leaves a truncated GG
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.atomic import atomic_path
 from mistral_fast.errors import ModelError
 from mistral_fast.export.merge import checkpoint_files
 
@@ -154,18 +154,6 @@ def _convert(tensor: torch.Tensor, spec: _Tensor) -> np.ndarray:
         return tensor.to(torch.float16).contiguous().numpy()
     array = tensor.float().contiguous().numpy()
     return array if spec.qtype == kind.F32 else gguf.quants.quantize(array, spec.qtype)
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """A temporary path beside ``final`` that is renamed onto it only when the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _vocab(sp_model: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], Any]:

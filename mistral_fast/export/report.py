@@ -371,7 +371,7 @@ def equivalence_report(
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """``equivalence.json`` and ``equivalence.md`` in ``out_dir``, each written atomically."""
-    from mistral_fast.export.gguf import atomic_path
+    from mistral_fast.atomic import atomic_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / "equivalence.json", out_dir / "equivalence.md")
