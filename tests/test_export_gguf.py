@@ -112,6 +112,8 @@ def test_gguf_types_hold_the_weights_in_llama_cpp_layout(
     assert np.abs(values - expected).max() <= tol * scale
     if qtype in ("f32", "bf16"):  # from bf16 weights both are exact
         assert np.array_equal(values, expected)
+    else:  # the bytes llama.cpp's converter writes: gguf-py's quantiser of the permuted fp32 weight
+        assert np.array_equal(q.data.reshape(-1), gguf.quants.quantize(expected, q.tensor_type).reshape(-1))
     field = reader.fields["general.file_type"]
     assert int(field.parts[field.data[0]][0]) == gguf_export._file_type(qtype)
 
@@ -153,14 +155,14 @@ def test_k_quant_without_llama_cpp_says_how_to_get_it(f16_gguf: Path, tmp_path: 
 def test_interrupted_export_leaves_no_file(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []
 
-    def failing_convert(tensor, spec):
+    def failing_encode(tensor, spec):
         calls.append(spec.gguf_name)
         if len(calls) == 5:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-file
         return real(tensor, spec)
 
-    real = gguf_export._convert
-    monkeypatch.setattr(gguf_export, "_convert", failing_convert)
+    real = gguf_export._encode
+    monkeypatch.setattr(gguf_export, "_encode", failing_encode)
     final = tmp_path / "m.gguf"
     with pytest.raises(KeyboardInterrupt):
         export_gguf(model_dir, final, "f16")
@@ -289,3 +291,42 @@ def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_
     side = gguf_side(export_merged_gguf(adapter_run_dir, tmp_path / "m.gguf", "f16"), [[1]], 2, 1, rows)
     assert merged.eval_tokens == side.eval_tokens == sum(sum(t != -100 for t in lab[1:]) for _, lab in rows)
     assert merged.perplexity > 1 and abs(side.perplexity / merged.perplexity - 1) < 0.01
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16", "bf16"])
+def test_row_range_encoder_writes_what_llama_cpp_converter_writes(qtype: str) -> None:
+    """Q rows over several row ranges, permuted and quantised: the bytes of gguf-py (llama.cpp's converter)."""
+    import gguf
+
+    from mistral_fast.export.kernels import CHUNK_VALUES, RowMerge
+
+    gen = torch.Generator().manual_seed(5)
+    cols = 512
+    rows = (CHUNK_VALUES // cols) * 3  # three row ranges, 8 heads of 2 * rows/16 rows
+    weight = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+    weight[0, :32] = 0  # an all-zero q8_0 block
+    weight[1, :32] = (torch.arange(32) - 15.5) / 127 * 2  # x/d exactly k + 0.5: round half away from zero
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    spec = gguf_export._Tensor(Path("x"), "q_proj.weight", "blk.0.attn_q.weight", (rows, cols), kind, 8)
+    got = gguf_export._encode(RowMerge(weight), spec)
+    permuted = gguf_export.permute_qk(weight.float(), 8).numpy()
+    if qtype == "bf16":
+        expected = gguf_export.permute_qk(weight, 8).view(torch.int16).numpy()
+    else:
+        expected = gguf.quants.quantize(permuted, kind)
+    assert got.dtype == expected.dtype and np.array_equal(got.reshape(-1), expected.reshape(-1))
+
+
+def test_q8_0_rounds_ties_away_from_zero_as_ggml_does() -> None:
+    import gguf
+
+    from mistral_fast.export.kernels import q8_0_rows
+
+    blocks = torch.zeros(3, 32)
+    blocks[:, 0] = 127.0  # d = 1: every other value is x/d itself
+    blocks[:, 1:] = torch.arange(31) + 0.5  # exact ties: round() would go to even, ggml goes away from zero
+    blocks[1] *= -1
+    blocks[2, 1:] = torch.nextafter(blocks[2, 1:], torch.tensor(0.0))  # just below the ties
+    got = q8_0_rows(blocks).numpy()
+    assert np.array_equal(got, gguf.quants.quantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    assert got[0, 2 + 1] == 1 and got[0, 2 + 2] == 2  # 0.5 -> 1, 1.5 -> 2 (not 0, 2)

@@ -196,24 +196,64 @@ def test_interrupted_merge_leaves_nothing_at_the_final_path(adapter_run, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_fast_nf4_roundtrip_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool) -> None:
-    """Our fused NF4 round trip against bitsandbytes' quantize_4bit/dequantize_4bit on awkward tensors."""
-    from mistral_fast.export.merge import _CHUNK_BLOCKS, _nf4_roundtrip_fast, nf4_roundtrip_bnb
+def _awkward_weights() -> list[torch.Tensor]:
+    """bf16 checkpoint tensors (and an fp32 one) over several row ranges, with the NF4 edge cases."""
+    from mistral_fast.export.kernels import CHUNK_VALUES
 
     gen = torch.Generator().manual_seed(3)
-    quant = {"quant_type": "nf4", "double_quant": double_quant, "dtype": dtype}
-    rows = _CHUNK_BLOCKS * 64 // 512 + 37  # more than one chunk, the last one partial
+    rows = CHUNK_VALUES // 512 * 2 + 37  # more than two row ranges, the last one partial
     heavy = torch.randn(rows, 512, generator=gen) * 0.02
     heavy[0, :64] = 0  # an all-zero block (absmax 0)
     heavy[1, 5] = 3.0  # an outlier: the rest of its block rounds to the middle levels
     heavy[2, :64] = torch.linspace(-1, 1, 64)  # values on and near the level midpoints
     tensors = [heavy, torch.randn(96, 64, generator=gen), torch.rand(8, 4096, generator=gen) - 0.5]
-    for weight in [t.to(torch.bfloat16) for t in tensors] + [tensors[1]]:  # bf16 checkpoints, and an fp32 one
+    return [t.to(torch.bfloat16) for t in tensors] + [tensors[1]]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_lookup_kernel_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool) -> None:
+    """Our NF4 round trip (table lookup, by row ranges) against bitsandbytes' quantize_4bit/dequantize_4bit."""
+    from mistral_fast.export.kernels import nf4_roundtrip, nf4_roundtrip_bnb
+
+    quant = {"quant_type": "nf4", "double_quant": double_quant, "dtype": dtype}
+    for weight in _awkward_weights():
         before = weight.clone()
         expected = nf4_roundtrip_bnb(weight, quant)
-        got = _nf4_roundtrip_fast(weight, quant)
+        got = nf4_roundtrip(weight, quant)
         assert got.dtype == expected.dtype == getattr(torch, dtype)
         assert torch.equal(got, expected)
         assert torch.equal(weight, before)  # the checkpoint tensor is not scaled in place
+
+
+def test_nf4_lookup_covers_every_level_boundary() -> None:
+    """Every NF4 midpoint and its fp32 neighbours: the lookup picks bitsandbytes' level at each."""
+    import bitsandbytes.functional as bnbf
+
+    from mistral_fast.export.kernels import nf4_roundtrip, nf4_roundtrip_bnb
+
+    levels = bnbf.get_4bit_type("nf4", device="cpu")
+    mids = (levels[:-1] + levels[1:]) / 2
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    values = torch.cat([near, levels, torch.tensor([1.0, -1.0])])  # 1.0 in each block: absmax 1, scale exact
+    blocks = torch.ones(len(values), 64)
+    blocks[:, 1] = values
+    quant = {"quant_type": "nf4", "double_quant": False, "dtype": "float32"}
+    got = nf4_roundtrip(blocks, quant)
+    assert torch.equal(got, nf4_roundtrip_bnb(blocks, quant))
+    assert len(set(got[:, 1].tolist())) == 16  # all levels reached
+
+
+@pytest.mark.parametrize("quant", [None, {"quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}])
+def test_row_range_merge_equals_peft_arithmetic_on_the_whole_tensor(quant) -> None:
+    """RowMerge by row ranges (several) against the whole-tensor computation peft does."""
+    from mistral_fast.export.kernels import RowMerge, nf4_roundtrip_bnb
+
+    gen = torch.Generator().manual_seed(4)
+    for weight in _awkward_weights()[:2]:
+        a = torch.randn(8, weight.shape[1], generator=gen) * 0.01
+        b = torch.randn(weight.shape[0], 8, generator=gen) * 0.01
+        base = weight if quant is None else nf4_roundtrip_bnb(weight, quant)
+        expected = base + (b @ a) * 2.0  # peft: delta in fp32, in-place add into the 16-bit weight
+        got = RowMerge(weight, (a, b), 2.0, quant, torch.bfloat16).full()
+        assert torch.equal(got, expected.to(torch.bfloat16))

@@ -353,7 +353,7 @@ def slowed(module, name):
         setattr(module, name, lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1])
 if kind == "gguf":
     from mistral_fast.export import gguf
-    slowed(gguf, "_convert")
+    slowed(gguf, "_encode")
     gguf.export_gguf(source, final, "f16")
 else:
     from mistral_fast.export import merge

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_fast.atomic import atomic_path
 from mistral_fast.errors import ModelError
+from mistral_fast.export import kernels
+from mistral_fast.export.kernels import RowMerge
 from mistral_fast.export.merge import checkpoint_files
 
 if TYPE_CHECKING:
@@ -140,20 +142,47 @@ def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
     return math.prod(shape) // block * type_size
 
 
-def _convert(tensor: torch.Tensor, spec: _Tensor) -> np.ndarray:
-    """The bytes llama.cpp reads for one tensor (16-bit casts in torch, exact; quants by gguf-py)."""
+def _encode(source: RowMerge, spec: _Tensor) -> np.ndarray:
+    """The bytes llama.cpp reads for one tensor, computed by cache-sized row ranges on all threads.
+
+    16-bit and f32 casts in torch (exact); q8_0 by `kernels.q8_0_rows` (gguf-py's arithmetic, tested
+    byte for byte); q4_0/q5_0 by gguf-py on each row range (its quantisers work row by row). Q/K rows
+    go to the rows llama.cpp's converter permutes them to (`permute_qk`).
+    """
     import gguf
     import torch
 
-    if spec.permute_heads:
-        tensor = permute_qk(tensor, spec.permute_heads)
     kind = gguf.GGMLQuantizationType
-    if spec.qtype == kind.BF16:
-        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    if spec.qtype == kind.F16:
-        return tensor.to(torch.float16).contiguous().numpy()
-    array = tensor.float().contiguous().numpy()
-    return array if spec.qtype == kind.F32 else gguf.quants.quantize(array, spec.qtype)
+    if len(spec.shape) < 2:
+        return source.rows(0, source.rows_total).to(torch.float32).contiguous().numpy()
+    n_rows, cols = spec.shape[0], math.prod(spec.shape[1:])
+    if spec.qtype in (kind.F32, kind.F16, kind.BF16):
+        dtype = {kind.F32: torch.float32, kind.F16: torch.float16, kind.BF16: torch.bfloat16}[spec.qtype]
+        out = torch.empty(n_rows, cols, dtype=dtype)
+    else:
+        out = torch.empty(n_rows, _nbytes((cols,), spec.qtype), dtype=torch.uint8)
+    dest = None
+    if spec.permute_heads:
+        dest = torch.empty(n_rows, dtype=torch.int64)
+        dest[permute_qk(torch.arange(n_rows), spec.permute_heads)] = torch.arange(n_rows)  # source row -> row
+    step = kernels.rows_per_chunk(cols)
+
+    def run(start: int) -> None:
+        end = min(start + step, n_rows)
+        rows = source.rows(start, end).reshape(end - start, cols)
+        if spec.qtype == kind.Q8_0:
+            encoded = kernels.q8_0_rows(rows)
+        elif out.dtype == torch.uint8:
+            encoded = torch.from_numpy(gguf.quants.quantize(rows.to(torch.float32).numpy(), spec.qtype))
+        else:
+            encoded = rows.to(out.dtype)
+        if dest is None:
+            out[start:end] = encoded
+        else:
+            out[dest[start:end]] = encoded
+
+    kernels.run_chunks(n_rows, step, run)
+    return out.view(torch.int16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
 
 
 def _vocab(sp_model: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], Any]:
@@ -256,18 +285,14 @@ def export_gguf(
     Raises:
         ModelError: an unsupported type or architecture, or a tensor llama.cpp has no name for.
     """
-    from safetensors import safe_open
 
     _check_qtype(qtype)
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = _read_config(model_dir)
 
-    def load(spec: _Tensor) -> torch.Tensor:
-        with safe_open(spec.source, framework="pt") as f:
-            return f.get_tensor(spec.hf_name)
-
     sp = _resolve_sp_model(model_dir, sp_model)
-    _write_gguf(out_path, config, _plan(model_dir, config, qtype), qtype, name or model_dir.name, model_dir, sp, load)
+    plan = _plan(model_dir, config, qtype)
+    _write_gguf(out_path, config, plan, qtype, name or model_dir.name, model_dir, sp, lambda _spec, w: RowMerge(w))
     return out_path
 
 
@@ -301,7 +326,6 @@ def export_merged_gguf(
     Raises:
         ModelError: as `merge_adapter` and `export_gguf` do.
     """
-    from safetensors import safe_open
 
     from mistral_fast.export import merge as m
 
@@ -318,25 +342,23 @@ def export_merged_gguf(
     if missing:
         raise ModelError(f"adapter weights match no tensor of the base model {source.base_path}: {missing[:3]}")
 
-    def load(spec: _Tensor) -> torch.Tensor:
-        with safe_open(spec.source, framework="pt") as f:
-            weight = f.get_tensor(spec.hf_name)
+    def merged(spec: _Tensor, weight: torch.Tensor) -> RowMerge:
         nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
-        return m.merge_tensor(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype)
+        return RowMerge(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype)
 
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
     sp_model = m._sentencepiece_model(source) or _resolve_sp_model(source.base_path, None)
     out_path = Path(out_path)
-    _write_gguf(out_path, config, plan, qtype, name or source.adapter_dir.parent.name, tok_dir, sp_model, load)
+    _write_gguf(out_path, config, plan, qtype, name or source.adapter_dir.parent.name, tok_dir, sp_model, merged)
     log.info("merged %s (%s base) straight into %s", source.adapter_dir, base, out_path)
     return out_path
 
 
-def _load_no_grad(load: Callable[[_Tensor], torch.Tensor], spec: _Tensor) -> torch.Tensor:
-    import torch
+def _read_tensor(spec: _Tensor) -> torch.Tensor:
+    from safetensors import safe_open
 
-    with torch.no_grad():  # grad mode is per thread
-        return load(spec)
+    with safe_open(spec.source, framework="pt") as f:
+        return f.get_tensor(spec.hf_name)
 
 
 def _check_qtype(qtype: str) -> None:
@@ -356,15 +378,17 @@ def _write_gguf(
     name: str,
     tok_dir: Path,
     sp_model: Path,
-    load: Callable[[_Tensor], torch.Tensor],
+    prepare: Callable[[_Tensor, torch.Tensor], RowMerge],
 ) -> None:
-    """Header, tensor table, then each tensor as ``load`` gives it.
+    """Header, tensor table, then each tensor as ``prepare`` makes it from the checkpoint's.
 
-    A reader thread loads (and, for `export_merged_gguf`, merges) the next tensor while this one is
-    converted and written: at most two tensors in memory, and the two stages overlap on two cores.
+    Three stages overlap: a reader thread reads the next checkpoint tensor, the compute threads
+    merge and encode this one by row ranges (`_encode`), a writer thread writes the previous one.
+    At most three tensors are in memory (a 7B exports in ~1 GiB).
     """
     import gguf
     import torch
+    from tqdm.auto import tqdm
 
     writer = gguf.GGUFWriter(None, _ARCH)
     _add_metadata(writer, config, qtype, name)
@@ -377,16 +401,21 @@ def _write_gguf(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(1) as reader:  # loads (and merges) the next tensor while this one is written
-            pending = reader.submit(_load_no_grad, load, plan[0]) if plan else None
-            for i, spec in enumerate(plan):  # the order of add_tensor_info
-                tensor = pending.result()
-                pending = reader.submit(_load_no_grad, load, plan[i + 1]) if i + 1 < len(plan) else None
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as write:
+            pending = reader.submit(_read_tensor, plan[0]) if plan else None
+            written = None
+            for i, spec in enumerate(tqdm(plan, desc=f"GGUF {qtype}", unit="tensor", disable=None)):
+                weight = pending.result()
+                pending = reader.submit(_read_tensor, plan[i + 1]) if i + 1 < len(plan) else None
                 with torch.no_grad():
-                    array = _convert(tensor, spec)
-                del tensor
-                writer.write_tensor_data(array)
+                    array = _encode(prepare(spec, weight), spec)  # in the order of add_tensor_info
+                del weight
+                if written is not None:
+                    written.result()
+                written = write.submit(writer.write_tensor_data, array)
                 del array
+            if written is not None:
+                written.result()
         writer.close()
     log.info("wrote %s (%s, %d tensors)", out_path, qtype, len(plan))
 

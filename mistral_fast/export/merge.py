@@ -12,7 +12,6 @@ re-quantised to 4 bits: merging into a 4-bit layer and re-quantising (what peft'
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,8 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mistral_fast.errors import ModelError
+from mistral_fast.export.kernels import RowMerge
 
 if TYPE_CHECKING:
     import torch
@@ -183,100 +181,6 @@ def is_quantized_linear(name: str, weight: torch.Tensor) -> bool:
     return weight.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
 
 
-def nf4_roundtrip(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
-    """What a bitsandbytes ``Linear4bit`` holds for ``weight``, dequantised (in the compute dtype).
-
-    transformers casts the checkpoint tensor to the compute dtype and bitsandbytes quantises that
-    (blocksize 64, absmax itself quantised with double quant); dequantising returns that dtype.
-    NF4 goes through `_nf4_roundtrip_fast` (the same arithmetic, ~3x faster; a test holds it equal to
-    bitsandbytes bit for bit); other cases through bitsandbytes itself (`nf4_roundtrip_bnb`).
-    """
-    if quant["quant_type"] == "nf4" and weight.numel() % _BLOCK == 0:
-        return _nf4_roundtrip_fast(weight, quant)
-    return nf4_roundtrip_bnb(weight, quant)
-
-
-def nf4_roundtrip_bnb(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
-    """The round trip through bitsandbytes' own ``quantize_4bit`` / ``dequantize_4bit`` (the reference)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    x = weight.to(getattr(torch, quant["dtype"]))
-    packed, state = bnbf.quantize_4bit(
-        x, blocksize=_BLOCK, compress_statistics=quant["double_quant"], quant_type=quant["quant_type"]
-    )
-    return bnbf.dequantize_4bit(packed, state)
-
-
-_BLOCK = 64  # bitsandbytes' (and transformers') 4-bit blocksize
-_CHUNK_BLOCKS = 4096  # 256K values a step: the comparisons run in L2 cache
-
-
-def _nf4_roundtrip_fast(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
-    """bitsandbytes' NF4 quantise→dequantise, fused and chunked, with its exact arithmetic.
-
-    As bitsandbytes' CPU path computes it (``backends/default/ops.py`` quantize_4bit, the C
-    dequantiser): per block of 64, ``absmax`` in fp32; ``scaled = clamp(x · (1/absmax), -1, 1)``; the
-    code index is the number of midpoints between sorted NF4 levels below ``scaled`` (``bucketize``),
-    here counted with 15 vectorised comparisons on cache-sized chunks instead of a binary search per
-    value (the 4-bit packing and unpacking are skipped: they change nothing); double quant stores
-    ``absmax - mean`` with bitsandbytes' own 8-bit blockwise quantiser (called here: it is tiny);
-    the output is ``level · absmax`` in fp32, rounded once to the compute dtype.
-    """
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    dtype = getattr(torch, quant["dtype"])
-    code = bnbf.get_4bit_type("nf4", device="cpu")  # sorted: NF4 needs no reordering
-    midpoints = ((code[:-1] + code[1:]) / 2).tolist()  # bitsandbytes' bucketize bounds, as fp32 values
-    blocks = weight.to(dtype).reshape(-1, _BLOCK)
-    absmax = blocks.abs().amax(-1).float()
-    scale = 1.0 / absmax.clamp(min=1e-38)
-    if quant["double_quant"]:
-        offset = absmax.mean()
-        packed, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-        absmax = bnbf.dequantize_blockwise(packed, state2)
-        absmax += offset
-    out = torch.empty(blocks.shape, dtype=dtype)
-
-    def run(start: int) -> None:
-        end = min(start + _CHUNK_BLOCKS, len(blocks))
-        scaled = blocks[start:end].to(torch.float32, copy=True)  # a copy also when the weight is fp32
-        scaled.mul_(scale[start:end, None]).clamp_(-1, 1)
-        idx = torch.gt(scaled, midpoints[0]).to(torch.uint8)
-        above = torch.empty(scaled.shape, dtype=torch.bool)
-        for bound in midpoints[1:]:
-            idx.add_(torch.gt(scaled, bound, out=above))
-        out[start:end] = code[idx.long()].mul_(absmax[start:end, None])  # fp32 product, one rounding
-
-    run_chunks(len(blocks), _CHUNK_BLOCKS, run)
-    return out.view(weight.shape)
-
-
-def run_chunks(total: int, step: int, fn: Callable[[int], None]) -> None:
-    """``fn(start)`` for each chunk of ``range(0, total, step)``, one chunk per thread, ops single-threaded.
-
-    For loops of small ops on cache-sized chunks: torch's intra-op threads would synchronise at every
-    op (and stall whenever another process holds a core); Python threads each take whole chunks.
-    """
-    import torch
-
-    with _single_threaded_ops(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(fn, range(0, total, step)))
-
-
-@contextlib.contextmanager
-def _single_threaded_ops() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def merge_tensor(
     weight: torch.Tensor,
     lora: tuple[torch.Tensor, torch.Tensor] | None,
@@ -287,14 +191,10 @@ def merge_tensor(
     """One merged weight: ``base(W) + scaling·B·A`` in fp32, rounded once to ``out_dtype``.
 
     The order of operations is peft's (``(B @ A) * scaling`` in fp32, added to the base weight), so
-    the result equals ``merge_and_unload`` on a 16-bit model holding the same base weights.
+    the result equals ``merge_and_unload`` on a 16-bit model holding the same base weights; computed
+    by cache-sized row ranges on all threads (`kernels.RowMerge`).
     """
-    base = nf4_roundtrip(weight, quant) if quant is not None else weight
-    if lora is None:
-        return base.to(out_dtype)
-    a, b = lora
-    delta = b @ a
-    return delta.mul_(scaling).add_(base).to(out_dtype)  # in place: fp32 add, as base.float() + delta
+    return RowMerge(weight, lora, scaling, quant, out_dtype).full()
 
 
 def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> list[list[tuple[Path, str]]]:
