@@ -7,7 +7,8 @@ each stage in its own process under ``/usr/bin/time -v`` (wall seconds, peak RSS
 * ours (a): `export_merged_gguf`: merge onto the NF4-dequantised base + GGUF q8_0 in one pass;
 * reference: peft ``merge_and_unload`` + ``save_pretrained`` (the original 16-bit base, as peft merges);
 * reference: llama.cpp's ``convert_hf_to_gguf.py`` q8_0 and f16 of that peft-merged checkpoint;
-* ours (b): `export_gguf` q8_0 and f16 of the same peft-merged checkpoint.
+* ours (b): `export_gguf` q8_0 and f16 of the same peft-merged checkpoint, whose tensor data is then
+  compared with the converter's, tensor by tensor (same name, type and bytes).
 
 llama.cpp's converter ships (with its ``gguf-py``) in the llama-cpp-python *source* package:
 ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcpp`` and unpack it there;
@@ -156,6 +157,27 @@ def add_tokenizer(model_dir: Path) -> None:
     shutil.copyfile(sentencepiece_path("v3"), model_dir / "tokenizer.model")
 
 
+def same_tensor_bytes(ours: Path, theirs: Path) -> str:
+    """How many of llama.cpp's converter's tensors ours holds with the same name, type and bytes ("n/n").
+
+    The metadata differs by design (our chat template, general.name); the weights llama.cpp computes
+    with must not.
+    """
+    import gguf
+    import numpy as np
+
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    reference = gguf.GGUFReader(theirs).tensors
+    same = 0
+    for t in reference:
+        other = mine.get(t.name)
+        if other is not None and other.tensor_type == t.tensor_type and np.array_equal(other.data, t.data):
+            same += 1
+        else:
+            print(f"differs: {t.name} ({t.tensor_type.name})", file=sys.stderr)
+    return f"{same}/{len(reference)}" + ("" if len(mine) == len(reference) else f" (ours has {len(mine)} tensors)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch directory (needs ~45 GB for 32 layers)")
@@ -175,10 +197,11 @@ def main() -> None:
     )
     sizes: dict[str, float] = {"checkpoint_gb": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9}
 
-    def gguf_stage(stage: str, argv: list[str], path: Path, env: dict[str, str] | None = None) -> None:
+    def gguf_stage(stage: str, argv: list[str], path: Path, env: dict[str, str] | None = None, keep: bool = False):
         rows.append(timed(stage, argv, env))
         sizes[stage] = path.stat().st_size / 1e9
-        path.unlink()
+        if not keep:
+            path.unlink()
 
     one_pass = out / "one-pass-q8_0.gguf"
     gguf_stage("ours (a): one-pass merge (NF4-dequantised base) + GGUF q8_0", python(
@@ -189,14 +212,18 @@ def main() -> None:
     add_tokenizer(peft_merged)
     converter = [sys.executable, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(peft_merged)]
     env = {"PYTHONPATH": str(args.llama_cpp / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    identical = {}
     for qtype in ("q8_0", "f16"):
-        path = out / f"converter-{qtype}.gguf"
-        gguf_stage(
-            f"llama.cpp convert_hf_to_gguf {qtype}", [*converter, "--outfile", str(path), "--outtype", qtype], path, env
-        )
-        path = out / f"ours-{qtype}.gguf"
+        theirs = out / f"converter-{qtype}.gguf"
+        gguf_stage(f"llama.cpp convert_hf_to_gguf {qtype}",
+                   [*converter, "--outfile", str(theirs), "--outtype", qtype], theirs, env, keep=True)  # fmt: skip
+        ours = out / f"ours-{qtype}.gguf"
         gguf_stage(f"ours (b): export_gguf {qtype}", python(
-            export + f"export_gguf({str(peft_merged)!r}, {str(path)!r}, {qtype!r})"), path)  # fmt: skip
+            export + f"export_gguf({str(peft_merged)!r}, {str(ours)!r}, {qtype!r})"), ours, keep=True)  # fmt: skip
+        identical[qtype] = same_tensor_bytes(ours, theirs)
+        print(json.dumps({"tensor data identical to the converter's": {qtype: identical[qtype]}}), flush=True)
+        theirs.unlink()
+        ours.unlink()
     shutil.rmtree(peft_merged)
     by = {r["stage"]: r for r in rows}
     ours_a = by["ours (a): one-pass merge (NF4-dequantised base) + GGUF q8_0"]
@@ -212,6 +239,7 @@ def main() -> None:
         targets[f"b_{q}_time_ratio (<= 1.0)"] = round(ours_b[q]["seconds"] / conv[q]["seconds"], 3)
         targets[f"b_{q}_rss_ratio (<= 1.1)"] = round(ours_b[q]["peak_rss_gib"] / conv[q]["peak_rss_gib"], 3)
     summary = {"layers": args.layers, "stages": rows, "sizes_gb": {k: round(v, 2) for k, v in sizes.items()}}
+    summary["tensor data identical to the converter's (ours (b))"] = identical
     print(json.dumps(summary | {"targets": targets}, indent=1))
 
 

@@ -214,13 +214,13 @@ def _awkward_weights() -> list[torch.Tensor]:
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_lookup_kernel_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool) -> None:
     """Our NF4 round trip (table lookup, by row ranges) against bitsandbytes' quantize_4bit/dequantize_4bit."""
-    from mistral_fast.export.kernels import nf4_roundtrip, nf4_roundtrip_bnb
+    from mistral_fast.export.kernels import RowMerge, nf4_roundtrip_bnb
 
     quant = {"quant_type": "nf4", "double_quant": double_quant, "dtype": dtype}
     for weight in _awkward_weights():
         before = weight.clone()
         expected = nf4_roundtrip_bnb(weight, quant)
-        got = nf4_roundtrip(weight, quant)
+        got = RowMerge(weight, quant=quant).full()
         assert got.dtype == expected.dtype == getattr(torch, dtype)
         assert torch.equal(got, expected)
         assert torch.equal(weight, before)  # the checkpoint tensor is not scaled in place
@@ -230,7 +230,7 @@ def test_nf4_lookup_covers_every_level_boundary() -> None:
     """Every NF4 midpoint and its fp32 neighbours: the lookup picks bitsandbytes' level at each."""
     import bitsandbytes.functional as bnbf
 
-    from mistral_fast.export.kernels import nf4_roundtrip, nf4_roundtrip_bnb
+    from mistral_fast.export.kernels import RowMerge, nf4_roundtrip_bnb
 
     levels = bnbf.get_4bit_type("nf4", device="cpu")
     mids = (levels[:-1] + levels[1:]) / 2
@@ -239,7 +239,7 @@ def test_nf4_lookup_covers_every_level_boundary() -> None:
     blocks = torch.ones(len(values), 64)
     blocks[:, 1] = values
     quant = {"quant_type": "nf4", "double_quant": False, "dtype": "float32"}
-    got = nf4_roundtrip(blocks, quant)
+    got = RowMerge(blocks, quant=quant).full()
     assert torch.equal(got, nf4_roundtrip_bnb(blocks, quant))
     assert len(set(got[:, 1].tolist())) == 16  # all levels reached
 

@@ -4,8 +4,9 @@ The export streams a 7B model through these once per tensor, so their cost is th
 works on a cache-sized range of rows in one thread (`run_chunks` hands one range to each thread) and
 matches, bit for bit, what users compare us with:
 
-* `nf4_roundtrip`: bitsandbytes' ``quantize_4bit`` → ``dequantize_4bit`` (what a ``Linear4bit`` holds);
-* `RowMerge`: peft's ``merge_and_unload`` (``(B @ A) * scaling`` in fp32 added to the base, one rounding);
+* `nf4_rows`: bitsandbytes' ``quantize_4bit`` → ``dequantize_4bit`` (what a ``Linear4bit`` holds);
+* `RowMerge`: peft's ``merge_and_unload`` (``(B @ A) * scaling`` in fp32 added to the base, one rounding)
+  onto that round trip or onto the 16-bit weight;
 * `q8_0_rows`: gguf-py's ``Q8_0.quantize_blocks``, which is llama.cpp's converter and ``ggml-quants.c``.
 
 Working in row ranges lets a whole merge → permute → quantise pipeline stay in cache, instead of a
@@ -144,30 +145,6 @@ def nf4_rows(blocks: torch.Tensor, scale: torch.Tensor, absmax: torch.Tensor) ->
     return torch.take(values, index).mul_(absmax[:, None])
 
 
-def nf4_roundtrip(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
-    """What a bitsandbytes ``Linear4bit`` holds for ``weight``, dequantised, in the compute dtype.
-
-    Bit-identical to `nf4_roundtrip_bnb` (tested); NF4 with a block-aligned size takes the lookup
-    kernel, anything else (FP4, odd sizes) bitsandbytes itself.
-    """
-    if quant["quant_type"] != "nf4" or weight.numel() % NF4_BLOCK:
-        return nf4_roundtrip_bnb(weight, quant)
-    import torch
-
-    dtype = getattr(torch, quant["dtype"])
-    blocks = weight.to(dtype).reshape(-1, NF4_BLOCK)
-    scale, absmax = nf4_absmax(blocks, quant["double_quant"])
-    out = torch.empty(blocks.shape, dtype=dtype)
-    step = max(1, CHUNK_VALUES // NF4_BLOCK)
-
-    def run(start: int) -> None:
-        end = min(start + step, len(blocks))
-        out[start:end] = nf4_rows(blocks[start:end], scale[start:end], absmax[start:end])
-
-    run_chunks(len(blocks), step, run)
-    return out.view(weight.shape)
-
-
 def nf4_roundtrip_bnb(weight: torch.Tensor, quant: dict[str, Any]) -> torch.Tensor:
     """The round trip through bitsandbytes' own ``quantize_4bit`` / ``dequantize_4bit`` (the reference)."""
     import bitsandbytes.functional as bnbf
@@ -202,14 +179,13 @@ class RowMerge:
 
         self.weight = weight
         self.shape = tuple(weight.shape)
-        self.rows_total = weight.shape[0] if weight.ndim else 1
+        self.rows_total = weight.shape[0]
         self.lora, self.scaling, self.out_dtype = lora, scaling, out_dtype
         self._base: torch.Tensor | None = None  # the whole round trip, when it cannot go by rows
         self._nf4: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None = None
         if quant is None:
             return
-        cols = weight[0].numel() if weight.ndim else 1
-        if quant["quant_type"] != "nf4" or weight.ndim < 2 or cols % NF4_BLOCK:
+        if quant["quant_type"] != "nf4" or weight.ndim < 2 or weight[0].numel() % NF4_BLOCK:
             self._base = nf4_roundtrip_bnb(weight, quant)  # blocks straddle rows, or FP4: bitsandbytes
             return
         dtype = getattr(torch, quant["dtype"])
@@ -253,7 +229,7 @@ class RowMerge:
         import torch
 
         if len(self.shape) < 2:
-            return self.rows(0, 1) if not self.shape else self.rows(0, self.shape[0])
+            return self.rows(0, self.rows_total)
         out = torch.empty(self.shape, dtype=self.dtype)
         step = rows_per_chunk(math.prod(self.shape[1:]))
 
