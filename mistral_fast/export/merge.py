@@ -321,8 +321,10 @@ def _write_shards(
     """Stream the base tensor by tensor into shards; only one shard is ever held in memory."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     plan = _shard_plan(checkpoint_files(base_path), out_dtype, max_bytes)
+    progress = tqdm(total=sum(map(len, plan)), desc="merge", unit="tensor")
     names = (
         ["model.safetensors"]
         if len(plan) == 1
@@ -342,8 +344,10 @@ def _write_shards(
             total += tensors[name].nbytes
             if name in lora:
                 used.add(name)
+            progress.update()
         save_file(tensors, out / shard_name, metadata={"format": "pt"})
         del tensors
+    progress.close()
     missing = sorted(set(lora) - used)
     if missing:
         raise ModelError(f"adapter weights match no tensor of the base model {base_path}: {missing[:3]}")
