@@ -8,5 +8,5 @@ bash scripts/setup.sh
 # Two cores shared by tiny matrix products: one thread each is fastest (see DESIGN.md).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check mistral_fast tests benchmarks scripts
+.venv/bin/ruff check .  # the package, tests, benchmarks, scripts and the notebooks
 exec .venv/bin/python -m pytest "$@"

@@ -294,7 +294,7 @@ def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "f16", "bf16"])
-def test_row_range_encoder_writes_what_llama_cpp_converter_writes(qtype: str) -> None:
+def test_row_range_encoder_writes_what_llama_cpp_converter_writes(qtype: str, torch_threads: int) -> None:
     """Q rows over several row ranges, permuted and quantised: the bytes of gguf-py (llama.cpp's converter)."""
     import gguf
 

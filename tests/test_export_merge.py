@@ -212,7 +212,7 @@ def _awkward_weights() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_nf4_lookup_kernel_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool) -> None:
+def test_nf4_lookup_kernel_is_bitsandbytes_bit_for_bit(dtype: str, double_quant: bool, torch_threads: int) -> None:
     """Our NF4 round trip (table lookup, by row ranges) against bitsandbytes' quantize_4bit/dequantize_4bit."""
     from mistral_fast.export.kernels import RowMerge, nf4_roundtrip_bnb
 
@@ -245,7 +245,7 @@ def test_nf4_lookup_covers_every_level_boundary() -> None:
 
 
 @pytest.mark.parametrize("quant", [None, {"quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}])
-def test_row_range_merge_equals_peft_arithmetic_on_the_whole_tensor(quant) -> None:
+def test_row_range_merge_equals_peft_arithmetic_on_the_whole_tensor(quant, torch_threads: int) -> None:
     """RowMerge by row ranges (several) against the whole-tensor computation peft does."""
     from mistral_fast.export.kernels import RowMerge, nf4_roundtrip_bnb
 
