@@ -381,8 +381,11 @@ def test_sigkill_during_export_leaves_no_file_at_the_final_path(kind, reference_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not final.exists(), "a killed export left a file at the final path"
+    left = list(tmp_path.glob(f".{final.name}*"))
+    assert left, "the killed export left no temporary (the test did not kill it mid-write)"
     subprocess.run([*argv, "fast"], check=True, env=ENV, capture_output=True)  # rerunning completes
     assert final.exists()
+    assert list(tmp_path.iterdir()) == [final], "the rerun removes what the killed export left beside it"
     if kind == "gguf":
         import gguf
 

@@ -133,3 +133,29 @@ def test_a_real_run_writes_a_manifest_that_verifies(tmp_path) -> None:
     assert any(name.startswith("tensorboard/") for name in manifest["files"])
     assert not any(name.startswith("checkpoints/") for name in manifest["files"])
     assert verify_cli(tmp_path / "run").returncode == 0
+
+
+def test_atomic_write_removes_only_what_killed_writers_left(tmp_path) -> None:
+    """Leftovers of a dead process on this host go; a live process's and another host's stay."""
+    import socket
+    import subprocess
+    import sys
+
+    from mistral_fast.atomic import temp_sibling, write_text_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    final = tmp_path / "model.gguf"
+    stale_file = tmp_path / f".model.gguf.tmp-{host}-{dead_pid}"
+    stale_file.write_bytes(b"x" * 1000)
+    stale_dir = tmp_path / f".model.gguf.old-{host}-{dead_pid}"
+    (stale_dir / "sub").mkdir(parents=True)
+    live = tmp_path / f".model.gguf.tmp-{host}-1"  # pid 1 is alive
+    other_host = tmp_path / f".model.gguf.tmp-elsewhere-{dead_pid}"
+    unrelated = tmp_path / f".model.gguf2.tmp-{host}-{dead_pid}"
+    for path in (live, other_host, unrelated):
+        path.write_text("keep")
+    write_text_atomic(final, "new")
+    assert final.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (final, live, other_host, unrelated))
+    assert temp_sibling(final).name == f".model.gguf.tmp-{host}-{os.getpid()}"

@@ -18,13 +18,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mistral_fast.atomic import remove_stale_temps, temp_sibling
 from mistral_fast.errors import ModelError
 from mistral_fast.export.kernels import RowMerge
 
@@ -286,7 +286,10 @@ def merge_adapter(
     lora, scaling = load_lora(source.adapter_dir)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temps(out)  # what a killed merge left: up to a model's size
+    tmp = temp_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         with torch.no_grad():
             _write_shards(source.base_path, tmp, lora, scaling, quant, out_dtype, parse_size(shard_size))
@@ -391,7 +394,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished directory into place; an older one at ``final`` is removed only afterwards."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temp_sibling(final, "old")
         final.rename(old)
     tmp.rename(final)
     if old is not None:
