@@ -257,3 +257,14 @@ def test_row_range_merge_equals_peft_arithmetic_on_the_whole_tensor(quant, torch
         expected = base + (b @ a) * 2.0  # peft: delta in fp32, in-place add into the 16-bit weight
         got = RowMerge(weight, (a, b), 2.0, quant, torch.bfloat16).full()
         assert torch.equal(got, expected.to(torch.bfloat16))
+
+
+def test_nan_in_a_quantised_weight_is_named() -> None:
+    """NaN has no NF4 level: a clear error naming the tensor, not an index error deep in a kernel."""
+    from mistral_fast.export.kernels import RowMerge
+
+    weight = torch.zeros(4, 128, dtype=torch.bfloat16)
+    weight[2, 7] = float("nan")
+    quant = {"quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}
+    with pytest.raises(ModelError, match=r"model-00002\.safetensors: q_proj\.weight holds NaN or inf"):
+        RowMerge(weight, quant=quant, name="model-00002.safetensors: q_proj.weight")

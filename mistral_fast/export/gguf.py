@@ -345,7 +345,7 @@ def export_merged_gguf(
 
     def merged(spec: _Tensor, weight: torch.Tensor) -> RowMerge:
         nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
-        return RowMerge(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype)
+        return RowMerge(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype, f"{spec.source.name}: {spec.hf_name}")
 
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
     sp_model = m._sentencepiece_model(source) or _resolve_sp_model(source.base_path, None)

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.errors import ModelError
+
 if TYPE_CHECKING:
     import torch
 
@@ -63,14 +65,13 @@ def single_threaded_ops() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def rows_per_chunk(cols: int, multiple: int = 1) -> int:
-    """Rows in a `CHUNK_VALUES`-sized range (at least one, rounded to ``multiple``)."""
-    rows = max(1, CHUNK_VALUES // max(cols, 1))
-    return max(multiple, rows // multiple * multiple)
+def rows_per_chunk(cols: int) -> int:
+    """Rows in a `CHUNK_VALUES`-sized range (at least one)."""
+    return max(1, CHUNK_VALUES // max(cols, 1))
 
 
 @functools.lru_cache(maxsize=1)
-def _nf4_table() -> tuple[Any, float, Any, Any]:
+def _nf4_table() -> tuple[float, Any, Any]:
     """NF4 quantise→dequantise as two table lookups: exactly bitsandbytes' ``bucketize``, no binary search.
 
     bitsandbytes picks the level ``i = #{midpoints m : m < s}`` for a scaled value ``s`` in [-1, 1].
@@ -81,7 +82,7 @@ def _nf4_table() -> tuple[Any, float, Any, Any]:
     ``inbin = +inf`` for bins without one. The table holds ``level[i]`` for both outcomes.
 
     Returns:
-        (levels, H, the in-bin midpoint per bin, the two level values per bin interleaved).
+        (H, the in-bin midpoint per bin, the two level values per bin interleaved).
     """
     import bitsandbytes.functional as bnbf
     import torch
@@ -99,15 +100,18 @@ def _nf4_table() -> tuple[Any, float, Any, Any]:
         below[b + 1 :] += 1
         inbin[b] = midpoints[i]
     values = torch.stack([levels[below], levels[(below + 1).clamp(max=len(levels) - 1)]], 1).flatten()
-    return levels, half, inbin, values
+    return half, inbin, values
 
 
-def nf4_absmax(blocks: torch.Tensor, double_quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_absmax(blocks: torch.Tensor, double_quant: bool, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of 64: ``1/absmax`` (to scale by) and the absmax bitsandbytes stores (double quant applied).
 
     ``blocks`` is the weight in the compute dtype, shaped (n_blocks, 64). The absmax is exact in any
     order; its mean (the double-quant offset) is computed as bitsandbytes computes it, with torch's
     threads (the reduction order follows the thread count, as it does in bitsandbytes).
+
+    Raises:
+        ModelError: NaN or inf in the weight (``name``), which has no NF4 level.
     """
     import bitsandbytes.functional as bnbf
     import torch
@@ -120,6 +124,8 @@ def nf4_absmax(blocks: torch.Tensor, double_quant: bool) -> tuple[torch.Tensor, 
         absmax[start:end] = blocks[start:end].abs().amax(-1)  # the max of 16-bit values: exact in fp32
 
     run_chunks(len(blocks), step, run)
+    if not bool(absmax.isfinite().all()):
+        raise ModelError(f"{name or 'a weight'} holds NaN or inf values: the checkpoint is damaged; re-download it")
     scale = 1.0 / absmax.clamp(min=1e-38)
     if double_quant:
         offset = absmax.mean()
@@ -137,7 +143,7 @@ def nf4_rows(blocks: torch.Tensor, scale: torch.Tensor, absmax: torch.Tensor) ->
     """
     import torch
 
-    _, half, inbin, values = _nf4_table()
+    half, inbin, values = _nf4_table()
     scaled = blocks.to(torch.float32, copy=True).mul_(scale[:, None]).clamp_(-1, 1)
     index = scaled.mul(half).add_(half).to(torch.int64)
     upper = torch.gt(scaled, torch.take(inbin, index))
@@ -164,7 +170,7 @@ class RowMerge:
     of operations is peft's: ``(B @ A) * scaling`` in fp32 added to the base, so a merged range equals
     the same rows of ``merge_and_unload`` (a row range of ``B @ A`` is those rows of the full product:
     each value is one length-r dot product either way). With neither LoRA nor quant nor ``out_dtype``,
-    rows come back as stored.
+    rows come back as stored. ``name`` (the checkpoint tensor's) is for error messages.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class RowMerge:
         scaling: float = 1.0,
         quant: dict[str, Any] | None = None,
         out_dtype: torch.dtype | None = None,
+        name: str = "",
     ) -> None:
         import torch
 
@@ -190,7 +197,7 @@ class RowMerge:
             return
         dtype = getattr(torch, quant["dtype"])
         blocks = weight.to(dtype).reshape(-1, NF4_BLOCK)
-        scale, absmax = nf4_absmax(blocks, quant["double_quant"])
+        scale, absmax = nf4_absmax(blocks, quant["double_quant"], name)
         self._nf4 = (blocks, scale, absmax, dtype)
 
     @property

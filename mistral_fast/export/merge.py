@@ -187,6 +187,7 @@ def merge_tensor(
     scaling: float,
     quant: dict[str, Any] | None,
     out_dtype: torch.dtype,
+    name: str = "",
 ) -> torch.Tensor:
     """One merged weight: ``base(W) + scaling·B·A`` in fp32, rounded once to ``out_dtype``.
 
@@ -194,7 +195,7 @@ def merge_tensor(
     the result equals ``merge_and_unload`` on a 16-bit model holding the same base weights; computed
     by cache-sized row ranges on all threads (`kernels.RowMerge`).
     """
-    return RowMerge(weight, lora, scaling, quant, out_dtype).full()
+    return RowMerge(weight, lora, scaling, quant, out_dtype, name).full()
 
 
 def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> list[list[tuple[Path, str]]]:
@@ -342,7 +343,7 @@ def _write_shards(
             with safe_open(file, framework="pt") as f:
                 weight = f.get_tensor(name)
             nf4 = quant if is_quantized_linear(name, weight) else None
-            tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype)
+            tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype, f"{file.name}: {name}")
             weight_map[name] = shard_name
             total += tensors[name].nbytes
             if name in lora:
