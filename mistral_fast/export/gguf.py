@@ -24,7 +24,7 @@ from mistral_fast.atomic import atomic_path
 from mistral_fast.errors import ModelError
 from mistral_fast.export import kernels
 from mistral_fast.export.kernels import RowMerge
-from mistral_fast.export.merge import checkpoint_files
+from mistral_fast.export.merge import checkpoint_files, read_ahead, read_tensor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -355,13 +355,6 @@ def export_merged_gguf(
     return out_path
 
 
-def _read_tensor(spec: _Tensor) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(spec.source, framework="pt") as f:
-        return f.get_tensor(spec.hf_name)
-
-
 def _check_qtype(qtype: str) -> None:
     if qtype in KQUANT_TYPES:
         raise ModelError(
@@ -402,12 +395,10 @@ def _write_gguf(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as write:
-            pending = reader.submit(_read_tensor, plan[0]) if plan else None
+        tensors = read_ahead(plan, lambda spec: read_tensor(spec.source, spec.hf_name))
+        with ThreadPoolExecutor(1) as write:
             written = None
-            for i, spec in enumerate(tqdm(plan, desc=f"GGUF {qtype}", unit="tensor")):
-                weight = pending.result()
-                pending = reader.submit(_read_tensor, plan[i + 1]) if i + 1 < len(plan) else None
+            for spec, weight in tqdm(tensors, total=len(plan), desc=f"GGUF {qtype}", unit="tensor"):
                 with torch.no_grad():
                     array = _encode(prepare(spec, weight), spec)  # in the order of add_tensor_info
                 del weight

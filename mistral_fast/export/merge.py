@@ -18,9 +18,11 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("mistral_fast")
+T = TypeVar("T")
 
 MERGE_BASES = ("dequantized", "original")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -216,6 +219,28 @@ def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> li
     return shards
 
 
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def read_ahead(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
+    """``(item, read(item))`` in order, while a thread already reads the next item.
+
+    The checkpoint's disk reads (14.5 GB for a 7B) then overlap the merge and conversion instead of
+    adding to them; one item is read ahead, so memory holds at most one more tensor.
+    """
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(read, items[0]) if items else None
+        for i, item in enumerate(items):
+            value = pending.result()
+            pending = reader.submit(read, items[i + 1]) if i + 1 < len(items) else None
+            yield item, value
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model directory, in index order.
 
@@ -323,7 +348,6 @@ def _write_shards(
     max_bytes: int,
 ) -> None:
     """Stream the base tensor by tensor into shards; only one shard is ever held in memory."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -337,20 +361,20 @@ def _write_shards(
     weight_map: dict[str, str] = {}
     used: set[str] = set()
     total = 0
-    for shard, shard_name in zip(plan, names, strict=True):
-        tensors: dict[str, torch.Tensor] = {}
-        for file, name in shard:
-            with safe_open(file, framework="pt") as f:
-                weight = f.get_tensor(name)
-            nf4 = quant if is_quantized_linear(name, weight) else None
-            tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype, f"{file.name}: {name}")
-            weight_map[name] = shard_name
-            total += tensors[name].nbytes
-            if name in lora:
-                used.add(name)
-            progress.update()
-        save_file(tensors, out / shard_name, metadata={"format": "pt"})
-        del tensors
+    items = [(i, file, name) for i, shard in enumerate(plan) for file, name in shard]
+    tensors: dict[str, torch.Tensor] = {}
+    for (i, file, name), weight in read_ahead(items, lambda item: read_tensor(item[1], item[2])):
+        nf4 = quant if is_quantized_linear(name, weight) else None
+        tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype, f"{file.name}: {name}")
+        del weight
+        weight_map[name] = names[i]
+        total += tensors[name].nbytes
+        if name in lora:
+            used.add(name)
+        progress.update()
+        if len(tensors) == len(plan[i]):  # the shard is complete
+            save_file(tensors, out / names[i], metadata={"format": "pt"})
+            tensors = {}
     progress.close()
     missing = sorted(set(lora) - used)
     if missing:
