@@ -42,14 +42,18 @@ def run_chunks(total: int, step: int, fn: Callable[[int], None]) -> None:
     """
     import torch
 
+    def no_grad_fn(start: int) -> None:
+        with torch.no_grad():  # grad mode is per thread: workers start with it on
+            fn(start)
+
     threads = max(1, torch.get_num_threads())
     if threads == 1 or total <= step:
         with single_threaded_ops():
             for start in range(0, total, step):
-                fn(start)
+                no_grad_fn(start)
         return
     with single_threaded_ops(), ThreadPoolExecutor(threads) as pool:
-        list(pool.map(fn, range(0, total, step)))
+        list(pool.map(no_grad_fn, range(0, total, step)))
 
 
 @contextlib.contextmanager
