@@ -142,8 +142,10 @@ def nf4_absmax(blocks: torch.Tensor, double_quant: bool, name: str = "") -> tupl
 def nf4_rows(blocks: torch.Tensor, scale: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """The NF4 round trip of some blocks (n, 64), in fp32, not yet rounded to the compute dtype.
 
-    bitsandbytes' arithmetic: ``s = clamp(x · (1/absmax), -1, 1)``, level by `_nf4_table`, then
-    ``level · absmax`` in fp32.
+    bitsandbytes' arithmetic (``backends/default/ops.py`` quantize_4bit and its dequantiser) on the
+    weight as transformers hands it over, cast to the compute dtype: ``s = clamp(x · (1/absmax), -1, 1)``,
+    level by `_nf4_table`, then ``level · absmax`` in fp32. Packing to 4 bits and back is skipped:
+    it changes nothing.
     """
     import torch
 
