@@ -1,0 +1,200 @@
+"""The model-family table: one row per Mistral generation, asked by every stage (torch-free).
+
+Which tokenizer and chat template a model needs, which module names LoRA can target, what llama.cpp
+calls its architecture, and the shapes the memory estimator uses without a hub: these are facts of a
+model *generation*, not of a stage. They live here once, and config validation, the tokenizer loader,
+modeling, memory and export all ask this table. Adding a generation is adding a row (plus its tests),
+not ``if`` branches spread over the stages.
+
+A model is matched to its row by its hub name (``mistralai/Mistral-7B-v0.3``) when it is a known one,
+else by its ``config.json``: architecture and vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.errors import ModelError
+
+if TYPE_CHECKING:
+    from mistral_fast.config import ModelConfig
+
+# LoRA target sets of the dense Mistral decoder (same module names in every dense generation).
+DENSE_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        # LoRA on attention only: the original QLoRA-paper-era default, fewest parameters.
+        "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        # All linear layers: what the QLoRA paper found needed to match full fine-tuning quality.
+        "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    }
+)
+
+# The public Mistral-7B checkpoints' shapes (config.json), so a memory estimate needs no hub access.
+_MISTRAL_7B_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "tie_word_embeddings": False,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Mistral generation: what every stage needs to know about its models.
+
+    Attributes:
+        name: the row's name (``"mistral-7b-v0.3"``).
+        hub_names: known hub repositories of this generation (matched case-insensitively).
+        architecture: ``config.json``'s ``architectures[0]`` (the transformers class).
+        tokenizer_kind: ``"sentencepiece"`` (7B) or ``"tekken"`` (Nemo and later).
+        tokenizer: our exact built-in tokenizer's version (`mistral_fast.tokenizer.load_tokenizer`), which is
+            also the chat-template version and the `mistral_common` reference version.
+        vocab_size: the tokenizer's (and embedding's) number of ids.
+        lora_targets: LoRA target sets by name (``"attention"``, ``"all-linear"``) → module names.
+        gguf_arch: llama.cpp's architecture name for the GGUF export.
+        shapes: ``config.json`` figures of the public checkpoints (for the memory estimator).
+    """
+
+    name: str
+    hub_names: tuple[str, ...]
+    architecture: str
+    tokenizer_kind: str
+    tokenizer: str
+    vocab_size: int
+    lora_targets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DENSE_TARGETS)
+    gguf_arch: str = "llama"
+    shapes: Mapping[str, Any] = field(default_factory=dict)
+
+    def config_for(self, hub_name: str) -> dict[str, Any] | None:
+        """The built-in ``config.json`` figures of one of this row's hub models (None if unknown)."""
+        if self.shapes and hub_name.lower() in {n.lower() for n in self.hub_names}:
+            return {**self.shapes, "vocab_size": self.vocab_size, "architectures": [self.architecture]}
+        return None
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="mistral-7b-v0.3",
+        hub_names=(
+            "mistralai/Mistral-7B-v0.3",
+            "mistralai/Mistral-7B-Instruct-v0.3",
+            "unsloth/mistral-7b-v0.3-bnb-4bit",
+        ),
+        architecture="MistralForCausalLM",
+        tokenizer_kind="sentencepiece",
+        tokenizer="v3",
+        vocab_size=32768,
+        shapes=_MISTRAL_7B_SHAPES,
+    ),
+    Family(
+        name="mistral-7b-v0.1",
+        hub_names=(
+            "mistralai/Mistral-7B-v0.1",
+            "mistralai/Mistral-7B-Instruct-v0.1",
+            "mistralai/Mistral-7B-Instruct-v0.2",
+        ),
+        architecture="MistralForCausalLM",
+        tokenizer_kind="sentencepiece",
+        tokenizer="v1",
+        vocab_size=32000,
+        shapes=_MISTRAL_7B_SHAPES,
+    ),
+)
+"""Every generation mistral_fast supports; the first is the default (and the tiny model's)."""
+
+DEFAULT = FAMILIES[0]
+TOKENIZER_VERSIONS: tuple[str, ...] = tuple(dict.fromkeys(f.tokenizer for f in FAMILIES))
+
+
+def family_named(name: str) -> Family:
+    """The row called `name`.
+
+    Raises:
+        ModelError: no such row, listing the known ones.
+    """
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ModelError(f"model family {name!r} is not known; known: {[f.name for f in FAMILIES]}")
+
+
+def family_for_tokenizer(version: str) -> Family:
+    """The first row whose built-in tokenizer is `version` (``"v3"``, ``"v1"``)."""
+    for family in FAMILIES:
+        if family.tokenizer == version:
+            return family
+    raise ModelError(f"tokenizer version {version!r} is not known; use one of {list(TOKENIZER_VERSIONS)}")
+
+
+def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None) -> Family:
+    """The row of a model: by known hub name first, else by its ``config.json`` (architecture + vocab size).
+
+    Args:
+        name_or_path: ``model.name_or_path`` (``"tiny"`` is the default row).
+        config: the model's ``config.json`` as a dict, when it is at hand.
+
+    Raises:
+        ModelError: neither the name nor the config matches a row, naming what was found.
+    """
+    if name_or_path == "tiny":
+        return DEFAULT
+    for family in FAMILIES:
+        if name_or_path.lower() in {n.lower() for n in family.hub_names}:
+            return family
+    if config is not None:
+        architecture = (config.get("architectures") or [""])[0]
+        for family in FAMILIES:
+            if family.architecture == architecture and family.vocab_size == config.get("vocab_size"):
+                return family
+        raise ModelError(
+            f"model.name_or_path={name_or_path!r}: {architecture or 'no architecture'} with vocab_size "
+            f"{config.get('vocab_size')} is not a supported Mistral generation; supported: "
+            + ", ".join(f"{f.name} ({f.architecture}, {f.vocab_size} ids)" for f in FAMILIES)
+        )
+    raise ModelError(f"model.name_or_path={name_or_path!r}: not a known model and no config.json to identify it")
+
+
+def known_config(name: str) -> dict[str, Any] | None:
+    """Built-in ``config.json`` figures of a known hub model (no hub access), or None."""
+    for family in FAMILIES:
+        found = family.config_for(name)
+        if found is not None:
+            return found
+    return None
+
+
+def tokenizer_version(model: ModelConfig, config: Mapping[str, Any] | None = None) -> str:
+    """The tokenizer / chat-template version a run uses: the one rule every stage asks.
+
+    ``model.tokenizer`` names it (``"v3"``, ``"v1"``); with ``"model"`` (the model's own tokenizer files)
+    the version is the model's row's, from its name or ``config.json``.
+    """
+    if model.tokenizer != "model":
+        return model.tokenizer
+    local = Path(model.name_or_path).expanduser() / "config.json"
+    if config is None and local.is_file():
+        config = json.loads(local.read_text(encoding="utf-8"))
+    return family_for_model(model.name_or_path, config).tokenizer
+
+
+def lora_target_sets() -> tuple[str, ...]:
+    """Names of the LoRA target sets any row defines (what ``lora.targets`` accepts as a string)."""
+    return tuple(dict.fromkeys(name for f in FAMILIES for name in f.lora_targets))
+
+
+def resolve_targets(targets: str | list[str], family: Family = DEFAULT) -> list[str]:
+    """Module names of ``lora.targets``: a set name of the family's, or an explicit list kept as it is."""
+    if isinstance(targets, str):
+        return list(family.lora_targets[targets])
+    return list(targets)
