@@ -1,0 +1,258 @@
+"""Loading: the base in 4-bit NF4 (double quantisation) with LoRA attached, on either backend.
+
+`load_model(cfg)` is the one entry point: it picks a backend (`unsloth` on CUDA when it imports, else
+`hf`), validates the request *before* any weights are read, loads the base, attaches LoRA, and returns
+a `LoadedModel` that the trainer uses without asking which backend built it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.config import RunConfig
+from mistral_fast.errors import ModelError
+from mistral_fast.modeling.checks import validate_model_request
+from mistral_fast.modeling.policy import resolve_backend, resolve_compute_dtype
+from mistral_fast.modeling.surgery import cast_trainable_to_fp32, disable_cpu_weight_repacking, model_info
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger("mistral_fast")
+
+@dataclass
+class LoadedModel:
+    """A base model with LoRA attached, its tokenizer, and how it was loaded.
+
+    Attributes:
+        model: a peft ``PeftModel`` with LoRA on the target modules (the trainer's input).
+        tokenizer: the exact Mistral tokenizer (ours, also on the unsloth backend).
+        backend: ``"unsloth"`` or ``"hf"``.
+        compute_dtype: dtype of the 4-bit matmuls and of the 16-bit base weights.
+        path: the model directory or hub name that was loaded.
+        reasons: why each automatic choice was made (``backend``, ``compute_dtype``).
+        info: figures for logs and the run manifest (parameter counts, layer counts, load time).
+    """
+
+    model: Any
+    tokenizer: PreTrainedTokenizerFast
+    backend: str
+    compute_dtype: torch.dtype
+    path: str
+    reasons: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for logs and notebooks."""
+        i = self.info
+        return (
+            f"{self.backend} backend, {i.get('quantized_layers', 0)} 4-bit layers, "
+            f"compute {str(self.compute_dtype).removeprefix('torch.')}, LoRA on {i.get('lora_layers', 0)} layers: "
+            f"{i.get('trainable_params', 0):,} trainable of {i.get('total_params', 0):,} params "
+            f"({i.get('trainable_percent', 0):.3f}%), loaded in {i.get('load_seconds', 0):.1f}s"
+        )
+
+
+def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
+    """Load the base model (4-bit NF4 by default), attach LoRA, and return it with our tokenizer.
+
+    Everything that can be checked without weights is checked first, so a typo fails in a second
+    rather than after gigabytes have loaded: backend, path, architecture, bitsandbytes, LoRA targets.
+
+    Args:
+        cfg: the run config (``model``, ``lora`` and ``train.seed`` / ``train.gradient_checkpointing``).
+        for_training: True: training mode, KV cache off, gradient checkpointing as configured, norms
+            and other 16-bit parts in fp32 (peft's k-bit preparation). False: the same model with
+            LoRA for evaluation or generation (eval mode, cache on, nothing cast).
+
+    Returns:
+        A `LoadedModel`.
+
+    Raises:
+        ModelError: any of the checks above fails.
+    """
+    from mistral_fast.tokenizer import tokenizer_for
+
+    start = time.perf_counter()
+    backend, backend_reason = resolve_backend(cfg.model.backend)  # first: unsloth must precede transformers
+    path = validate_model_request(cfg)
+    dtype, dtype_reason = resolve_compute_dtype(cfg.model.compute_dtype)
+    tokenizer = tokenizer_for(cfg.model, path)
+    if backend == "unsloth":
+        model = _load_unsloth(cfg, path, dtype, tokenizer, for_training=for_training)
+    else:
+        model = _load_hf(cfg, path, dtype, for_training=for_training)
+    _align_special_tokens(model, tokenizer)
+    info = model_info(model)
+    info["load_seconds"] = round(time.perf_counter() - start, 3)
+    info["target_modules"] = cfg.lora.target_modules
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        backend=backend,
+        compute_dtype=dtype,
+        path=path,
+        reasons={"backend": backend_reason, "compute_dtype": dtype_reason},
+        info=info,
+    )
+    log.info("model: %s", loaded.summary())
+    return loaded
+
+
+def _bnb_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    from mistral_fast.distributed import using_fsdp
+
+    extra = {}
+    if using_fsdp():
+        # FSDP flattens each wrapped module's parameters into one tensor of one float dtype: the packed
+        # 4-bit weights must be stored as that dtype (not uint8) for FSDP to shard them (FSDP + QLoRA).
+        extra["bnb_4bit_quant_storage"] = dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.model.quant_type,
+        bnb_4bit_use_double_quant=cfg.model.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        **extra,
+    )
+
+
+def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: bool) -> Any:
+    """transformers + bitsandbytes + peft: the reference backend."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.distributed import using_fsdp
+
+    # safetensors only: pickled .bin weights of an untrusted checkpoint could run code when loaded
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code, "use_safetensors": True}
+    if cfg.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.load_in_4bit:
+        kwargs["quantization_config"] = _bnb_config(cfg, dtype)
+    fsdp = using_fsdp()
+    if torch.cuda.is_available() and not fsdp:
+        # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU. Under FSDP
+        # the wrapper places the shards itself (cpu_ram_efficient_loading), so no device_map.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_cpu_weight_repacking(model)
+    gc = for_training and cfg.train.gradient_checkpointing
+    if for_training and cfg.model.load_in_4bit and not fsdp:
+        # Freezes the base and casts every non-4-bit parameter (norms, embeddings, lm_head) to fp32,
+        # which keeps the residual stream and the logits in fp32 (QLoRA's recipe). Non-reentrant
+        # checkpointing needs no input-grad hook and is what torch recommends.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        # Also the FSDP path: its flat parameters need one dtype, so nothing is cast to fp32 there.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _attach_lora(model, cfg, for_training=for_training)
+
+
+def _peft_lora_config(cfg: RunConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias=cfg.lora.bias,
+        use_rslora=cfg.lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _attach_lora(model: Any, cfg: RunConfig, *, for_training: bool) -> Any:
+    import torch
+    from peft import get_peft_model
+
+    # lora_A's Kaiming init draws from the global RNG: seed it so runs repeat.
+    torch.manual_seed(cfg.train.seed)
+    peft_model = get_peft_model(model, _peft_lora_config(cfg))
+    cast_trainable_to_fp32(peft_model)
+    _set_mode(peft_model, for_training=for_training)
+    return peft_model
+
+
+def _set_mode(model: Any, *, for_training: bool) -> None:
+    # The KV cache only helps generation; in training it is wasted memory (and checkpointing refuses it).
+    model.config.use_cache = not for_training
+    model.train(for_training)
+
+
+def _load_unsloth(
+    cfg: RunConfig, path: str, dtype: torch.dtype, tokenizer: PreTrainedTokenizerFast, *, for_training: bool
+) -> Any:
+    """Unsloth's FastLanguageModel: fused kernels on CUDA, its own CPU fallback elsewhere."""
+    from unsloth import FastLanguageModel
+
+    if cfg.model.load_in_4bit and (cfg.model.quant_type != "nf4" or not cfg.model.double_quant):
+        raise ModelError(
+            "model.quant_type / model.double_quant: the unsloth backend always uses NF4 with double "
+            "quantisation; keep the defaults or set model.backend=hf"
+        )
+    model, _ = FastLanguageModel.from_pretrained(  # its tokenizer is discarded: we use the exact one
+        model_name=path,
+        max_seq_length=cfg.model.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=cfg.model.load_in_4bit,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    disable_cpu_weight_repacking(model)  # Unsloth's CPU path does this too; on CUDA it finds nothing
+    gc = for_training and cfg.train.gradient_checkpointing
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora.rank,
+        target_modules=cfg.lora.target_modules,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        bias=cfg.lora.bias,
+        use_gradient_checkpointing="unsloth" if gc else False,
+        random_state=cfg.train.seed,
+        use_rslora=cfg.lora.use_rslora,
+        max_seq_length=cfg.model.max_seq_length,
+    )
+    _share_tokenizer_with_unsloth(model, tokenizer, for_training=for_training)
+    cast_trainable_to_fp32(model)
+    if not for_training:
+        FastLanguageModel.for_inference(model)  # Unsloth's fast generation path on CUDA; cache on, left padding
+    _set_mode(model, for_training=for_training)
+    return model
+
+
+def _share_tokenizer_with_unsloth(model: Any, tokenizer: PreTrainedTokenizerFast, *, for_training: bool) -> None:
+    """Point Unsloth at our tokenizer instead of the one it loaded.
+
+    Unsloth's for_training()/for_inference() flip the padding side of the tokenizer it keeps in
+    ``_saved_temp_tokenizer``; pointing that at ours makes them act on the tokenizer the trainer
+    really uses. Right padding for training, left for generation, as Unsloth does.
+    """
+    tokenizer.padding_side = "right" if for_training else "left"
+    base = getattr(model, "base_model", None)
+    for inner in (model, base, getattr(base, "model", None)):
+        if inner is not None and hasattr(inner, "_saved_temp_tokenizer"):
+            inner._saved_temp_tokenizer = tokenizer
+
+
+def _align_special_tokens(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Make the model's pad/bos/eos ids those of our tokenizer.
+
+    Unsloth (and some checkpoints) set pad = eos when their tokenizer has no pad token; with that,
+    padding masks would also hide the real </s> the model must learn to emit.
+    """
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id

@@ -1,0 +1,215 @@
+"""The tiny local Mistral behind ``model.name_or_path: tiny``: tests and the offline demo.
+
+Apart from the product loaders on purpose: it builds a model (random weights, the real tokenizer), it
+does not load one. `resolve_model_path("tiny")` is the one place the loaders meet it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.constants import NF4_BLOCK
+from mistral_fast.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger("mistral_fast")
+
+# The tiny model behind `model.name_or_path: tiny`. Every size is a multiple of 64 (bitsandbytes'
+# 4-bit blocksize) and head_dim is 32; vocab and special ids are the real Mistral v0.3 ones, so the
+# real tokenizer, chat template and GGUF export all run unchanged. The 32768 x 128 embedding and
+# lm_head dominate the cost; 128/2 layers trains a step of 4 x 256 tokens in well under a second on
+# one CPU thread while still having GQA, several heads and a real MLP.
+TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 448,  # 3.5 x hidden, Mistral-7B's ratio (14336 / 4096)
+    "vocab_size": 32768,
+    "sliding_window": 4096,  # Mistral-7B v0.1's window: the sliding-window code path, a no-op below 4k tokens
+    "rope_theta": 1e6,  # v0.2/v0.3's RoPE base
+    "max_position_embeddings": 32768,
+    "seed": 0,
+    "dtype": "bfloat16",  # what Mistral checkpoints ship in
+    "tokenizer": "v3",
+}
+# Bump when build_tiny_model changes what it writes: the cache key includes it.
+_TINY_FORMAT = 2
+_TINY_FINAL_NORM = 8.0
+
+
+def build_tiny_model(
+    path: str | os.PathLike[str],
+    *,
+    hidden_size: int = TINY_DEFAULTS["hidden_size"],
+    num_layers: int = TINY_DEFAULTS["num_layers"],
+    num_heads: int = TINY_DEFAULTS["num_heads"],
+    num_kv_heads: int = TINY_DEFAULTS["num_kv_heads"],
+    intermediate_size: int = TINY_DEFAULTS["intermediate_size"],
+    vocab_size: int = TINY_DEFAULTS["vocab_size"],
+    sliding_window: int | None = TINY_DEFAULTS["sliding_window"],
+    rope_theta: float = TINY_DEFAULTS["rope_theta"],
+    max_position_embeddings: int = TINY_DEFAULTS["max_position_embeddings"],
+    seed: int = TINY_DEFAULTS["seed"],
+    dtype: str = TINY_DEFAULTS["dtype"],
+    tokenizer: str = TINY_DEFAULTS["tokenizer"],
+) -> Path:
+    """Write a small random `MistralForCausalLM` with the real tokenizer to `path`.
+
+    The architecture is Mistral's own (GQA, sliding window, RoPE base, SiLU MLP, RMSNorm, untied
+    embeddings, BOS 1 / EOS 2); only the sizes are small. Weights are drawn from a seeded generator
+    in a fixed order, so the same arguments give byte-identical safetensors.
+
+    Args:
+        path: directory to write (created; existing files are overwritten).
+        hidden_size: model width; a multiple of 64 so 4-bit blocks never straddle rows.
+        num_layers: decoder layers.
+        num_heads: attention heads; ``hidden_size / num_heads`` is the head dim.
+        num_kv_heads: key/value heads (grouped-query attention); divides ``num_heads``.
+        intermediate_size: MLP width; a multiple of 64.
+        vocab_size: must cover the tokenizer (32768 for Mistral v3).
+        sliding_window: attention window in tokens, or None for full attention.
+        rope_theta: RoPE base frequency.
+        max_position_embeddings: longest supported context.
+        seed: weight seed.
+        dtype: storage dtype of the weights (``"bfloat16"``, ``"float16"`` or ``"float32"``).
+        tokenizer: tokenizer version passed to `mistral_fast.tokenizer.load_tokenizer`.
+
+    Returns:
+        The directory: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
+        tokenizer files.
+
+    Raises:
+        ModelError: a size is not usable with 4-bit quantisation or does not fit the tokenizer.
+    """
+    import torch
+    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+
+    from mistral_fast.tokenizer import load_tokenizer
+
+    _check_tiny_sizes(hidden_size, intermediate_size, num_heads, num_kv_heads)
+    tok = load_tokenizer(tokenizer)
+    if len(tok) > vocab_size:
+        raise ModelError(f"vocab_size={vocab_size} is smaller than the {tokenizer} tokenizer ({len(tok)} tokens)")
+    config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        sliding_window=sliding_window,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
+    model = MistralForCausalLM(config)
+    _init_tiny_weights(model, seed=seed, std=config.initializer_range)
+    model = model.to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
+    tok.save_pretrained(out)
+    return out
+
+
+def _check_tiny_sizes(hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int) -> None:
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+        if value <= 0 or value % NF4_BLOCK:
+            raise ModelError(f"{name}={value}: use a positive multiple of 64 (bitsandbytes' 4-bit blocksize)")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ModelError(
+            f"num_heads={num_heads}, num_kv_heads={num_kv_heads}: num_heads must divide hidden_size={hidden_size} "
+            "and num_kv_heads must divide num_heads"
+        )
+
+
+def _init_tiny_weights(model: PreTrainedModel, *, seed: int, std: float) -> None:
+    """Seeded N(0, std) matrices and unit norms, drawn in sorted-name order.
+
+    Our own draw rather than transformers' `_init_weights`: its order and defaults change between
+    releases, and the cache key promises the same weights for the same arguments.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name == "model.norm.weight":
+                # A unit final norm with N(0, 0.02) lm_head rows caps logits near ±2.5: every next-token
+                # distribution is almost uniform, no fine-tune can make it confident (LoRA does not touch the
+                # norm or the head), and greedy comparisons hinge on near-ties. Trained Mistral models have a
+                # final norm of several units; this scale gives the random model peaked distributions too.
+                param.fill_(_TINY_FINAL_NORM)
+            elif name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def tiny_model_dir(**overrides: Any) -> Path:
+    """The cached tiny model for ``model.name_or_path: tiny``, built on first use.
+
+    The cache lives in ``$MISTRAL_FAST_CACHE`` (default ``~/.cache/mistral_fast``) under a name that
+    hashes the build arguments, the build format and the tokenizer source, so a change to any of them
+    builds a fresh copy instead of reusing a stale one. The build goes to a temporary directory that
+    is renamed into place: concurrent processes (pytest workers, notebooks) never see a half-written
+    model, and the loser of a race simply uses the winner's copy.
+
+    Args:
+        **overrides: any `build_tiny_model` keyword, e.g. ``hidden_size=256``.
+
+    Returns:
+        The model directory.
+    """
+    params = {**TINY_DEFAULTS, **overrides}
+    unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
+    if unknown:
+        raise ModelError(f"tiny_model_dir: unknown argument(s) {unknown}; known: {sorted(TINY_DEFAULTS)}")
+    root = Path(os.environ.get("MISTRAL_FAST_CACHE") or Path.home() / ".cache" / "mistral_fast")
+    final = root / f"tiny-mistral-{params['tokenizer']}-{_tiny_cache_key(params)}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        build_tiny_model(tmp, **params)
+        with contextlib.suppress(OSError):  # another process won the race: its copy is identical
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "config.json").is_file():
+        raise ModelError(f"could not build the tiny model into {final}: check that the directory is writable")
+    log.info("built the tiny Mistral model in %s", final)
+    return final
+
+
+def _tiny_cache_key(params: dict[str, Any]) -> str:
+    import transformers
+
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest.update(f"format={_TINY_FORMAT};transformers={transformers.__version__}".encode())
+    tokenizer_src = Path(__file__).resolve().parent.parent / "tokenizer.py"
+    if tokenizer_src.is_file():  # a tokenizer fix must not leave a stale copy in the cache
+        digest.update(tokenizer_src.read_bytes())
+    return digest.hexdigest()[:12]
