@@ -1,6 +1,6 @@
 """Data preparation speed: ours vs TRL's own, side by side in one run, on the same conversations.
 
-Ours: `mistral_fast.pipeline.prepare_data` — read the file, validate every record, apply the exact chat
+Ours: `mistral_fast.dataset.prepare_data` — read the file, validate every record, apply the exact chat
 template, tokenise, build assistant-only labels, split. TRL: `SFTTrainer._prepare_dataset` with
 ``assistant_only_loss=True`` on the same `messages` (template + tokenise + assistant mask + truncation),
 given our tokenizer so both produce the same ids; the script checks that they do.
@@ -24,8 +24,8 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     from mistral_fast.config import DATA_DIR, load_config
+    from mistral_fast.dataset import prepare_data
     from mistral_fast.modeling import resolve_model_path
-    from mistral_fast.pipeline import prepare_data
     from mistral_fast.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser()

@@ -41,11 +41,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Load, validate, split and tokenise the data; print a summary and one example with its mask."""
-    from mistral_fast.pipeline import prepare_data, tokenizer_for
-    from mistral_fast.tokenizer import preview_example
+    from mistral_fast.dataset import prepare_data
+    from mistral_fast.tokenizer import preview_example, tokenizer_for
 
     cfg = _config(args)
-    tokenizer = tokenizer_for(cfg)
+    tokenizer = tokenizer_for(cfg.model)
     prepared = prepare_data(cfg, tokenizer)
     print(prepared.summary())
     row = prepared.train[0]

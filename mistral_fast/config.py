@@ -19,15 +19,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from mistral_fast.atomic import write_text_atomic
+from mistral_fast.constants import GGUF_TYPES, KQUANT_TYPES
 from mistral_fast.errors import ConfigError
-
-TARGET_SETS: dict[str, tuple[str, ...]] = {
-    # LoRA on attention only: the original QLoRA-paper-era default, fewest parameters.
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    # All linear layers: what the QLoRA paper found needed to match full fine-tuning quality.
-    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-MISTRAL_LINEAR_MODULES = TARGET_SETS["all-linear"]
+from mistral_fast.families import lora_target_sets, resolve_targets
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -91,12 +85,11 @@ class LoraConfig:
     def target_modules(self) -> list[str]:
         """The module names LoRA is applied to, resolved from a set name or an explicit list."""
         if isinstance(self.targets, str):
-            if self.targets not in TARGET_SETS:
-                _fail("lora.targets", self.targets, f"one of {sorted(TARGET_SETS)} or a list of module names")
-            return list(TARGET_SETS[self.targets])
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            if self.targets not in lora_target_sets():
+                _fail("lora.targets", self.targets, f"one of {sorted(lora_target_sets())} or a list of module names")
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             _fail("lora.targets", self.targets, "a non-empty list of module names such as ['q_proj', 'v_proj']")
-        return list(self.targets)
+        return resolve_targets(self.targets)
 
 
 @dataclass
@@ -197,7 +190,7 @@ class ExportConfig:
     gguf: list[str] = field(default_factory=list)  # GGUF types: f16, bf16, q8_0, q4_k_m, …
 
     def __post_init__(self) -> None:
-        allowed = {"f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k_m", "q5_k_m", "q6_k"}
+        allowed = {*GGUF_TYPES, *KQUANT_TYPES}
         for kind in self.gguf:
             if kind not in allowed:
                 _fail("export.gguf", self.gguf, f"each of {sorted(allowed)}")

@@ -6,7 +6,7 @@ parquet, ``name[split][i]`` for a `datasets` data set) so that a bad record is r
 records are dropped instead, counted, and the first few reasons are kept for the summary.
 
 Tokenisation (ids + assistant-only labels) is the tokenizer stage's job: see
-`mistral_fast.tokenizer.tokenize_conversations`.
+`mistral_fast.dataset.prepare_data`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 
 from mistral_fast.atomic import atomic_path
 from mistral_fast.config import DataConfig
-from mistral_fast.errors import DataError
+from mistral_fast.constants import MAX_REASONS
+from mistral_fast.errors import DataError, TokenizerError
+from mistral_fast.tokenizer import validate_conversation
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
 # sharegpt speaker names → roles (the spellings found in the wild)
 SHAREGPT_ROLES = {
     "human": "user",
@@ -38,7 +39,6 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-MAX_REASONS = 5
 
 
 @dataclass
@@ -269,46 +269,13 @@ def _chat(
     return messages
 
 
-def validate_messages(messages: list[dict[str, str]]) -> None:
-    """Check a conversation can be trained on: what Mistral's chat format encodes, ending with the assistant.
+def normalise(record: Record, fmt: str, system_prompt: str = "", version: str | None = None) -> Example:
+    """Turn one record into a validated `Example`; errors carry the record's location.
 
-    Rules (those of `mistral_common`'s validator, plus "ends with an assistant turn" for training):
-    known roles; non-empty text; system messages anywhere but never the only thing; user and assistant
-    alternate starting with the user; the last turn is the assistant's.
-
-    Raises:
-        DataError: with the message index and what to do.
+    Conversations go through `mistral_fast.tokenizer.validate_conversation` with the training rules:
+    the one validator, so data files and chat calls are held to the same rules in the same words.
+    ``version`` (the run's tokenizer version) also checks for control-token strings in the text.
     """
-    if not messages:
-        raise DataError("empty conversation — every example needs at least a user and an assistant turn")
-    previous = None
-    for i, message in enumerate(messages):
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise DataError(f"messages[{i}]: unknown role {role!r} — use one of {', '.join(ROLES)}")
-        if not content.strip():
-            raise DataError(f"messages[{i}] ({role}): empty content — remove the turn or fill it in")
-        if role == "system":
-            if previous == "assistant" and i and messages[i - 1]["role"] == "assistant":
-                raise DataError(
-                    f"messages[{i}]: a system message directly after an assistant turn, which Mistral's format "
-                    "rejects — move it to the start of the conversation"
-                )
-            continue
-        if previous is None and role != "user":
-            raise DataError(f"messages[{i}]: the conversation starts with {role!r}; it must start with 'user'")
-        if role == previous:
-            raise DataError(f"messages[{i}]: two {role!r} turns in a row — merge them or add the missing turn")
-        previous = role
-    if previous != "assistant":
-        raise DataError(
-            f"messages[{len(messages) - 1}]: the conversation ends with {previous or 'system'!r}, not 'assistant' "
-            "— training needs an assistant answer to learn"
-        )
-
-
-def normalise(record: Record, fmt: str, system_prompt: str = "") -> Example:
-    """Turn one record into a validated `Example`; errors carry the record's location."""
     try:
         if fmt == "text":
             _require(record.data, ("text",))
@@ -319,18 +286,20 @@ def normalise(record: Record, fmt: str, system_prompt: str = "") -> Example:
         messages = to_messages(record.data, fmt)
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        validate_messages(messages)
+        validate_conversation(messages, version, training=True)
         return Example(messages, None, record.where)
-    except DataError as err:
+    except (DataError, TokenizerError) as err:
         raise DataError(f"{record.where}: {err}") from None
 
 
-def load_messages(cfg: DataConfig | None = None, source: Any = None) -> LoadedData:
+def load_messages(cfg: DataConfig | None = None, source: Any = None, *, version: str | None = None) -> LoadedData:
     """Read and validate a data set, returning normalised examples.
 
     Args:
         cfg: data settings (format, skip_invalid, system_prompt, split); defaults if None.
         source: overrides ``cfg.path``: a file path, a `datasets` name or a `datasets.Dataset`.
+        version: the run's tokenizer version, to refuse control-token strings in the text here, with the
+            record's location (None: left to tokenisation).
 
     Raises:
         DataError: the first bad record (``where: what — what to do``), unless ``skip_invalid``; or no
@@ -348,7 +317,7 @@ def load_messages(cfg: DataConfig | None = None, source: Any = None) -> LoadedDa
                 except DataError as err:
                     raise DataError(f"{record.where}: {err} (or set data.format)") from None
                 loaded.format = fmt
-            loaded.examples.append(normalise(record, fmt, cfg.system_prompt))
+            loaded.examples.append(normalise(record, fmt, cfg.system_prompt, version))
         except DataError as err:
             if not cfg.skip_invalid:
                 raise DataError(f"{err} (or set data.skip_invalid=true to skip bad records)") from None

@@ -1,8 +1,8 @@
 """Evaluation: loss/perplexity, generation, ROUGE-L/BLEU/exact match, base vs tuned, streaming chat.
 
 Everything here works on the `LoadedModel` the trainer used (called by `pipeline.run` right after
-training) or on one rebuilt from a finished run directory by `load_run`. Prompts go through the exact
-Mistral chat template (`tokenizer.apply_chat_template(..., add_generation_prompt=True)`), so what is
+training) or on one rebuilt from a finished run directory by `mistral_fast.rundir.load_run`. Prompts go
+through the exact Mistral chat template (`tokenizer.apply_chat_template(..., add_generation_prompt=True)`), so what is
 measured is what a user of the tuned model will send.
 
 Definitions (so the numbers can be checked by hand):
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.atomic import write_text_atomic
+from mistral_fast.constants import IGNORE_INDEX
 from mistral_fast.errors import ModelError
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mistral_fast")
 
-IGNORE_INDEX = -100
 EVAL_FILE = "eval.json"
 
 
@@ -440,50 +440,3 @@ def evaluate_model(
 def save_eval(result: EvalResult, run_dir: str | os.PathLike[str]) -> Path:
     """Write ``eval.json`` into the run directory, atomically."""
     return write_json_atomic(Path(run_dir) / EVAL_FILE, result.to_dict())
-
-
-def load_run(run_dir: str | os.PathLike[str], *, backend: str | None = None) -> LoadedModel:
-    """Rebuild a finished run's model: its base in 4-bit, with the saved adapter, ready to generate.
-
-    The base and LoRA shape come from the run's ``run_config.yaml``; `load_model(cfg,
-    for_training=False)` loads the base exactly as training did (and switches off bitsandbytes' CPU
-    weight repacking); the weights of ``adapter/adapter_model.safetensors`` then replace the fresh
-    adapter. Every saved tensor must land on a LoRA parameter of the model, or the run does not match.
-
-    Args:
-        run_dir: a run directory written by `pipeline.run`.
-        backend: override ``model.backend`` (e.g. ``"hf"`` to evaluate an unsloth run on a CPU).
-
-    Raises:
-        ModelError: no run config or adapter in `run_dir`, or the adapter does not fit the model.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from mistral_fast.config import load_config
-    from mistral_fast.modeling import disable_cpu_weight_repacking, load_model
-
-    run = Path(run_dir)
-    adapter = run / "adapter" / "adapter_model.safetensors"
-    if not (run / "run_config.yaml").is_file() or not adapter.is_file():
-        raise ModelError(
-            f"{run}: not a finished run (needs run_config.yaml and adapter/adapter_model.safetensors); "
-            "train one with `mistral-fast train` or give the right directory"
-        )
-    cfg = load_config(run / "run_config.yaml")
-    if backend:
-        cfg = cfg.with_overrides({"model.backend": backend})
-    loaded = load_model(cfg, for_training=False)
-    disable_cpu_weight_repacking(loaded.model)  # generate() is a no-grad eval forward: keep bnb from repacking
-    result = set_peft_model_state_dict(loaded.model, load_file(str(adapter)))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
-    if unexpected or missing:
-        first = (unexpected or missing)[0]
-        raise ModelError(
-            f"{adapter}: the adapter does not fit the model of {run / 'run_config.yaml'} "
-            f"({len(unexpected)} unexpected, {len(missing)} missing LoRA tensors; first: {first})"
-        )
-    loaded.path = str(run)
-    loaded.info["adapter"] = str(adapter.parent)
-    return loaded

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mistral_fast.config import RunConfig
+from mistral_fast.constants import NF4_BLOCK
 from mistral_fast.errors import ConfigError
+from mistral_fast.families import known_config
+from mistral_fast.policies import BF16_CAPABILITY, auto_compute_dtype, resolve_optimizer
 
 GiB = 2**30
 MiB = 2**20
@@ -40,32 +43,15 @@ GPU_MEMORY_MIB: dict[str, int] = {
     "h200": 143771,
 }
 _GPU_ALIASES = {"a10040": "a100-40gb", "a10080": "a100-80gb", "h10080": "h100", "h200141": "h200", "a10g": "a10"}
-# GPUs without bf16 (pre-Ampere): `compute_dtype: auto` gives fp16 there, as modeling.resolve_compute_dtype does.
-_NO_BF16 = {"t4"}
+# Compute capability of the listed GPUs that predate Ampere (the rest are 8.0 or newer): `compute_dtype: auto`
+# follows `policies.auto_compute_dtype` for them as training does on the real card.
+_OLD_GPU_CAPABILITY = {"t4": (7, 5)}
 
 # CUDA context, cuBLAS workspaces and the kernels' module images: what `nvidia-smi` shows for a process
 # that has only initialised CUDA and run one matmul (~300-500 MiB on recent drivers). Allocator
 # fragmentation is covered by the fraction below (torch's caching allocator keeps freed blocks).
 CUDA_CONTEXT_BYTES = 512 * MiB
 FRAGMENTATION = 0.05
-
-# Shapes of the public Mistral-7B checkpoints, so an estimate needs no hub access.
-_MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "intermediate_size": 14336,
-    "tie_word_embeddings": False,
-}
-KNOWN_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "mistralai/Mistral-7B-v0.3": {**_MISTRAL_7B, "vocab_size": 32768},
-    "mistralai/Mistral-7B-Instruct-v0.3": {**_MISTRAL_7B, "vocab_size": 32768},
-    "mistralai/Mistral-7B-v0.1": {**_MISTRAL_7B, "vocab_size": 32000},
-    "mistralai/Mistral-7B-Instruct-v0.2": {**_MISTRAL_7B, "vocab_size": 32000},
-}
 
 # Optimizer state bytes per trainable parameter (HF `optim` names). AdamW keeps two moments: fp32 (8
 # bytes) or bitsandbytes' blockwise 8-bit (2 bytes). Unknown names are assumed to be 32-bit AdamW.
@@ -81,7 +67,6 @@ OPTIMIZER_STATE_BYTES: dict[str, float] = {
     "sgd": 0,
 }
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
 DQ_BLOCK = 256  # double quantisation: the 8-bit absmax values are scaled in blocks of 256
 Method = Literal["full", "lora", "qlora"]
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
@@ -443,8 +428,9 @@ def model_config_for(cfg: RunConfig) -> dict[str, Any]:
     The known 7B shapes are built in, so an estimate for ``mistralai/Mistral-7B-v0.3`` needs no hub.
     """
     name = cfg.model.name_or_path
-    if name in KNOWN_MODEL_CONFIGS and not os.path.isdir(name):
-        return dict(KNOWN_MODEL_CONFIGS[name])
+    known = known_config(name)
+    if known is not None and not os.path.isdir(name):
+        return known
     from mistral_fast.modeling import read_model_config, resolve_model_path
 
     return read_model_config(resolve_model_path(name))
@@ -473,10 +459,8 @@ def plan_from_config(
     dtype = compute_dtype or cfg.model.compute_dtype
     if dtype == "auto":
         name = gpu_capacity(gpu)[0].lower() if gpu is not None else ""
-        dtype = "float16" if name in _NO_BF16 else "bfloat16"
-    optimizer = cfg.train.optimizer
-    if optimizer == "auto":
-        optimizer = "paged_adamw_8bit" if on_gpu else "adamw_torch"
+        dtype = auto_compute_dtype(cuda_capability=_OLD_GPU_CAPABILITY.get(name, BF16_CAPABILITY))[0]
+    optimizer = resolve_optimizer(cfg.train.optimizer, on_cuda=on_gpu)
     return Plan(
         method=method,
         batch_size=cfg.train.per_device_batch_size,
@@ -726,108 +710,6 @@ def available_ram() -> int | None:
     except OSError:
         return None
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement on CPU (validation of the estimate; Linux)
-# ---------------------------------------------------------------------------------------------
-
-
-def _proc_status(field_name: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field_name}")
-
-
-def _reset_peak_rss() -> None:
-    # Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
-
-
-def _tensor_bytes(model: Any) -> int:
-    """Bytes of every parameter, buffer and bitsandbytes quant-state tensor, each storage once."""
-    storages: dict[int, int] = {}
-
-    def add(t: Any) -> None:
-        if t is not None and hasattr(t, "untyped_storage"):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-
-    for t in [*model.parameters(), *model.buffers()]:
-        add(t)
-        state = getattr(t, "quant_state", None)
-        while state is not None:  # the nested state of double quantisation holds the 8-bit absmax's scales
-            add(state.absmax)
-            add(state.code)
-            state = getattr(state, "state2", None)
-    return sum(storages.values())
-
-
-def _training_step(model: Any, batch_size: int, seq_len: int) -> Any:
-    """A closure running one forward/backward/AdamW step on fixed random tokens, as the Trainer does."""
-    import torch
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(3, 32000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        # The output (and its logits) is dropped before backward, as in Trainer.training_step.
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # what the Trainer does between steps
-
-    return step
-
-
-def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int) -> dict[str, Any]:
-    """Peak RSS of real training steps on CPU, split like the estimate (Linux only).
-
-    Loads the model with `mistral_fast.modeling.load_model` (libraries imported first, so their code
-    is not counted), runs one warm-up step (forward, backward, AdamW step) on random tokens so that
-    optimizer state and one-off allocations exist, then resets the peak RSS and measures a second
-    step. Run it in a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps
-    every large block on its own and returns it on free, so RSS follows the tensors (with the default,
-    freed memory stays in the heap and the second step reuses it unseen).
-
-    Returns:
-        Bytes: ``weights_exact`` (tensor storage after loading), ``weights_rss`` (RSS growth over
-        the load), ``optimizer_rss`` (growth over the warm-up step), ``step_peak`` (peak of the
-        second step over the RSS before it), ``total_peak`` (peak over the RSS before loading); and
-        ``trainable_params`` (a count) and the ``compute_dtype`` the loader chose.
-    """
-    import gc
-
-    import bitsandbytes  # noqa: F401 - imported before the baseline, like the others
-    import peft  # noqa: F401
-
-    from mistral_fast.modeling import load_model, validate_model_request
-
-    validate_model_request(cfg)  # imports transformers' model code and loads the tokenizer machinery
-    gc.collect()
-    before_load = _proc_status("VmRSS")
-    loaded = load_model(cfg)
-    gc.collect()
-    after_load = _proc_status("VmRSS")
-    model = loaded.model
-    step = _training_step(model, batch_size, seq_len)
-    step()
-    gc.collect()
-    before_step = _proc_status("VmRSS")
-    _reset_peak_rss()
-    step()
-    peak = _proc_status("VmHWM")
-    return {
-        "weights_exact": _tensor_bytes(model),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "weights_rss": after_load - before_load,
-        "optimizer_rss": before_step - after_load,
-        "step_peak": peak - before_step,
-        "total_peak": peak - before_load,
-        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-    }
 
 
 def memory_report(

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 from mistral_fast.config import RunConfig, load_config
+from mistral_fast.constants import RESULTS_FILE
+from mistral_fast.rundir import RunDir
 
 if TYPE_CHECKING:
+    from mistral_fast.dataset import PreparedData
     from mistral_fast.evaluate import EvalResult
     from mistral_fast.modeling import LoadedModel
-    from mistral_fast.pipeline import PreparedData
 
-RESULTS_FILE = "results.json"
 # With smoke=True these keep the smoke preset's values: a 7B-sized sequence length, batch or schedule
 # would turn a one-minute CPU check into hours. LoRA shape, learning rate, data and output dir still apply,
 # so a smoke sweep over rank x alpha x lr is meaningful; `overrides` can change anything.
@@ -62,6 +63,31 @@ def config_key(name: str) -> str | None:
     return key if key in config_fields() else None
 
 
+def check_parameter_names(params: dict[str, Any]) -> None:
+    """Refuse a notebook parameter that looks like a config field but is none (``lora_rnak = 8``).
+
+    A name whose prefix is a config section (``lora_``, ``train_``, …) must name a field of it: a typo
+    would otherwise train silently with the preset's value. Other names (``smoke``, ``gpu``, imports,
+    the user's own variables) are not config parameters and are left alone.
+
+    Raises:
+        ConfigError: naming the parameter and the closest field (``did you mean lora_rank?``).
+    """
+    import difflib
+
+    from mistral_fast.errors import ConfigError
+
+    sections = {key.partition(".")[0] for key in config_fields()}
+    names = sorted(key.replace(".", "_") for key in config_fields())
+    for name in params:
+        section = name.partition("_")[0]
+        if section in sections and "_" in name and config_key(name) is None:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            same = [n for n in names if n.startswith(section + "_")]
+            hint = f"did you mean {close[0]}?" if close else f"{section} parameters are {same}"
+            raise ConfigError(f"notebook parameter {name!r} is not a config field — {hint}")
+
+
 def notebook_config(params: dict[str, Any]) -> RunConfig:
     """Build the run config from a notebook's parameters (pass ``globals()``).
 
@@ -72,7 +98,12 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
 
     Returns:
         ``smoke`` preset (when ``smoke``) or ``preset``, then the mapped parameters, then ``overrides``.
+
+    Raises:
+        ConfigError: a parameter that looks like a config field but is none (`check_parameter_names`), or
+            a bad value.
     """
+    check_parameter_names(params)
     smoke = bool(params.get("smoke", False))
     cfg = load_config("smoke" if smoke else params.get("preset") or None)
     mapped: dict[str, Any] = {}
@@ -87,11 +118,10 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
 
 def preview_data(data: PreparedData, cfg: RunConfig, index: int = 0) -> str:
     """Training example `index` rendered with its trained tokens between ⟦ and ⟧ (what the loss sees)."""
-    from mistral_fast.pipeline import tokenizer_for
-    from mistral_fast.tokenizer import preview_example
+    from mistral_fast.tokenizer import preview_example, tokenizer_for
 
     row = data.train[index]
-    return preview_example(tokenizer_for(cfg), row["input_ids"], row["labels"])
+    return preview_example(tokenizer_for(cfg.model), row["input_ids"], row["labels"])
 
 
 def _plain(value: Any) -> Any:
@@ -123,25 +153,32 @@ def write_results(run_dir: str | os.PathLike[str], **sections: Any) -> Path:
     return write_json_atomic(path, {**existing, **{k: _plain(v) for k, v in sections.items()}})
 
 
-def resolve_run_dir(run_dir: str | os.PathLike[str], *, smoke: bool = False) -> Path:
-    """A notebook's ``run_dir``; empty means the default run of 01_finetune (``runs/a100``, or ``runs/smoke``)."""
-    return Path(run_dir) if str(run_dir) else Path(load_config("smoke" if smoke else "a100").train.output_dir)
+def resolve_run_dir(run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "") -> Path:
+    """A notebook's ``run_dir``; empty means the run 01_finetune writes for the same ``smoke`` and ``preset``.
+
+    The default is derived exactly as 01 derives it (`notebook_config`), so 02 and 03 find 01's run for
+    whatever preset it used.
+    """
+    if str(run_dir):
+        return Path(run_dir)
+    return Path(notebook_config({"smoke": smoke, "preset": preset}).train.output_dir)
 
 
-def ensure_run(run_dir: str | os.PathLike[str], *, smoke: bool = False) -> Path:
+def ensure_run(run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "") -> Path:
     """The run directory to evaluate; with ``smoke`` and no finished run there, train a quick tiny one.
 
     Args:
         run_dir: a run directory; empty for the default one (see `resolve_run_dir`).
         smoke: the tiny local model: a missing run is trained first (seconds on a CPU).
+        preset: the preset 01_finetune ran with (for the default run directory).
 
     Raises:
         ModelError: (without smoke) the directory holds no finished run.
     """
     from mistral_fast.errors import ModelError
 
-    run = resolve_run_dir(run_dir, smoke=smoke)
-    if (run / "adapter" / "adapter_model.safetensors").is_file():
+    run = resolve_run_dir(run_dir, smoke=smoke, preset=preset)
+    if RunDir.open(run).is_finished:
         return run
     if not smoke:
         raise ModelError(f"{run}: no finished run (adapter/adapter_model.safetensors); run 01_finetune first")
@@ -167,10 +204,10 @@ def evaluate_run(
     loaded tokenizer, so the prompts are exactly those held out during training.
     """
     from mistral_fast.config import EvalConfig
+    from mistral_fast.dataset import prepare_data
     from mistral_fast.evaluate import evaluate_model, save_eval
-    from mistral_fast.pipeline import prepare_data
 
-    cfg = load_config(Path(loaded.path) / "run_config.yaml")
+    cfg = RunDir.open(loaded.path).config
     data = prepare_data(cfg, loaded.tokenizer)
     settings = EvalConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature)
     result = evaluate_model(

@@ -30,12 +30,12 @@ from typing import Any
 import yaml
 
 from mistral_fast.atomic import atomic_path, write_text_atomic
+from mistral_fast.constants import RESULTS_FILE
 from mistral_fast.errors import ConfigError, MistralFastError, NotebookError
 
 log = logging.getLogger("mistral_fast")
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-RESULTS_FILE = "results.json"
 DEFAULT_TIMEOUT_S = 24 * 3600  # per cell: a 7B training cell runs for hours; tests pass far less
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials"}
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{16,}|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,})$")
@@ -273,7 +273,8 @@ def _results_dir(params: dict[str, Parameter], values: dict[str, Any], cwd: Path
 
     namespace = {name: p.default for name, p in params.items()} | values
     if "run_dir" in namespace:
-        return cwd / resolve_run_dir(namespace["run_dir"], smoke=bool(namespace.get("smoke")))
+        smoke, preset = bool(namespace.get("smoke")), str(namespace.get("preset") or "")
+        return cwd / resolve_run_dir(namespace["run_dir"], smoke=smoke, preset=preset)
     if any(config_key(name) for name in params):  # resolved as the kernel will: "" keeps the preset's dir
         return cwd / notebook_config(namespace).train.output_dir
     return None
@@ -508,13 +509,11 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the process's backend stays as it is (train.plot_loss_curve)
 
     names = [r["name"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.5))
+    fig = Figure(figsize=(max(5, 0.9 * len(rows) + 2), 3.5))
+    ax = fig.subplots()
     width = 0.4
     for offset, key in ((-width / 2, "train_loss"), (width / 2, "eval_loss")):
         values = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
@@ -525,7 +524,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def run_sweep(path: str | os.PathLike[str], *, out: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:

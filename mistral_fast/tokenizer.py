@@ -110,13 +110,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mistral_fast.data import Example
+from mistral_fast.constants import IGNORE_INDEX
 from mistral_fast.errors import TokenizerError
+from mistral_fast.families import family_for_tokenizer, tokenizer_version
 
 if TYPE_CHECKING:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    from mistral_fast.config import ModelConfig
+    from mistral_fast.data import Example
 
 __all__ = [
     "CHAT_TEMPLATE_V1",
@@ -133,6 +137,7 @@ __all__ = [
     "tokenize_conversation",
     "tokenize_example",
     "tokenize_text",
+    "tokenizer_for",
     "validate_conversation",
 ]
 
@@ -276,17 +281,21 @@ CHAT_TEMPLATE_V1 = (
 
 @dataclass(frozen=True)
 class _Spec:
-    """What distinguishes the two tokenizer versions."""
+    """How to build one tokenizer version (its vocabulary size is its family row's)."""
 
+    version: str
     filename: str
-    vocab_size: int
     pad_token: str
     chat_template: str
 
+    @property
+    def vocab_size(self) -> int:
+        return family_for_tokenizer(self.version).vocab_size
+
 
 _SPECS: dict[str, _Spec] = {
-    "v3": _Spec("mistral_instruct_tokenizer_240216.model.v2", 32768, "[control_768]", CHAT_TEMPLATE_V3),
-    "v1": _Spec("tokenizer.model.v1", 32000, "<unk>", CHAT_TEMPLATE_V1),
+    "v3": _Spec("v3", "mistral_instruct_tokenizer_240216.model.v2", "[control_768]", CHAT_TEMPLATE_V3),
+    "v1": _Spec("v1", "tokenizer.model.v1", "<unk>", CHAT_TEMPLATE_V1),
 }
 
 
@@ -296,6 +305,20 @@ def _spec(version: str) -> _Spec:
             f"tokenizer version {version!r} is not known; use 'v3' (Mistral-7B v0.3) or 'v1' (v0.1/v0.2)"
         )
     return _SPECS[version]
+
+
+def tokenizer_for(model: ModelConfig, path: str | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer a run uses: the exact built-in one, or the model's own (checked against its version).
+
+    The version comes from `mistral_fast.families.tokenizer_version`, the one rule every stage asks.
+
+    Args:
+        model: the run's ``model`` config section.
+        path: the resolved model directory, when the caller has it (else ``model.name_or_path``).
+    """
+    if model.tokenizer != "model" or model.name_or_path == "tiny":  # the tiny model carries our own tokenizer
+        return load_tokenizer(tokenizer_version(model))
+    return load_tokenizer(tokenizer_version(model), path=path or model.name_or_path)
 
 
 def sentencepiece_path(version: str = "v3") -> Path:
@@ -613,22 +636,27 @@ def _find_special_string(text: str, version: str) -> str | None:
 
 def validate_conversation(
     messages: Sequence[Mapping[str, Any]],
-    version: str = "v3",
+    version: str | None = "v3",
     *,
     add_generation_prompt: bool = False,
     continue_final_message: bool = False,
+    training: bool = False,
 ) -> None:
-    """Check that a conversation can be encoded exactly as `mistral_common` encodes it.
+    """Check a conversation: the one validator of chat messages, for data files and chat calls alike.
 
-    Accepts what `mistral_common` accepts (see the module docstring) and rejects, in addition, text that
-    contains a control-token string (``"[INST]"``, ``"</s>"``, …): the chat template would turn it into the
-    control token where `mistral_common` encodes plain text.
+    The base rules are `mistral_common`'s acceptance rules (see the module docstring), plus one: text that
+    contains a control-token string (``"[INST]"``, ``"</s>"``, …) is rejected, because the chat template
+    would turn it into the control token where `mistral_common` encodes plain text. With ``training`` the
+    training-data rules are layered on top: no empty message, user and assistant alternate starting with
+    the user, and the last message is the assistant's (there must be an answer to learn). Errors read
+    ``messages[i]: what is wrong — what to do``; the data stage puts ``file:line`` in front.
 
     Args:
         messages: ``{"role": ..., "content": ...}`` dicts; roles system, user, assistant.
-        version: ``"v3"`` or ``"v1"``.
+        version: ``"v3"`` or ``"v1"`` (whose control-token strings are checked); None skips that check.
         add_generation_prompt: the conversation is a prompt for a new assistant message.
         continue_final_message: the final assistant message is to be continued.
+        training: apply the training-data rules too.
 
     Raises:
         TokenizerError: what is wrong, at which message index, and what to do.
@@ -639,72 +667,99 @@ def validate_conversation(
             "assistant message, the second to continue the last one"
         )
     if not isinstance(messages, Sequence) or isinstance(messages, str) or len(messages) == 0:
-        raise TokenizerError("the conversation is empty (or not a list); give at least one user message")
-    _spec(version)
+        raise TokenizerError(
+            "empty conversation (or not a list) — give at least a user message (and an assistant answer to train on)"
+        )
+    if version is not None:
+        _spec(version)
     previous = None
     for i, message in enumerate(messages):
         role = _check_message(i, message)
-        content: str = message["content"]
-        if role == "system" and previous == "assistant":
-            raise TokenizerError(
-                f"message {i}: a system message directly after an assistant message, which Mistral's format "
-                "(mistral_common) rejects — move it to the start of the conversation (it is used as the "
-                "system prompt wherever it stands)"
-            )
+        _check_content(i, role, message["content"], previous, len(messages), version, training=training)
         previous = role
-        if role == "assistant":
-            if len(messages) == 1:
-                raise TokenizerError(
-                    "message 0: the only message is an assistant message; a conversation must start with a "
-                    "user (or system) message"
-                )
-            if not content:
-                raise TokenizerError(f"message {i}: assistant message with empty content — give it text or drop it")
-        found = _find_special_string(content, version)
-        if found:
-            raise TokenizerError(
-                f"message {i} ({role}): the text contains the control-token string {found!r}, which "
-                "the chat template turns into that control token while mistral_common encodes it as text "
-                "— remove or alter it (e.g. insert a space)"
-            )
-    last = messages[-1]["role"]
+    _check_ending(messages, add_generation_prompt, continue_final_message, training=training)
+
+
+def _check_content(
+    i: int, role: str, content: str, previous: str | None, count: int, version: str | None, *, training: bool
+) -> None:
+    """The rules about one message given the one before it (`validate_conversation`)."""
+    if role == "system" and previous == "assistant":
+        raise TokenizerError(
+            f"messages[{i}]: a system message directly after an assistant turn, which Mistral's format "
+            "(mistral_common) rejects — move it to the start of the conversation (it is used as the "
+            "system prompt wherever it stands)"
+        )
+    if role == "assistant" and count == 1:
+        raise TokenizerError(
+            "messages[0]: the only message is an assistant message; a conversation must start with a user "
+            "(or system) message"
+        )
+    # mistral_common rejects only an empty assistant text; training data must have text in every turn
+    if (training and not content.strip()) or (role == "assistant" and not content):
+        raise TokenizerError(f"messages[{i}] ({role}): empty content — remove the turn or fill it in")
+    if training and role != "system":
+        if previous is None and role != "user":
+            raise TokenizerError(f"messages[{i}]: the conversation starts with {role!r}; it must start with 'user'")
+        if role == previous:
+            raise TokenizerError(f"messages[{i}]: two {role!r} turns in a row — merge them or add the missing turn")
+    found = _find_special_string(content, version) if version is not None else None
+    if found:
+        raise TokenizerError(
+            f"messages[{i}] ({role}): the text contains the control-token string {found!r}, which "
+            "the chat template turns into that control token while mistral_common encodes it as text "
+            "— remove or alter it (e.g. insert a space)"
+        )
+
+
+def _check_ending(
+    messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, continue_final_message: bool, *, training: bool
+) -> None:
+    """The rules about the last message (`validate_conversation`)."""
+    last, at = messages[-1]["role"], f"messages[{len(messages) - 1}]"
+    if training and last != "assistant":
+        spoken = [m["role"] for m in messages if m["role"] != "system"]
+        raise TokenizerError(
+            f"{at}: the conversation ends with {spoken[-1] if spoken else 'system'!r}, not 'assistant' "
+            "— training needs an assistant answer to learn"
+        )
     if add_generation_prompt and last == "assistant":
         raise TokenizerError(
-            f"message {len(messages) - 1}: a final assistant message with add_generation_prompt=True — drop "
-            "it to prompt a new reply, or use continue_final_message=True to continue it"
+            f"{at}: a final assistant message with add_generation_prompt=True — drop it to prompt a new "
+            "reply, or use continue_final_message=True to continue it"
         )
     if continue_final_message and last != "assistant":
         raise TokenizerError(
-            f"message {len(messages) - 1}: continue_final_message=True but the last message is a {last} "
-            "message — add the assistant text to continue, or use add_generation_prompt=True"
+            f"{at}: continue_final_message=True but the last message is a {last} message — add the "
+            "assistant text to continue, or use add_generation_prompt=True"
         )
 
 
 def _check_message(index: int, message: Any) -> str:
     """Check one message's shape; return its role."""
     if not isinstance(message, Mapping) or "role" not in message:
-        raise TokenizerError(f'message {index}: not a {{"role": ..., "content": ...}} mapping: {message!r:.80}')
+        raise TokenizerError(f'messages[{index}]: not a {{"role": ..., "content": ...}} mapping: {message!r:.80}')
     role = message["role"]
     if role not in _ROLES:
         raise TokenizerError(
-            f"message {index}: role {role!r} is not supported; use system, user or assistant "
+            f"messages[{index}]: unknown role {role!r} — use system, user or assistant "
             "(tool calls are not supported by mistral_fast's Mistral templates)"
         )
     if message.get("tool_calls"):
         raise TokenizerError(
-            f"message {index}: tool_calls are not supported by mistral_fast's Mistral templates — put the call "
+            f"messages[{index}]: tool_calls are not supported by mistral_fast's Mistral templates — put the call "
             "in the content as text or drop the message"
         )
     if not isinstance(message.get("content"), str):
         raise TokenizerError(
-            f"message {index} ({role}): content must be a string, got {type(message.get('content')).__name__}"
+            f"messages[{index}] ({role}): content must be a string, got {type(message.get('content')).__name__}"
         )
     return role
 
 
+
 # ------------------------------------------------------------------------------ ids + assistant-only labels
 
-IGNORE_INDEX = -100  # label value PyTorch's cross-entropy (and TRL) skip
 
 
 @dataclass
@@ -721,14 +776,16 @@ class TokenizedExample:
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int, *, version: str
 ) -> TokenizedExample:
     """Encode a conversation with the chat template; only assistant tokens and their `</s>` are trained.
 
     The mask comes from the template's ``{% generation %}`` marks, so it is exactly the assistant text
     plus the `</s>` that closes each assistant turn: the model learns to answer *and to stop*.
+    ``version`` is the tokenizer's (`mistral_fast.families.tokenizer_version`), whose control-token
+    strings the validator refuses in the text.
     """
-    validate_conversation(messages, "v3" if len(tokenizer) >= 32768 else "v1")
+    validate_conversation(messages, version)
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -761,8 +818,10 @@ def preview_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], la
     return "".join(parts)
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> TokenizedExample:
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, *, version: str
+) -> TokenizedExample:
     """Tokenise a normalised `Example`: a conversation with the chat template, or raw text."""
     if example.messages is not None:
-        return tokenize_conversation(tokenizer, example.messages, max_length)
+        return tokenize_conversation(tokenizer, example.messages, max_length, version=version)
     return tokenize_text(tokenizer, example.text or "", max_length)

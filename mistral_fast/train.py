@@ -30,10 +30,11 @@ from mistral_fast.atomic import atomic_path
 from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, world_size
 from mistral_fast.errors import ConfigError
+from mistral_fast.policies import resolve_optimizer
 
 if TYPE_CHECKING:
+    from mistral_fast.dataset import PreparedData
     from mistral_fast.modeling import LoadedModel
-    from mistral_fast.pipeline import PreparedData
 
 log = logging.getLogger("mistral_fast")
 
@@ -120,16 +121,6 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def _optimizer(cfg: RunConfig) -> str:
-    import torch
-
-    if cfg.train.optimizer != "auto":
-        return cfg.train.optimizer
-    # Paged 8-bit AdamW keeps optimizer state small and spills to CPU on VRAM spikes (QLoRA paper);
-    # bitsandbytes' paged optimizers need CUDA.
-    return "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
-
-
 def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_dir: Path) -> Any:
     """Translate the run config into TRL's `SFTConfig`."""
     import torch
@@ -151,7 +142,7 @@ def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_di
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=_optimizer(cfg),
+        optim=resolve_optimizer(t.optimizer, on_cuda=torch.cuda.is_available()),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -334,13 +325,13 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     """Draw train and eval loss against step from metrics.jsonl into a PNG (written atomically)."""
     if not metrics_path.exists():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on CI, papermill or a batch node
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: switching the process's backend (matplotlib.use) would stop a notebook
+    # kernel's inline figures from rendering after mf.run(); a Figure saves to PNG with any backend.
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
@@ -352,5 +343,4 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")  # the temp name has no .png suffix to infer it from
-    plt.close(fig)
     return out

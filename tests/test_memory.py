@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from mistral_fast.config import RunConfig, load_config
 from mistral_fast.errors import ConfigError
+from mistral_fast.families import known_config
 from mistral_fast.memory import (
-    KNOWN_MODEL_CONFIGS,
     GiB,
     MistralShapes,
     check_fits,
@@ -28,8 +29,10 @@ from mistral_fast.memory import (
     suggest_plan,
 )
 
-MISTRAL_7B = KNOWN_MODEL_CONFIGS["mistralai/Mistral-7B-v0.3"]
+MISTRAL_7B = known_config("mistralai/Mistral-7B-v0.3")
 GB = 10**9
+
+TESTS = Path(__file__).resolve().parent
 
 
 def _cfg_7b(*overrides: str) -> RunConfig:
@@ -164,8 +167,9 @@ def test_preflight_with_a_gpu_fails_before_loading():
 # 16-bit), take a warm-up step and a measured step, print the figures.
 _MEASURE = """
 import json, sys
+sys.path.insert(0, sys.argv[6])
+from rss_harness import measure_cpu_training
 from mistral_fast.config import RunConfig
-from mistral_fast.memory import measure_cpu_training
 from mistral_fast.modeling import build_tiny_model
 path, sizes, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 batch, seq = map(int, sys.argv[4:6])
@@ -195,7 +199,7 @@ CASES = {
 def _measure(tmp_path, sizes, overrides, batch, seq):
     # glibc maps large blocks separately and returns them on free: RSS then follows the tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq)]
+    args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq), str(TESTS)]
     out = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))

@@ -36,6 +36,7 @@ from mistral_fast.export.gguf import (
 )
 from mistral_fast.export.merge import merge_adapter
 from mistral_fast.export.report import equivalence_report
+from mistral_fast.rundir import RunDir
 
 __all__ = [
     "GGUF_TYPES",
@@ -55,10 +56,8 @@ log = logging.getLogger("mistral_fast")
 def _load_run(cfg_or_run_dir: RunConfig | str | os.PathLike[str]) -> tuple[RunConfig, Path]:
     if isinstance(cfg_or_run_dir, RunConfig):
         return cfg_or_run_dir, Path(cfg_or_run_dir.train.output_dir)
-    from mistral_fast.config import load_config
-
-    run_dir = Path(cfg_or_run_dir)
-    return load_config(run_dir / "run_config.yaml"), run_dir
+    run = RunDir.open(cfg_or_run_dir)
+    return run.config, run.path
 
 
 def export_run(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.atomic import atomic_path
+from mistral_fast.constants import GGUF_TYPES, KQUANT_TYPES
 from mistral_fast.errors import ModelError
 from mistral_fast.export import kernels
 from mistral_fast.export.kernels import RowMerge
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral_fast")
 
 # Written by gguf-py in numpy; k-quants need llama.cpp's quantiser (importance-aware mixes per tensor).
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0")
-KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
 INSTALL_LLAMA_CPP = (
     "k-quants (and the equivalence report) need llama.cpp's Python bindings: "
     "pip install 'mistral-fast[gguf]' (builds llama-cpp-python from source: ~3 min on 2 cores; "

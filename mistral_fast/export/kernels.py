@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from mistral_fast.constants import NF4_BLOCK
 from mistral_fast.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
 
-NF4_BLOCK = 64  # bitsandbytes' (and transformers') 4-bit blocksize
 Q8_BLOCK = 32  # ggml's q8_0 block
 CHUNK_VALUES = 1 << 17  # values a row range holds: 512 KiB of fp32 per temporary, within a core's L2
 

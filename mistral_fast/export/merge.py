@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
-
 from mistral_fast.atomic import remove_stale_temps, temp_sibling
 from mistral_fast.errors import ModelError
 from mistral_fast.export.kernels import RowMerge
@@ -82,30 +80,20 @@ def resolve_source(run_or_adapter_dir: str | os.PathLike[str]) -> MergeSource:
     Raises:
         ModelError: no adapter there, or the base model cannot be found.
     """
+    from mistral_fast.families import tokenizer_version
     from mistral_fast.modeling import resolve_model_path
+    from mistral_fast.rundir import RunDir
 
-    path = Path(run_or_adapter_dir)
-    adapter_dir = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(
-            f"{path}: no adapter_config.json here or in {path / 'adapter'}: give a run or adapter directory"
-        )
-    run_dir = adapter_dir.parent
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    run_cfg = _read_yaml(run_dir / "run_config.yaml")
-    model_cfg = run_cfg.get("model", {})
-    base = model_cfg.get("name_or_path") or adapter_cfg.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"{adapter_dir}: cannot tell the base model (no run_config.yaml, no base_model_name_or_path)")
+    run = RunDir.open(run_or_adapter_dir)
+    run.adapter_config  # noqa: B018 - refuses a directory without an adapter, before anything else
+    model = run.config.model
     quant = None
-    if model_cfg.get("load_in_4bit", True):
-        quant = {
-            "quant_type": model_cfg.get("quant_type", "nf4"),
-            "double_quant": model_cfg.get("double_quant", True),
-            "dtype": _trained_compute_dtype(run_dir, model_cfg.get("compute_dtype", "auto")),
-        }
-    base_path = _local_checkpoint(resolve_model_path(base))
-    return MergeSource(adapter_dir, base_path, quant, model_cfg.get("tokenizer", "v3"))
+    if model.load_in_4bit:
+        dtype = run.trained_compute_dtype()
+        quant = {"quant_type": model.quant_type, "double_quant": model.double_quant, "dtype": dtype}
+    base_path = _local_checkpoint(resolve_model_path(model.name_or_path))
+    version = "model" if model.tokenizer == "model" and model.name_or_path != "tiny" else tokenizer_version(model)
+    return MergeSource(run.adapter_dir, base_path, quant, version)
 
 
 def _local_checkpoint(path_or_repo: str) -> Path:
@@ -129,25 +117,6 @@ def _local_checkpoint(path_or_repo: str) -> Path:
             "original instead (e.g. mistralai/Mistral-7B-v0.3 for unsloth/mistral-7b-v0.3-bnb-4bit)"
         )
     return path
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
-
-
-def _trained_compute_dtype(run_dir: Path, requested: str) -> str:
-    """The compute dtype training really used: bitsandbytes quantised the weights in that dtype.
-
-    ``result.json`` records it; an ``auto`` resolved here again could differ on another machine.
-    """
-    result = run_dir / "result.json"
-    if result.is_file():
-        extra = json.loads(result.read_text()).get("train", {}).get("extra", {})
-        if extra.get("compute_dtype"):
-            return extra["compute_dtype"]
-    from mistral_fast.modeling import resolve_compute_dtype
-
-    return str(resolve_compute_dtype(requested)[0]).removeprefix("torch.")
 
 
 def load_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:

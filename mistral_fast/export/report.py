@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mistral_fast.constants import IGNORE_INDEX
 from mistral_fast.errors import ModelError
+from mistral_fast.rundir import RunDir
 
 log = logging.getLogger("mistral_fast")
 
@@ -75,8 +75,8 @@ def eval_rows(cfg: Any, limit: int | None = 32) -> EvalRows:
 
     Empty when the run has no eval split (``data.eval_fraction=0``) or its data cannot be read here.
     """
+    from mistral_fast.dataset import prepare_data
     from mistral_fast.errors import DataError
-    from mistral_fast.pipeline import prepare_data
 
     try:
         evaluation = prepare_data(cfg).eval
@@ -94,7 +94,7 @@ def _nll(logits: Any, labels: list[int]) -> tuple[float, int]:
     import numpy as np
 
     target = np.asarray(labels[1:])
-    keep = target != -100
+    keep = target != IGNORE_INDEX
     rows = np.asarray(logits[:-1], dtype=np.float64)[keep]
     if not len(rows):
         return 0.0, 0
@@ -109,22 +109,13 @@ def _add_nll(side: Side, logits: Any, labels: list[int]) -> None:
     side.eval_tokens += tokens
 
 
-def _run_config(run_dir: Path) -> Any:
-    from mistral_fast.config import RunConfig
-
-    path = run_dir / "run_config.yaml"
-    if not path.is_file():
-        raise ModelError(f"{run_dir}: no run_config.yaml; give the run directory that training wrote")
-    return RunConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))
-
-
 def prompt_ids(cfg: Any, prompts: tuple[list[dict[str, str]], ...]) -> tuple[list[list[int]], list[str]]:
     """mistral_common's ids of each prompt (the reference), and each prompt rendered by our template."""
-    from mistral_fast.pipeline import tokenizer_for
-    from mistral_fast.tokenizer import reference_chat_ids
+    from mistral_fast.families import tokenizer_version
+    from mistral_fast.tokenizer import reference_chat_ids, tokenizer_for
 
-    tok = tokenizer_for(cfg)
-    version = "v1" if cfg.model.tokenizer == "v1" else "v3"
+    tok = tokenizer_for(cfg.model)
+    version = tokenizer_version(cfg.model)
     ids = [reference_chat_ids(p, version, add_generation_prompt=True) for p in prompts]
     texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     return ids, texts
@@ -156,20 +147,9 @@ def _add_continuation(side: Side, tokens: list[int], eos: int) -> None:
     side.stopped.append(stopped)
 
 
-def adapter_side(
-    cfg: Any, adapter_dir: Path, prompts: list[list[int]], max_new_tokens: int, rows: EvalRows = ()
-) -> Side:
-    """The model as trained: the 4-bit base with the saved LoRA weights."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from mistral_fast.modeling import disable_cpu_weight_repacking, load_model
-
-    loaded = load_model(cfg, for_training=False)
-    result = set_peft_model_state_dict(loaded.model, load_file(adapter_dir / "adapter_model.safetensors"))
-    if result.unexpected_keys:
-        raise ModelError(f"{adapter_dir}: adapter does not fit the run's model: {result.unexpected_keys[:3]}")
-    disable_cpu_weight_repacking(loaded.model)
+def adapter_side(run: RunDir, prompts: list[list[int]], max_new_tokens: int, rows: EvalRows = ()) -> Side:
+    """The model as trained: the 4-bit base with the saved LoRA weights (`RunDir.load`)."""
+    loaded = run.load()
     side = _hf_side("adapter", loaded.model, prompts, loaded.tokenizer.eos_token_id, max_new_tokens, rows)
     del loaded
     _free_memory()
@@ -279,11 +259,11 @@ def compare(reference: Side, other: Side) -> dict[str, Any]:
 
 def tokenizer_check(path: Path, chat_ids: list[list[int]], chat_texts: list[str], cfg: Any) -> dict[str, Any]:
     """Does the GGUF's own tokenizer give mistral_common's (and our) ids, for chats and plain text?"""
-    from mistral_fast.pipeline import tokenizer_for
-    from mistral_fast.tokenizer import reference_tokenizer
+    from mistral_fast.families import tokenizer_version
+    from mistral_fast.tokenizer import reference_tokenizer, tokenizer_for
 
-    ours = tokenizer_for(cfg)
-    reference = reference_tokenizer("v1" if cfg.model.tokenizer == "v1" else "v3").instruct_tokenizer.tokenizer
+    ours = tokenizer_for(cfg.model)
+    reference = reference_tokenizer(tokenizer_version(cfg.model)).instruct_tokenizer.tokenizer
     llm = open_gguf(path, n_ctx=64)
     try:
         chats = [
@@ -334,15 +314,15 @@ def equivalence_report(
         The report: ``pairs`` (one comparison per pair of sides), ``perplexity`` (per side, with the
         number of eval examples and tokens), ``tokenizer`` (per GGUF), ``prompts``.
     """
-    from mistral_fast.export.merge import merge_adapter, resolve_source
-    from mistral_fast.pipeline import tokenizer_for
+    from mistral_fast.export.merge import merge_adapter
+    from mistral_fast.tokenizer import tokenizer_for
 
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
+    run = RunDir.open(run_dir).require_finished()
+    run_dir, cfg = run.path, run.config
     ids, texts = prompt_ids(cfg, prompts)
-    eos = tokenizer_for(cfg).eos_token_id
+    eos = tokenizer_for(cfg.model).eos_token_id
     rows = eval_rows(cfg, eval_examples) if eval_examples != 0 else []
-    adapter = adapter_side(cfg, resolve_source(run_dir).adapter_dir, ids, max_new_tokens, rows)
+    adapter = adapter_side(run, ids, max_new_tokens, rows)
     with tempfile.TemporaryDirectory(prefix="merged-", dir=run_dir) as tmp:
         merged_path = Path(merged_dir) if merged_dir else run_dir / "export" / "merged"
         if not (merged_path / "config.json").is_file():

@@ -1,0 +1,108 @@
+"""Peak-RSS measurement of real training steps on CPU: validation of the memory estimator (Linux).
+
+Test code, not product code: it loads bitsandbytes and peft, so it lives beside the tests and not in the
+torch-free `mistral_fast.memory`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mistral_fast.config import RunConfig
+
+
+def _proc_status(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak_rss() -> None:
+    # Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")
+
+
+def _tensor_bytes(model: Any) -> int:
+    """Bytes of every parameter, buffer and bitsandbytes quant-state tensor, each storage once."""
+    storages: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if t is not None and hasattr(t, "untyped_storage"):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        state = getattr(t, "quant_state", None)
+        while state is not None:  # the nested state of double quantisation holds the 8-bit absmax's scales
+            add(state.absmax)
+            add(state.code)
+            state = getattr(state, "state2", None)
+    return sum(storages.values())
+
+
+def _training_step(model: Any, batch_size: int, seq_len: int) -> Any:
+    """A closure running one forward/backward/AdamW step on fixed random tokens, as the Trainer does."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 32000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        # The output (and its logits) is dropped before backward, as in Trainer.training_step.
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # what the Trainer does between steps
+
+    return step
+
+
+def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int) -> dict[str, Any]:
+    """Peak RSS of real training steps on CPU, split like the estimate (Linux only).
+
+    Loads the model with `mistral_fast.modeling.load_model` (libraries imported first, so their code
+    is not counted), runs one warm-up step (forward, backward, AdamW step) on random tokens so that
+    optimizer state and one-off allocations exist, then resets the peak RSS and measures a second
+    step. Run it in a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps
+    every large block on its own and returns it on free, so RSS follows the tensors (with the default,
+    freed memory stays in the heap and the second step reuses it unseen).
+
+    Returns:
+        Bytes: ``weights_exact`` (tensor storage after loading), ``weights_rss`` (RSS growth over
+        the load), ``optimizer_rss`` (growth over the warm-up step), ``step_peak`` (peak of the
+        second step over the RSS before it), ``total_peak`` (peak over the RSS before loading); and
+        ``trainable_params`` (a count) and the ``compute_dtype`` the loader chose.
+    """
+    import gc
+
+    import bitsandbytes  # noqa: F401 - imported before the baseline, like the others
+    import peft  # noqa: F401
+
+    from mistral_fast.modeling import load_model, validate_model_request
+
+    validate_model_request(cfg)  # imports transformers' model code and loads the tokenizer machinery
+    gc.collect()
+    before_load = _proc_status("VmRSS")
+    loaded = load_model(cfg)
+    gc.collect()
+    after_load = _proc_status("VmRSS")
+    model = loaded.model
+    step = _training_step(model, batch_size, seq_len)
+    step()
+    gc.collect()
+    before_step = _proc_status("VmRSS")
+    _reset_peak_rss()
+    step()
+    peak = _proc_status("VmHWM")
+    return {
+        "weights_exact": _tensor_bytes(model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "weights_rss": after_load - before_load,
+        "optimizer_rss": before_step - after_load,
+        "step_peak": peak - before_step,
+        "total_peak": peak - before_load,
+        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+    }
