@@ -7,8 +7,9 @@ import json
 import pytest
 
 from mistral_fast.config import DATA_DIR, DataConfig
-from mistral_fast.data import load_messages, split_examples, validate_messages
-from mistral_fast.errors import DataError
+from mistral_fast.data import load_messages, split_examples
+from mistral_fast.errors import DataError, TokenizerError
+from mistral_fast.tokenizer import validate_conversation
 
 CHAT = [
     {"role": "user", "content": "Convert 1 km to mi."},
@@ -154,9 +155,9 @@ def test_system_prompt_is_added_where_missing(tmp_path) -> None:
 
 def test_system_message_placement_follows_mistral_common() -> None:
     system = {"role": "system", "content": "s"}
-    validate_messages([system, CHAT[0], system, CHAT[1]])  # after a user turn: accepted, used as system prompt
-    with pytest.raises(DataError, match=r"messages\[2\]: a system message directly after an assistant"):
-        validate_messages([CHAT[0], CHAT[1], system, CHAT[0], CHAT[1]])
+    validate_conversation([system, CHAT[0], system, CHAT[1]], training=True)  # after a user turn: accepted
+    with pytest.raises(TokenizerError, match=r"messages\[2\]: a system message directly after an assistant"):
+        validate_conversation([CHAT[0], CHAT[1], system, CHAT[0], CHAT[1]], training=True)
 
 
 def test_split_is_deterministic_and_disjoint() -> None:

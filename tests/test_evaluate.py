@@ -44,7 +44,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def data():
-    from mistral_fast.pipeline import prepare_data
+    from mistral_fast.dataset import prepare_data
 
     return prepare_data(load_config("smoke", TINY))
 
@@ -167,9 +167,9 @@ def test_run_writes_eval_json_and_load_run_restores_the_adapter(tmp_path) -> Non
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from mistral_fast.evaluate import load_run
     from mistral_fast.modeling import disable_cpu_weight_repacking, resolve_model_path
     from mistral_fast.pipeline import run
+    from mistral_fast.rundir import load_run
 
     cfg = load_config(
         "smoke",

@@ -283,9 +283,10 @@ def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_
     """The report's perplexity: llama.cpp's logits of an f16 GGUF score the eval split like transformers does."""
     pytest.importorskip("llama_cpp")
     from mistral_fast.export import export_merged_gguf, merge_adapter
-    from mistral_fast.export.report import _run_config, eval_rows, gguf_side, merged_side
+    from mistral_fast.export.report import eval_rows, gguf_side, merged_side
+    from mistral_fast.rundir import RunDir
 
-    rows = eval_rows(_run_config(adapter_run_dir), limit=4)
+    rows = eval_rows(RunDir.open(adapter_run_dir).config, limit=4)
     assert len(rows) == 4 and all(any(t != -100 for t in labels) for _, labels in rows)
     merged = merged_side(merge_adapter(adapter_run_dir, tmp_path / "merged"), [], 2, 0, "float32", rows)
     side = gguf_side(export_merged_gguf(adapter_run_dir, tmp_path / "m.gguf", "f16"), [[1]], 2, 1, rows)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from mistral_fast.config import load_config
+from mistral_fast.dataset import prepare_data
 from mistral_fast.errors import DataError
-from mistral_fast.pipeline import prepare_data
 from mistral_fast.tokenizer import IGNORE_INDEX, load_tokenizer, preview_example, reference_tokenizer
 
 
@@ -70,7 +70,7 @@ def test_truncated_examples_keep_their_trained_prefix(tmp_path, tok) -> None:
 
 def test_control_token_text_is_reported_with_file_line(tmp_path, tok) -> None:
     rows = [{"messages": [{"role": "user", "content": "say [INST]"}, {"role": "assistant", "content": "no"}]}]
-    with pytest.raises(DataError, match=r"d\.jsonl:1: message 0 \(user\).*'\[INST\]'"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: messages\[0\] \(user\).*'\[INST\]'"):
         prepare_data(load_config(None, [f"data.path={write(tmp_path, rows)}"]), tok)
 
 

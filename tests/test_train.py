@@ -96,7 +96,7 @@ def peft_reference(result):
 
 def test_adapter_loads_with_peft_and_reproduces_eval_loss(trained) -> None:
     """transformers + bitsandbytes + peft reproduce the eval loss the trainer reported."""
-    from mistral_fast.pipeline import prepare_data
+    from mistral_fast.dataset import prepare_data
 
     cfg, result = trained
     adapter = Path(result.train["adapter_dir"])
