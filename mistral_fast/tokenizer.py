@@ -742,7 +742,7 @@ def _check_message(index: int, message: Any) -> str:
     role = message["role"]
     if role not in _ROLES:
         raise TokenizerError(
-            f"messages[{index}]: unknown role {role!r} — use system, user or assistant "
+            f"messages[{index}]: unknown role {role!r} — use one of system, user, assistant "
             "(tool calls are not supported by mistral_fast's Mistral templates)"
         )
     if message.get("tool_calls"):
