@@ -86,7 +86,9 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     skipped, reasons, truncated = loaded.skipped, list(loaded.reasons), 0
     for example in examples:
         try:
-            encoded = tokenize_example(tokenizer, example, cfg.model.max_seq_length)
+            encoded = tokenize_example(
+                tokenizer, example, cfg.model.max_seq_length, assistant_only=cfg.train.assistant_only_loss
+            )
         except TokenizerError as err:
             raise DataError(f"{example.where}: {err}") from None
         if encoded.trained_tokens == 0:
