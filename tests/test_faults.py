@@ -2,7 +2,9 @@
 
 Every case of ``tests/bad_inputs/cases.yaml`` runs ``python -m mistral_fast.cli …`` in a subprocess and
 must end with exit code 2, one last ``error: …`` line naming what and where and what to do, no traceback,
-and nothing written at the output path. The cases run concurrently (one fixture) to keep the suite fast.
+and nothing written: not in its own working directory, not at any path it names. Kills land at
+deterministic pause points (`mistral_fast.pause`), never after a sleep. The cases run concurrently (one
+fixture) to keep the suite fast.
 Counts and timings are in docs/reliability.md.
 """
 
