@@ -132,7 +132,7 @@ class TrainConfig:
     save_total_limit: int = 3  # keep at most N checkpoints (the best one is always kept)
     load_best_model_at_end: bool = True  # reload the checkpoint with the lowest eval loss
     packing: bool = False  # pack short examples into full sequences (faster on short data)
-    assistant_only_loss: bool = True  # loss on assistant tokens (and their </s>) only
+    assistant_only_loss: bool = True  # loss on assistant tokens (and their </s>) only; false: on every token
     gradient_checkpointing: bool = True  # trade compute for memory (Unsloth's mode on unsloth)
     seed: int = 42  # seed of model init, dropout and data order
     resume: bool = False  # continue from the last complete checkpoint in output_dir

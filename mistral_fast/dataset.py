@@ -77,9 +77,12 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     rows: list[dict[str, list[int]]] = []
     kept: list[Example] = []
     skipped, reasons, truncated = loaded.skipped, list(loaded.reasons), 0
+    max_length = cfg.model.max_seq_length
     for example in examples:
         try:
-            encoded = tokenize_example(tokenizer, example, cfg.model.max_seq_length, version=version)
+            encoded = tokenize_example(
+                tokenizer, example, max_length, version=version, assistant_only=cfg.train.assistant_only_loss
+            )
         except TokenizerError as err:
             raise DataError(f"{example.where}: {err}") from None
         if encoded.trained_tokens == 0:

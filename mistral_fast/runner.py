@@ -239,6 +239,101 @@ def secret_values() -> list[str]:
     return sorted({os.environ[n] for n in names if len(os.environ[n]) >= 8})
 
 
+def scrub_secrets(node: Any, secrets: list[str]) -> tuple[Any, int]:
+    """Replace every secret value by ``***`` in the strings of a JSON-like tree (a notebook, a cell output).
+
+    Dicts and lists are changed in place (papermill keeps, saves and logs the very node objects), so the
+    live notebook never holds a secret after this; a bare string comes back replaced.
+
+    Returns:
+        The scrubbed node and how many occurrences were replaced.
+    """
+    if isinstance(node, str):
+        found = 0
+        for value in secrets:
+            if value in node:
+                found += node.count(value)
+                node = node.replace(value, "***")
+        return node, found
+    found = 0
+    if isinstance(node, dict):
+        for key, item in node.items():
+            node[key], n = scrub_secrets(item, secrets)
+            found += n
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            node[i], n = scrub_secrets(item, secrets)
+            found += n
+    return node, found
+
+
+_ENGINE = "mistral_fast_scrubbing"
+
+
+def _scrubbing_engine() -> str:
+    """Register a papermill engine that never lets a secret reach the log or the disk; its name.
+
+    Papermill streams each cell output to its logger (``log_output``) and saves the output notebook at
+    every cell start and end and every 30 s; the final `finalise_output` scrub comes too late for both
+    (the terminal and batch logs already have it; a run killed mid-way leaves the unscrubbed notebook).
+    This engine scrubs every output the moment it arrives, before it is logged, and the whole notebook
+    before every save. It is papermill's nbclient engine with those two hooks; the rest is unchanged.
+    """
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+    from papermill.log import logger
+    from papermill.utils import merge_kwargs, remove_args
+
+    class ScrubbingManager(NotebookExecutionManager):
+        def save(self, **kwargs: Any) -> None:
+            if kwargs.get("nb"):
+                self.nb = kwargs["nb"]
+            scrub_secrets(self.nb, secret_values())
+            super().save(**kwargs)
+
+    class ScrubbingClient(PapermillNotebookClient):
+        def log_output_message(self, output: Any) -> None:
+            scrub_secrets(output, secret_values())  # in place: the node the notebook holds, before the log
+            super().log_output_message(output)
+
+    class ScrubbingEngine(NBClientEngine):
+        @classmethod
+        def execute_notebook(
+            cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False, autosave_cell_every=30,
+            **kwargs,
+        ):  # fmt: skip
+            # papermill's Engine.execute_notebook, with the scrubbing manager
+            nb_man = ScrubbingManager(
+                nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                autosave_cell_every=autosave_cell_every,
+            )  # fmt: skip
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+        @classmethod
+        def execute_managed_notebook(
+            cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None, start_timeout=60,
+            execution_timeout=None, **kwargs,
+        ):  # fmt: skip
+            # papermill's NBClientEngine.execute_managed_notebook, with the scrubbing client
+            kwargs = remove_args(["input_path"], **kwargs)
+            safe_kwargs = remove_args(["timeout", "startup_timeout"], **kwargs)
+            final_kwargs = merge_kwargs(
+                safe_kwargs, timeout=execution_timeout if execution_timeout else kwargs.get("timeout"),
+                startup_timeout=start_timeout, kernel_name=kernel_name, log=logger, log_output=log_output,
+                stdout_file=stdout_file, stderr_file=stderr_file,
+            )  # fmt: skip
+            return ScrubbingClient(nb_man, **final_kwargs).execute()
+
+    papermill_engines.register(_ENGINE, ScrubbingEngine)
+    return _ENGINE
+
+
 def finalise_output(path: Path, source: Path) -> int:
     """Scrub credentials from an output notebook and give it back the source's kernelspec.
 
@@ -334,19 +429,19 @@ def run_notebook(
             papermill.execute_notebook(
                 str(path), str(out), parameters=values, kernel_name=kernel, cwd=str(workdir),
                 log_output=True, progress_bar=False, execution_timeout=timeout, request_save_on_cell_execute=True,
+                engine_name=_scrubbing_engine(),
             )  # fmt: skip
     except PapermillExecutionError as err:
         source = (err.source or "").strip()
         first_line = _one_line(source.splitlines()[0]) if source else ""
         index = _source_index(path, err.source, err.cell_index)
-        raise NotebookError(
-            f"{path.name}: cell {index} (`{first_line[:80]}`) failed: "
-            f"{err.ename}: {_one_line(err.evalue)}; output notebook kept at {out}"
-        ) from None
+        message = f"{path.name}: cell {index} (`{first_line[:80]}`) failed: {err.ename}: {_one_line(err.evalue)}"
+        raise NotebookError(scrub_secrets(f"{message}; output notebook kept at {out}", secret_values())[0]) from None
     except Exception as err:  # timeouts and dead kernels come from nbclient/jupyter_client
         if isinstance(err, MistralFastError):
             raise
-        raise NotebookError(f"{path.name}: {type(err).__name__}: {_one_line(str(err))}; output kept at {out}") from err
+        message = f"{path.name}: {type(err).__name__}: {_one_line(str(err))}; output kept at {out}"
+        raise NotebookError(scrub_secrets(message, secret_values())[0]) from err
     finally:
         finalise_output(out, path)
     return _finish(path, out, results_dir, before, values, time.perf_counter() - start)

@@ -776,21 +776,28 @@ class TokenizedExample:
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int, *, version: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    max_length: int,
+    *,
+    version: str,
+    assistant_only: bool = True,
 ) -> TokenizedExample:
     """Encode a conversation with the chat template; only assistant tokens and their `</s>` are trained.
 
     The mask comes from the template's ``{% generation %}`` marks, so it is exactly the assistant text
     plus the `</s>` that closes each assistant turn: the model learns to answer *and to stop*.
     ``version`` is the tokenizer's (`mistral_fast.families.tokenizer_version`), whose control-token
-    strings the validator refuses in the text.
+    strings the validator refuses in the text. With ``assistant_only=False`` (``train.assistant_only_loss=false``)
+    every token is a target, as TRL does without an assistant mask: labels = input_ids (BOS at position 0 is
+    never predicted by the causal shift; padding is masked by the collator).
     """
     validate_conversation(messages, version)
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
+    labels = [tok if keep or not assistant_only else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
     truncated = len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
 
@@ -819,9 +826,14 @@ def preview_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], la
 
 
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, *, version: str
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, *, version: str, assistant_only: bool = True
 ) -> TokenizedExample:
-    """Tokenise a normalised `Example`: a conversation with the chat template, or raw text."""
+    """Tokenise a normalised `Example`: a conversation with the chat template, or raw text.
+
+    ``assistant_only`` (``train.assistant_only_loss``) applies to conversations; raw text trains every token.
+    """
     if example.messages is not None:
-        return tokenize_conversation(tokenizer, example.messages, max_length, version=version)
+        return tokenize_conversation(
+            tokenizer, example.messages, max_length, version=version, assistant_only=assistant_only
+        )
     return tokenize_text(tokenizer, example.text or "", max_length)

@@ -30,6 +30,7 @@ from mistral_fast.atomic import atomic_path
 from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, world_size
 from mistral_fast.errors import ConfigError
+from mistral_fast.pause import pause_point
 from mistral_fast.policies import resolve_optimizer
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class MetricsCallback(TrainerCallback):
             row = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if "loss" in logs:
+                pause_point(f"log:{state.global_step}")  # tests: kill mid-run once this step is on record
 
 
 class CompleteCheckpointCallback(TrainerCallback):
@@ -89,7 +92,27 @@ class CompleteCheckpointCallback(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                pause_point(f"save:{state.global_step}")  # tests: kill with the checkpoint written, unmarked
                 (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+class StepsRunCallback(TrainerCallback):
+    """Records the step this process started training at and how many optimiser steps it ran.
+
+    A resumed run starts at its checkpoint's step (the Trainer loads the state before `on_train_begin`)
+    and must run only the steps left; ``result.json`` says both, so a resume that quietly retrained
+    from scratch shows.
+    """
+
+    def __init__(self) -> None:
+        self.start_step: int | None = None
+        self.steps_run = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_run += 1
 
 
 class TrainableFp32Callback(TrainerCallback):
@@ -247,13 +270,14 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
         log.info("train.resume: no complete checkpoint in %s, starting from scratch", run_dir / "checkpoints")
     if resume is None:  # a fresh run starts a fresh history
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    steps = StepsRunCallback()
     trainer = _trainer_class(loaded)(
         model=loaded.model,
         args=build_sft_config(cfg, loaded, data.eval is not None, run_dir),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(run_dir),
+        callbacks=[*_callbacks(run_dir), steps],
     )
     if not using_fsdp():
         cast_trainable_to_fp32(trainer.model)
@@ -274,6 +298,7 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
     result = _result(cfg, loaded, trainer, output, seconds, eval_loss, adapter_dir, resume)
     # the Trainer's own count of processes in its process group: 2 means DDP really ran, data sharded
     result.extra.update(adapter_sha256=digest, world_size=trainer.args.world_size)
+    result.extra.update(start_step=steps.start_step, steps_run=steps.steps_run)
     return result
 
 

@@ -108,10 +108,54 @@ def _check_two_ranks(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
 
 
+# Full-batch steps: 8 training examples, each step takes all of them (1 process: batch 4 x accumulation 2;
+# 2 processes: batch 4 on each rank, accumulation 1), so the data order cannot make the runs differ and the
+# 2-process adapter must equal the 1-process one up to float summation order.
+FULL_BATCH = ("data.max_examples=8", "data.eval_fraction=0", "train.max_steps=3", "train.logging_steps=1")
+DDP_TOLERANCE = 1e-3  # |adapter(2 processes) - adapter(1 process)| / |its update from init|, per tensor
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _initial_adapter() -> dict:
+    """The adapter both runs start from: the LoRA weights load_model gives (lora_A seeded, lora_B zero),
+    keyed as peft saves them."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from mistral_fast.modeling import load_model
+
+    loaded = load_model(load_config("smoke", list(FULL_BATCH)))
+    return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(loaded.model).items()}
+
+
 @pytest.mark.slow
 def test_ddp_qlora_on_two_cpu_processes_with_torchrun(tmp_path) -> None:
+    """Two ranks agree, and what they agree on is what one process trains at the same effective batch."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    _check_two_ranks(*_launch(torchrun, tmp_path))
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    _check_two_ranks(*_launch(torchrun, tmp_path / "ddp", *FULL_BATCH))
+    _, single = _launch([sys.executable], tmp_path / "single", *FULL_BATCH)
+    one = json.loads((single / "result.json").read_text())["train"]
+    two = json.loads((tmp_path / "ddp" / "run" / "result.json").read_text())["train"]
+    assert (one["extra"]["world_size"], one["steps"], two["steps"]) == (1, 3, 3)
+    a, b = _adapter(single), _adapter(tmp_path / "ddp" / "run")
+    init = _initial_adapter()
+    assert a.keys() == b.keys() == init.keys() and any("lora_B" in k for k in a)
+    ratios = {}
+    for name in a:
+        update = (a[name].float() - init[name].float()).norm()
+        assert update > 0, f"{name} never moved from its init: nothing trained"
+        ratios[name] = ((a[name].float() - b[name].float()).norm() / update).item()
+    print(f"\nDDP vs 1 process: worst |difference| / |update| = {max(ratios.values()):.2e}")
+    assert max(ratios.values()) <= DDP_TOLERANCE, sorted(ratios.items(), key=lambda kv: -kv[1])[:3]
+    assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-3)
+    assert one["train_loss"] < one["first_logged_loss"], "the loss did not go down"
 
 
 @pytest.mark.slow

@@ -2,13 +2,17 @@
 
 Every case of ``tests/bad_inputs/cases.yaml`` runs ``python -m mistral_fast.cli …`` in a subprocess and
 must end with exit code 2, one last ``error: …`` line naming what and where and what to do, no traceback,
-and nothing written at the output path. The cases run concurrently (one fixture) to keep the suite fast.
+and nothing written: not in its own working directory, not at any path it names. Kills land at
+deterministic pause points (`mistral_fast.pause`), never after a sleep. The cases run concurrently (one
+fixture) to keep the suite fast.
 Counts and timings are in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -59,10 +63,11 @@ def _tree_digest(path: Path) -> str:
 # per case sends its logs to that case's captured stderr; an exception that escapes `main` is a failure
 # (its traceback is recorded as the case's stderr). The kill and full-disk tests use real subprocesses.
 _BATCH = """
-import contextlib, io, json, logging, sys, traceback
+import contextlib, io, json, logging, os, sys, traceback
 from mistral_fast.cli import main
 results = {}
-for name, argv in json.load(sys.stdin).items():
+for name, (cwd, argv) in json.load(sys.stdin).items():
+    os.chdir(cwd)  # each case in an empty directory of its own: anything it writes there is seen
     logging.root.handlers.clear()
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -77,18 +82,56 @@ print(json.dumps(results))
 """
 
 
+_PATH_FIELDS = ("train.output_dir", "data.path", "model.name_or_path")
+_CONFIG_COMMANDS = ("train", "prepare", "config")  # the commands that take a config (preset) argument
+
+
+def named_paths(argv: list[str], cwd: Path) -> list[Path]:
+    """Every path a case names, resolved as the CLI resolves it (relative to its working directory).
+
+    The path fields given with ``--set`` (``train.output_dir``, ``data.path``, ``model.name_or_path``),
+    ``--out``, and the ``train.output_dir`` the run would write to without an override: its preset's,
+    or the default (for a case whose config does not load, the default's).
+    """
+    from mistral_fast.config import load_config
+    from mistral_fast.errors import ConfigError
+
+    found = []
+    for flag, value in itertools.pairwise(argv):
+        key, _, path = value.partition("=")
+        if flag == "--set" and key in _PATH_FIELDS and path:
+            found.append(path)
+        if flag == "--out":
+            found.append(value)
+    preset = argv[1] if len(argv) > 1 and argv[0] in _CONFIG_COMMANDS and not argv[1].startswith("-") else None
+    try:
+        found.append(load_config(preset).train.output_dir)
+    except ConfigError:
+        found.append(load_config(None).train.output_dir)
+    return [Path(p) if Path(p).is_absolute() else cwd / p for p in found]
+
+
 @pytest.fixture(scope="module")
 def corpus_results(tmp_path_factory):
-    """Run every corpus case (two batches in parallel processes); {name: (returncode, stderr, out path)}."""
+    """Run every corpus case (two batches in parallel processes); {name: (returncode, stderr, out path)}.
+
+    Each case runs in an empty working directory of its own, which must still be empty afterwards, and
+    no path the case names that did not exist before (output dirs, ``--out``, the preset's default
+    ``train.output_dir``, missing data or model paths) may exist afterwards.
+    """
     root = tmp_path_factory.mktemp("corpus")
     before = _tree_digest(BAD)
     outs = {name: root / name / "out" for name in CASES}
+    cwds = {name: root / name / "cwd" for name in CASES}
     argvs = {
         name: [a.replace("{bad}", str(BAD)).replace("{out}", str(outs[name])) for a in case["argv"]]
         for name, case in CASES.items()
     }
+    for cwd in cwds.values():
+        cwd.mkdir(parents=True)
+    absent = {name: [p for p in named_paths(argvs[name], cwds[name]) if not p.exists()] for name in CASES}
     names = list(CASES)
-    batches = [dict((n, argvs[n]) for n in names[i::2]) for i in range(2)]
+    batches = [dict((n, [str(cwds[n]), argvs[n]]) for n in names[i::2]) for i in range(2)]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -109,7 +152,9 @@ def corpus_results(tmp_path_factory):
         results |= json.loads(stdout.strip().splitlines()[-1])
     print(f"\ncorpus: {len(CASES)} cases in {time.perf_counter() - start:.1f} s wall")
     assert _tree_digest(BAD) == before, "a corpus case wrote into tests/bad_inputs (e.g. over output_is_a_file)"
-    return {name: (r["rc"], r["stderr"], outs[name]) for name, r in results.items()}
+    written = {name: sorted(str(p.relative_to(root)) for p in cwds[name].rglob("*")) for name in CASES}
+    written |= {name: [*written[name], *(str(p) for p in absent[name] if p.exists())] for name in CASES}
+    return {name: (r["rc"], r["stderr"], outs[name], written[name]) for name, r in results.items()}
 
 
 @pytest.mark.parametrize("name", ["malformed_json", "output_dir_is_a_file"])
@@ -117,11 +162,14 @@ def test_cases_also_fail_cleanly_as_separate_processes(name, tmp_path) -> None:
     """A few cases as real `python -m mistral_fast.cli` processes: the batch above is no shortcut."""
     out = tmp_path / "out"
     argv = [a.replace("{bad}", str(BAD)).replace("{out}", str(out)) for a in CASES[name]["argv"]]
-    proc = subprocess.run(cli(*argv), capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    absent = [p for p in named_paths(argv, cwd) if not p.exists()]
+    proc = subprocess.run(cli(*argv), capture_output=True, text=True, env=ENV, cwd=cwd)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and all(text in last for text in CASES[name]["expect"]), last
-    assert not out.exists()
+    assert not out.exists() and list(cwd.iterdir()) == [] and not [p for p in absent if p.exists()]
 
 
 def test_the_corpus_is_big_enough() -> None:
@@ -132,7 +180,7 @@ def test_the_corpus_is_big_enough() -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_actionable_line(corpus_results, name) -> None:
-    rc, stderr, out = corpus_results[name]
+    rc, stderr, out, written = corpus_results[name]
     assert rc == 2, f"exit {rc}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
@@ -141,6 +189,17 @@ def test_bad_input_is_one_actionable_line(corpus_results, name) -> None:
     for text in CASES[name]["expect"]:
         assert text in lines[-1], f"{text!r} not in {lines[-1]!r}"
     assert not out.exists(), f"{name} left {sorted(p.name for p in out.rglob('*'))} at the output path"
+    assert written == [], f"{name} wrote {written} (its working directory or a path its config names)"
+
+
+def test_every_case_names_the_paths_that_are_checked(tmp_path) -> None:
+    """The 'nothing written' check is not vacuous: each case has its own directory and at least one path."""
+    for name, case in CASES.items():
+        argv = [a.replace("{bad}", str(BAD)).replace("{out}", str(tmp_path / "out")) for a in case["argv"]]
+        paths = named_paths(argv, tmp_path / "cwd")
+        assert paths and any(not p.exists() for p in paths), name
+    train = named_paths(["train", "smoke", "--set", "data.path=x.jsonl"], tmp_path)
+    assert tmp_path / "runs" / "smoke" in train and tmp_path / "x.jsonl" in train
 
 
 def test_debug_gives_the_traceback_for_a_data_error() -> None:
@@ -207,9 +266,23 @@ def reference_run(tmp_path_factory) -> tuple[Path, list[str]]:
     return run, overrides
 
 
-def _start(run: Path, overrides: list[str]) -> subprocess.Popen:
+def _start(run: Path, overrides: list[str], pause_at: str, marker: Path) -> subprocess.Popen:
+    """Start a training run that pauses at `pause_at` (see mistral_fast.pause) and says so in `marker`."""
     argv = cli("train", "smoke", *(f"--set={o}" for o in overrides), f"--set=train.output_dir={run}")
-    return subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**ENV, "MISTRAL_FAST_TEST_PAUSE_AT": pause_at, "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when_paused(proc: subprocess.Popen, marker: Path) -> None:
+    """Wait until the process sits at its pause point, then SIGKILL it: the kill lands at that point, always."""
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "the process ended without reaching its pause point"
+        assert time.monotonic() < deadline, "the pause point was not reached in 300 s"
+        time.sleep(0.05)
+    assert int(marker.read_text()) == proc.pid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _resume(run: Path, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -219,36 +292,38 @@ def _resume(run: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def _logged_steps(run: Path, skip: int = 0) -> list[int]:
+    """Steps of the training-loss rows of metrics.jsonl, after its first `skip` lines."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[skip:] if line.strip()]
+    return [row["step"] for row in rows if "loss" in row]
+
+
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_save_is_detected_and_skipped(reference_run, tmp_path) -> None:
-    """Kill the moment checkpoint-4's directory appears (before its COMPLETE marker): resume skips it.
+    """Killed while checkpoint-4 is on disk but not marked complete: resume skips it and goes on from checkpoint-2.
 
-    The poll is tight (1 ms) and the save of a checkpoint takes tens of ms, so the kill lands mid-save;
-    if the machine is so slow that the marker was already written, the marker is removed and one
-    file truncated, which is exactly what a mid-save kill leaves (then the test says so).
+    The run pauses after the Trainer wrote checkpoint-4 and before its COMPLETE marker, and is killed
+    there; one of its files is then cut short, as a kill mid-write leaves it. The resumed run must start
+    at step 2, run the 6 steps left (no more), and end with the uninterrupted run's adapter.
     """
     ref, overrides = reference_run
-    run = tmp_path / "run"
-    proc = _start(run, overrides)
+    run, marker = tmp_path / "run", tmp_path / "paused"
+    _kill_when_paused(_start(run, overrides, "save:4", marker), marker)
     target = run / "checkpoints" / "checkpoint-4"
-    deadline = time.time() + 300
-    while not target.exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if (target / "COMPLETE").exists():  # too late: make it what a mid-save kill leaves
-        (target / "COMPLETE").unlink()
-        weights = target / "adapter_model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:100])
-        print("checkpoint-4 was complete at the kill; simulated the mid-save state")
+    assert target.is_dir() and not (target / "COMPLETE").exists()
+    assert (run / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
+    weights = target / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     assert not (run / "adapter").exists() and not (run / "manifest.json").exists()
+    assert _logged_steps(run) == [1, 2, 3, 4]
+    logged_before = len((run / "metrics.jsonl").read_text().splitlines())
 
     resumed = _resume(run, overrides)
     assert "skipping" in resumed.stderr and "checkpoint-4: incomplete" in resumed.stderr
-    result = json.loads((run / "result.json").read_text())
-    assert result["train"]["resumed_from"].endswith("checkpoint-2"), "the partial checkpoint was not skipped"
+    train = json.loads((run / "result.json").read_text())["train"]
+    assert train["resumed_from"] == str(run / "checkpoints" / "checkpoint-2"), "the partial checkpoint was not skipped"
+    assert (train["extra"]["start_step"], train["extra"]["steps_run"], train["steps"]) == (2, 6, 8)
+    assert _logged_steps(run, logged_before) == [3, 4, 5, 6, 7, 8], "the resumed run did not go on from step 2"
     _assert_same_adapter(ref, run)
 
 
@@ -256,21 +331,15 @@ def test_sigkill_during_checkpoint_save_is_detected_and_skipped(reference_run, t
 def test_sigkill_mid_step_before_any_checkpoint_restarts_cleanly(reference_run, tmp_path) -> None:
     """Killed after its first logged step, before the first checkpoint: --resume starts over, same adapter."""
     ref, overrides = reference_run
-    run = tmp_path / "run"
-    proc = _start(run, overrides)
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)  # mid-step: step 1 logged, the optimiser is in step 2
-    proc.wait()
-    assert not (run / "adapter").exists()
+    run, marker = tmp_path / "run", tmp_path / "paused"
+    _kill_when_paused(_start(run, overrides, "log:1", marker), marker)
+    assert not (run / "adapter").exists() and not list((run / "checkpoints").glob("checkpoint-*"))
+    assert _logged_steps(run) == [1]
     _resume(run, overrides)
-    assert json.loads((run / "result.json").read_text())["train"]["resumed_from"] in (
-        None,
-        str(run / "checkpoints" / "checkpoint-2"),
-    )
+    train = json.loads((run / "result.json").read_text())["train"]
+    assert train["resumed_from"] is None  # no checkpoint existed: the only right answer is to start over
+    assert (train["extra"]["start_step"], train["extra"]["steps_run"], train["steps"]) == (0, 8, 8)
+    assert _logged_steps(run) == list(range(1, 9)), "a fresh start keeps no history of the killed run"
     _assert_same_adapter(ref, run)
 
 
@@ -281,15 +350,12 @@ def _sweep_notebook(path: Path) -> Path:
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-    params = new_code_cell(
-        'run_dir = "out"  # where results go\n'
-        "index = 0  # which variation\n"
-        'block = ""  # a file: variation 1 waits while it exists'
-    )
+    params = new_code_cell('run_dir = "out"  # where results go\nindex = 0  # which variation')
     params.metadata["tags"] = ["parameters"]
     body = (
         "import json, pathlib, time\n"
-        "while index == 1 and block and pathlib.Path(block).exists():\n    time.sleep(0.1)\n"
+        "from mistral_fast.pause import pause_point\n"
+        "pause_point(f'variation-{index}')  # the test pauses variation 1 here and kills the sweep\n"
         "pathlib.Path(run_dir).mkdir(parents=True, exist_ok=True)\n"
         "pathlib.Path(run_dir, 'results.json').write_text(json.dumps({'index': index, 'time': time.time()}))"
     )
@@ -302,35 +368,29 @@ def _sweep_notebook(path: Path) -> Path:
 @pytest.mark.slow
 def test_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path) -> None:
     nb = _sweep_notebook(tmp_path / "wait.ipynb")
-    block = tmp_path / "block"
-    block.write_text("variation 1 waits while this exists")
     out = tmp_path / "sweep"
-    spec = {
-        "notebook": str(nb),
-        "parameters": {"block": str(block)},
-        "grid": {"index": [0, 1]},
-        "out": str(out),
-        "timeout": 120,
-    }
+    spec = {"notebook": str(nb), "grid": {"index": [0, 1]}, "out": str(out), "timeout": 120}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     argv = cli("sweep", str(tmp_path / "sweep.yaml"))
+    marker = tmp_path / "paused"
+    env = {**ENV, "MISTRAL_FAST_TEST_PAUSE_AT": "variation-1", "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
     proc = subprocess.Popen(
-        argv, env=ENV, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        argv, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     first = out / "00-index=0" / "status.json"
-    second_nb = out / "01-index=1" / "notebook.ipynb"
-    deadline = time.time() + 120
-    while not (first.exists() and second_nb.exists()):
-        assert proc.poll() is None and time.time() < deadline
+    deadline = time.monotonic() + 120
+    while not marker.exists():  # variation 1's kernel waits in its cell: variation 0 is finished
+        assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its kernel, mid-way through variation 1
+    # the sweep mid-way through variation 1, and its kernel (jupyter_client gives it a session of its own)
+    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # gone already if it shared the group
+        os.kill(int(marker.read_text()), signal.SIGKILL)
     proc.wait()
     assert json.loads(first.read_text())["status"] == "done"
     assert not (out / "01-index=1" / "status.json").exists() and not (out / "sweep.csv").exists()
     done_at = first.stat().st_mtime_ns
 
-    block.unlink()
     again = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "00-index=0 already finished, skipped" in again.stderr
@@ -341,23 +401,29 @@ def test_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------------------ exports
 
-# An export in a child process, each tensor slowed by 20 ms so that the kill lands mid-file (the tiny model
-# otherwise exports in a fraction of a second). Interrupts (Ctrl-C) are covered in tests/test_export_*.py.
+# An export in a child process that pauses (mistral_fast.pause) in the middle of writing: after its third
+# tensor when run as "pause", so the kill lands mid-file every time. Interrupts (Ctrl-C) are covered in
+# tests/test_export_*.py.
 _EXPORT = """
-import sys, time
+import sys
 from pathlib import Path
-kind, source, final, slow = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "slow"
-def slowed(module, name):
-    real = getattr(module, name, None)
-    if slow and real is not None:
-        setattr(module, name, lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1])
+from mistral_fast.pause import pause_point
+kind, source, final = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+def counted(module, name):
+    real, calls = getattr(module, name), []
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            pause_point("export")  # three tensors written, the fourth not
+        return real(*a, **k)
+    setattr(module, name, wrapper)
 if kind == "gguf":
     from mistral_fast.export import gguf
-    slowed(gguf, "_encode")
+    counted(gguf, "_encode")
     gguf.export_gguf(source, final, "f16")
 else:
     from mistral_fast.export import merge
-    slowed(merge, "merge_tensor")
+    counted(merge, "merge_tensor")
     merge.merge_adapter(source, final)
 """
 
@@ -371,19 +437,17 @@ def test_sigkill_during_export_leaves_no_file_at_the_final_path(kind, reference_
     source = str(tiny_model_dir()) if kind == "gguf" else str(ref)
     final = tmp_path / ("tiny-f16.gguf" if kind == "gguf" else "merged")
     argv = [sys.executable, "-c", _EXPORT, kind, source, str(final)]
-    proc = subprocess.Popen([*argv, "slow"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(f".{final.name}*")):  # the temp file/dir beside the final path
-        assert proc.poll() is None, "the export ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    marker = tmp_path.parent / f"{tmp_path.name}.paused"  # beside tmp_path: the test lists tmp_path below
+    env = {**ENV, "MISTRAL_FAST_TEST_PAUSE_AT": "export", "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _kill_when_paused(proc, marker)
+    finally:
+        marker.unlink(missing_ok=True)
     assert not final.exists(), "a killed export left a file at the final path"
     left = list(tmp_path.glob(f".{final.name}*"))
     assert left, "the killed export left no temporary (the test did not kill it mid-write)"
-    subprocess.run([*argv, "fast"], check=True, env=ENV, capture_output=True)  # rerunning completes
+    subprocess.run(argv, check=True, env=ENV, capture_output=True)  # rerunning completes
     assert final.exists()
     assert list(tmp_path.iterdir()) == [final], "the rerun removes what the killed export left beside it"
     if kind == "gguf":

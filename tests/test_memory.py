@@ -248,3 +248,44 @@ def test_double_quant_and_world_size():
     assert saved == pytest.approx(linear * (4 / 64 - 1 / 64 - 4 / (64 * 256)), rel=1e-3)  # ~0.37 bit/param
     two = estimate_memory(cfg, model_config=MISTRAL_7B, world_size=2)
     assert two.total == dq.total and two.plan.effective_batch == 2 * dq.plan.effective_batch
+
+
+# The real Trainer step (tests/trainer_step_memory.py): `train` with the optimizer the config picks
+# ("auto" on a CPU: adamw_torch), gradient clipping, the LR scheduler and our callbacks, not the simplified
+# AdamW step above. Same model sizes and tolerance as the simplified step.
+TRAINER_CASES = {k: CASES[k] for k in ("qlora-512x4", "qlora-512x4-checkpointing")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_estimate_matches_the_real_trainer_step(tmp_path, case):
+    from pathlib import Path
+
+    from mistral_fast.modeling import read_model_config
+
+    sizes, overrides, batch, seq = TRAINER_CASES[case]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    harness = Path(__file__).parent / "trainer_step_memory.py"
+    args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq)]
+    out = subprocess.run([sys.executable, str(harness), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    cfg = RunConfig().with_overrides(
+        {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
+    )
+    cfg = cfg.with_overrides({"train.per_device_batch_size": batch})
+    est = estimate_memory(
+        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
+        compute_dtype=measured["compute_dtype"],
+    )  # fmt: skip
+    b = est.breakdown
+    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    ratio = measured["step_peak"] / step
+    print(f"\n{case}: trainer step {measured['step_peak'] / 2**20:.1f} MiB, estimated {step / 2**20:.1f} ({ratio:.3f})")
+    # the optimizer the Trainer ran is the one the estimate assumed, with its state (2 moments per LoRA matrix)
+    assert measured["optim"] == est.plan.optimizer == "adamw_torch"
+    assert measured["optimizer_class"] == "torch.optim.adamw.AdamW" and measured["max_grad_norm"] > 0
+    assert measured["optimizer_state_tensors"] == 2 * measured["trainable_tensors"]  # exp_avg, exp_avg_sq
+    assert measured["steps"] == 3 and measured["trainable_params"] == est.details["trainable_params"]
+    assert measured["step_peak"] == pytest.approx(step, rel=STEP_TOLERANCE), (measured, b)

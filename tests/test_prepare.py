@@ -9,7 +9,13 @@ import pytest
 from mistral_fast.config import load_config
 from mistral_fast.dataset import prepare_data
 from mistral_fast.errors import DataError
-from mistral_fast.tokenizer import IGNORE_INDEX, load_tokenizer, preview_example, reference_tokenizer
+from mistral_fast.tokenizer import (
+    IGNORE_INDEX,
+    load_tokenizer,
+    preview_example,
+    reference_chat_ids,
+    reference_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +93,32 @@ def test_preview_marks_the_trained_part(tok) -> None:
     text = preview_example(tok, row["input_ids"], row["labels"])
     answers = [m["content"] for m in example.messages if m["role"] == "assistant"]
     assert text.count("⟦") == len(answers) and all(f"⟦{a}</s>⟧" in text for a in answers)
+
+
+def test_assistant_only_loss_false_trains_every_token_of_the_conversation(tok) -> None:
+    """``train.assistant_only_loss``: true trains the answers and their </s> only; false trains every token
+    (TRL's behaviour without an assistant mask: labels = input_ids; padding is masked later by the collator).
+    Both keep mistral_common's ids; only the labels differ."""
+    cfg = load_config("smoke", ["data.max_examples=20", "data.eval_fraction=0"])
+    only = prepare_data(cfg, tok)
+    every = prepare_data(cfg.with_overrides({"train.assistant_only_loss": False}), tok)
+    assert only.train["input_ids"] == every.train["input_ids"]
+    assert only.train["labels"] != every.train["labels"], "train.assistant_only_loss changed nothing"
+    for a, b, example in zip(only.train, every.train, only.train_examples, strict=True):
+        reference = reference_chat_ids(example.messages)  # mistral_common's ids for the whole conversation
+        assert b["input_ids"] == reference, example.where
+        assert b["labels"] == reference, "with assistant_only_loss=false every token is a target"
+        # the prompt tokens (BOS, [INST] … [/INST], user text) are what assistant_only_loss=true leaves out
+        masked = [t for t, label in zip(reference, a["labels"], strict=True) if label == IGNORE_INDEX]
+        assert masked and masked[0] == tok.bos_token_id and tok.convert_tokens_to_ids("[INST]") in masked
+        assert all(label in (IGNORE_INDEX, t) for t, label in zip(reference, a["labels"], strict=True))
+    assert every.stats["trained_tokens"] == every.stats["train_tokens"] > only.stats["trained_tokens"]
+
+
+def test_assistant_only_loss_false_truncates_like_true(tmp_path, tok) -> None:
+    long_system = {"role": "system", "content": "word " * 200}
+    rows = [{"messages": [long_system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    cfg = load_config(None, [f"data.path={write(tmp_path, rows)}", "model.max_seq_length=64", "data.eval_fraction=0"])
+    row = prepare_data(cfg.with_overrides({"train.assistant_only_loss": False}), tok).train[0]
+    # the answer was cut off, but the system prompt is trained too: the example keeps trained tokens
+    assert row["labels"] == row["input_ids"] and len(row["input_ids"]) == 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -159,3 +160,79 @@ def test_sweep_out_from_a_file_is_the_users_choice_but_names_are_not(tmp_path) -
     loaded = load_sweep(tmp_path / "s.yaml", out=str(tmp_path / "out"))
     name = variation_name(0, loaded.variations[0])
     assert (tmp_path / "out" / name).resolve().parent == (tmp_path / "out").resolve()
+
+
+# ------------------------------------------------------------------ the token printed by a cell (streamed, killed)
+
+
+def _leaky_notebook(path, *extra_cells: str):
+    """A notebook whose cell prints HF_TOKEN to stdout and to stderr (what a careless debugging cell does)."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    params = new_code_cell('run_dir = "out"  # where results go')
+    params.metadata["tags"] = ["parameters"]
+    leak = (
+        "import os, sys\n"
+        "print('token:', os.environ['HF_TOKEN'])\n"
+        "print('err:', os.environ['HF_TOKEN'], file=sys.stderr)"
+    )
+    nb = new_notebook(cells=[params, new_code_cell(leak), *(new_code_cell(c) for c in extra_cells)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def _files_with_token(root) -> list[str]:
+    from pathlib import Path
+
+    return [str(p) for p in Path(root).rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+
+
+def test_token_printed_by_a_cell_reaches_neither_terminal_nor_disk(tmp_path) -> None:
+    """`notebook run` streams cell output to the terminal: the token a cell prints must arrive as ***."""
+    nb = _leaky_notebook(tmp_path / "leak.ipynb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_TOKEN": TOKEN}
+    proc = subprocess.run(
+        cli("notebook", "run", str(nb), "--out", str(tmp_path / "out"), "--timeout", "120"),
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    terminal = proc.stdout + proc.stderr
+    assert TOKEN not in terminal, "the streamed cell output printed the token"
+    # the cell's output was streamed (scrubbed), from stdout and from stderr: the check above saw it
+    assert "token: ***" in terminal and "err: ***" in terminal, terminal[-3000:]
+    assert _files_with_token(tmp_path) == []
+
+
+def test_token_is_on_no_intermediate_save_of_a_killed_notebook_run(tmp_path) -> None:
+    """Killed in the cell after the one that printed the token: papermill's saves so far hold no token."""
+    import signal
+    import time
+
+    nb = _leaky_notebook(tmp_path / "leak.ipynb", "from mistral_fast.pause import pause_point\npause_point('cell')")
+    marker = tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_TOKEN": TOKEN}
+    env |= {"MISTRAL_FAST_TEST_PAUSE_AT": "cell", "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
+    out, err = tmp_path / "terminal.out", tmp_path / "terminal.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            cli("notebook", "run", str(nb), "--out", str(tmp_path / "out"), "--timeout", "120"),
+            stdout=stdout, stderr=stderr, env=env, cwd=tmp_path, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the kernel waits in the pause cell: the leak cell is done and saved
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # the CLI mid-run (no final scrub), and the kernel (jupyter_client starts it in a session of its own)
+        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone already if it shared the group
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+        proc.wait()
+    assert _files_with_token(tmp_path) == [], "a file left by the killed run holds the token"
+    terminal = out.read_text() + err.read_text()
+    assert TOKEN not in terminal and "token: ***" in terminal and "err: ***" in terminal, terminal[-3000:]
+    saved = (tmp_path / "out" / "leak.ipynb").read_text(encoding="utf-8")
+    assert "token: ***" in saved and "err: ***" in saved, "the intermediate save did not have the cell's output"
+    assert "pause_point('cell')" in saved

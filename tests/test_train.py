@@ -138,29 +138,36 @@ def test_sigkill_then_resume_reaches_the_same_adapter(tmp_path) -> None:
         "train.save_total_limit=20",
         "data.eval_fraction=0.1",
         "train.learning_rate=1e-3",
+        "train.logging_steps=1",
     ]
     straight = smoke(tmp_path / "a", *common)
     killed = smoke(tmp_path / "b", *common)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_train_cmd(straight.save(tmp_path / "a.yaml")), check=True, env=env, capture_output=True)
 
+    # paused (mistral_fast.pause) once step 7 is logged: checkpoint-6 is complete, checkpoint-8 not begun
+    marker = tmp_path / "paused"
+    pause = {"MISTRAL_FAST_TEST_PAUSE_AT": "log:7", "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
     proc = subprocess.Popen(
-        _train_cmd(killed.save(tmp_path / "b.yaml")), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    ckpts = Path(killed.train.output_dir) / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts / "checkpoint-6" / COMPLETE_MARKER).exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
+        _train_cmd(killed.save(tmp_path / "b.yaml")), env=env | pause, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "training ended before it reached its pause point"
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-training, between checkpoints 6 and 8
     proc.wait()
+    ckpts = Path(killed.train.output_dir) / "checkpoints"
+    assert (ckpts / "checkpoint-6" / COMPLETE_MARKER).exists() and not (ckpts / "checkpoint-8").exists()
     assert not (Path(killed.train.output_dir) / "adapter").exists()
 
     resumed = subprocess.run(_train_cmd(tmp_path / "b.yaml", "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = json.loads((Path(killed.train.output_dir) / "result.json").read_text())
-    assert result["train"]["resumed_from"].endswith(("checkpoint-6", "checkpoint-8"))
+    train = json.loads((Path(killed.train.output_dir) / "result.json").read_text())["train"]
+    assert train["resumed_from"] == str(ckpts / "checkpoint-6")
+    assert (train["extra"]["start_step"], train["extra"]["steps_run"], train["steps"]) == (6, 6, 12)
     a, b = adapter_weights(tmp_path / "a" / "run"), adapter_weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
     for name in a:
