@@ -20,6 +20,7 @@ import yaml
 
 from mistral_fast.atomic import write_text_atomic
 from mistral_fast.errors import ConfigError
+from mistral_fast.resources import resource_dir
 
 TARGET_SETS: dict[str, tuple[str, ...]] = {
     # LoRA on attention only: the original QLoRA-paper-era default, fewest parameters.
@@ -29,8 +30,9 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
 }
 MISTRAL_LINEAR_MODULES = TARGET_SETS["all-linear"]
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# the checkout's configs/ and data/, or the copies inside an installed wheel (mistral_fast.resources)
+CONFIGS_DIR = resource_dir("configs")
+DATA_DIR = resource_dir("data")
 
 
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
