@@ -78,3 +78,21 @@ def test_killed_notebook_rerun_with_storage_resumes_to_the_uninterrupted_adapter
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert (resumed[name] == tensor).all(), name
+
+
+def test_storage_puts_the_run_under_it_and_resumes(tmp_path) -> None:
+    from mistral_fast.notebook import notebook_config, resolve_run_dir
+
+    cfg = notebook_config({"smoke": True, "storage": str(tmp_path), "train_output_dir": "runs/r"})
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "r") and cfg.train.resume is True
+    assert notebook_config({"smoke": True, "storage": ""}).train.resume is False, "without storage: no resume"
+    assert resolve_run_dir("runs/r", storage=str(tmp_path)) == tmp_path / "runs" / "r"  # where 02/03 look
+
+
+@pytest.mark.skipif(Path("/content/drive").exists(), reason="Google Drive is mounted here")
+def test_storage_drive_without_the_mount_says_to_run_the_set_up_cell() -> None:
+    from mistral_fast.errors import ConfigError
+    from mistral_fast.runner import check_parameters, resolve_notebook
+
+    with pytest.raises(ConfigError, match=r"storage='drive'.*run the set-up cell"):
+        check_parameters(resolve_notebook("01_finetune"), {"smoke": True, "storage": "drive"})
