@@ -142,4 +142,8 @@ def test_installed_wheel_runs_config_demo_evaluate_and_export_from_an_empty_dire
     results = json.loads((run / "results.json").read_text())
     assert {"config", "run", "evaluation", "export"} <= set(results)
     assert (work / results["export"]["gguf"]["q8_0"]).is_file()
-    assert sorted(p.name for p in work.iterdir()) == ["runs"], "nothing else written to the working directory"
+
+    _cli(installed, work, "notebook", "copy", "my-notebooks")  # the installed notebooks, out for editing
+    shipped = installed / "mistral_fast" / "_resources" / "notebooks" / "03_export.ipynb"
+    assert (work / "my-notebooks" / "03_export.ipynb").read_bytes() == shipped.read_bytes()
+    assert sorted(p.name for p in work.iterdir()) == ["my-notebooks", "runs"], "nothing else in the directory"
