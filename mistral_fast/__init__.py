@@ -12,6 +12,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from mistral_fast.quiet import silence_library_noise  # stdlib logging only: import stays light
+
+silence_library_noise()  # before torch, torchao and bitsandbytes are imported: they log at import
+
 # public name -> module that defines it
 _LAZY = {
     "RunConfig": "config",

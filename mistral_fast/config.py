@@ -22,9 +22,11 @@ from mistral_fast.atomic import write_text_atomic
 from mistral_fast.constants import GGUF_TYPES, KQUANT_TYPES
 from mistral_fast.errors import ConfigError
 from mistral_fast.families import lora_target_sets, resolve_targets
+from mistral_fast.resources import resource_dir
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# the checkout's configs/ and data/, or the copies inside an installed wheel (mistral_fast.resources)
+CONFIGS_DIR = resource_dir("configs")
+DATA_DIR = resource_dir("data")
 
 
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:

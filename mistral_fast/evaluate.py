@@ -328,9 +328,11 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     if not predictions:
         return {"rouge_l": None, "bleu": None, "exact_match": None}
     import sacrebleu
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    # the tokenizer RougeScorer picks by default, passed explicitly: otherwise it logs "Using default tokenizer."
+    # through absl on every call (twice per evaluation: tuned and base)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
     bleu = sacrebleu.corpus_bleu(predictions, [references]).score
     exact = [_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True)]

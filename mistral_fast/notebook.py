@@ -113,7 +113,39 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
             continue
         mapped[key] = value
     mapped.update(params.get("overrides") or {})
-    return cfg.with_overrides(mapped) if mapped else cfg
+    cfg = cfg.with_overrides(mapped) if mapped else cfg
+    storage = params.get("storage") or ""
+    if storage:  # the run outlives the runtime there, and running the notebook again continues it
+        root = storage_root(storage)
+        cfg = cfg.with_overrides({"train.output_dir": str(root / cfg.train.output_dir), "train.resume": True})
+    return cfg
+
+
+# Where ``storage`` puts run directories. Colab's runtime disk dies with the runtime (idle limit, session
+# cap); Google Drive, mounted by the notebooks' set-up cell, stays. Kaggle keeps /kaggle/working as the
+# notebook's output when a version is saved.
+STORAGE_ROOTS = {"drive": Path("/content/drive/MyDrive/mistral_fast"), "kaggle": Path("/kaggle/working")}
+
+
+def storage_root(storage: str) -> Path:
+    """The directory a notebook's ``storage`` parameter names: ``"drive"``, ``"kaggle"`` or a directory.
+
+    Raises:
+        ConfigError: ``"drive"`` while Google Drive is not mounted (the set-up cell mounts it on Colab), or
+            ``"kaggle"`` outside Kaggle.
+    """
+    from mistral_fast.errors import ConfigError
+
+    root = STORAGE_ROOTS.get(storage)
+    if root is None:
+        return Path(storage).expanduser()
+    if not root.parent.is_dir():
+        where = "on Colab, run the set-up cell (it mounts Google Drive)" if storage == "drive" else "only on Kaggle"
+        raise ConfigError(
+            f"notebook parameter storage={storage!r}: {root.parent} does not exist — {where}, "
+            "or give a directory (e.g. storage='/mnt/runs')"
+        )
+    return root
 
 
 def preview_data(data: PreparedData, cfg: RunConfig, index: int = 0) -> str:
@@ -153,31 +185,36 @@ def write_results(run_dir: str | os.PathLike[str], **sections: Any) -> Path:
     return write_json_atomic(path, {**existing, **{k: _plain(v) for k, v in sections.items()}})
 
 
-def resolve_run_dir(run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "") -> Path:
-    """A notebook's ``run_dir``; empty means the run 01_finetune writes for the same ``smoke`` and ``preset``.
+def resolve_run_dir(
+    run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "", storage: str = ""
+) -> Path:
+    """A notebook's ``run_dir``; empty means the run 01_finetune writes for the same ``smoke``, ``preset``, ``storage``.
 
     The default is derived exactly as 01 derives it (`notebook_config`), so 02 and 03 find 01's run for
-    whatever preset it used.
+    whatever preset it used. With ``storage`` (see `storage_root`) a given ``run_dir`` lies there too.
     """
     if str(run_dir):
-        return Path(run_dir)
-    return Path(notebook_config({"smoke": smoke, "preset": preset}).train.output_dir)
+        return storage_root(storage) / run_dir if storage else Path(run_dir)
+    return Path(notebook_config({"smoke": smoke, "preset": preset, "storage": storage}).train.output_dir)
 
 
-def ensure_run(run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "") -> Path:
+def ensure_run(
+    run_dir: str | os.PathLike[str], *, smoke: bool = False, preset: str = "", storage: str = ""
+) -> Path:
     """The run directory to evaluate; with ``smoke`` and no finished run there, train a quick tiny one.
 
     Args:
         run_dir: a run directory; empty for the default one (see `resolve_run_dir`).
         smoke: the tiny local model: a missing run is trained first (seconds on a CPU).
         preset: the preset 01_finetune ran with (for the default run directory).
+        storage: where 01_finetune kept its runs (``"drive"``, ``"kaggle"``, a directory; see `storage_root`).
 
     Raises:
         ModelError: (without smoke) the directory holds no finished run.
     """
     from mistral_fast.errors import ModelError
 
-    run = resolve_run_dir(run_dir, smoke=smoke, preset=preset)
+    run = resolve_run_dir(run_dir, smoke=smoke, preset=preset, storage=storage)
     if RunDir.open(run).is_finished:
         return run
     if not smoke:

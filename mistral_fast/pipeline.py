@@ -71,7 +71,7 @@ def make_run_dir(run_dir: Path) -> Path:
 
 
 def run(cfg: RunConfig) -> RunResult:
-    """Run the whole pipeline for a config: data → model → train → evaluate; write the run directory.
+    """Run the whole pipeline for a config: data → model → train → evaluate → export; write the run directory.
 
     This is the recipe every entry point follows; read it top to bottom.
     """
@@ -109,5 +109,8 @@ def run(cfg: RunConfig) -> RunResult:
     write_text_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
     from mistral_fast.manifest import write_manifest
 
-    write_manifest(cfg, run_dir)  # last: the sha256 of every file above (`mistral-fast verify RUN_DIR`)
+    write_manifest(cfg, run_dir)  # the sha256 of every file above (`mistral-fast verify RUN_DIR`)
+    from mistral_fast.export import export_run
+
+    export_run(cfg)  # last: what cfg.export asks for (merged, GGUF) into export/, added to the manifest
     return result

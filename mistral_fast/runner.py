@@ -32,10 +32,11 @@ import yaml
 from mistral_fast.atomic import atomic_path, write_text_atomic
 from mistral_fast.constants import RESULTS_FILE
 from mistral_fast.errors import ConfigError, MistralFastError, NotebookError
+from mistral_fast.resources import resource_dir
 
 log = logging.getLogger("mistral_fast")
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = resource_dir("notebooks")  # the checkout's notebooks/, or the copy inside an installed wheel
 DEFAULT_TIMEOUT_S = 24 * 3600  # per cell: a 7B training cell runs for hours; tests pass far less
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials"}
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{16,}|api_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,})$")
@@ -354,12 +355,50 @@ def finalise_output(path: Path, source: Path) -> int:
     if found:
         log.warning("%s: removed %d occurrence(s) of credentials from the output notebook", path, found)
     nb = json.loads(text)
+    plain_progress_bars(nb)
     kernelspec = _read_notebook(source).metadata.get("kernelspec")
     if kernelspec:
         nb.setdefault("metadata", {})["kernelspec"] = dict(kernelspec)
     nb.setdefault("metadata", {})["mistral_fast"] = {"python": sys.executable}
     write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return found
+
+
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def plain_progress_bars(nb: dict[str, Any]) -> int:
+    """Give each tqdm widget of an output notebook its final state as plain text.
+
+    In a papermill kernel tqdm draws ipywidgets (it cannot tell a headless kernel from Jupyter), and the
+    ``text/plain`` stored with a widget is its first frame, ``0%``. nbclient keeps the widgets' final
+    state in the notebook metadata; from it each bar's ``text/plain`` becomes its last frame
+    (``Loading weights: 100%|██████████| 21/21 […]``), which is what a reader without a widget renderer
+    (a terminal, GitHub, a diff) sees. Jupyter still renders the widget from the stored state.
+
+    Returns:
+        How many progress bars were rewritten.
+    """
+    import html
+
+    states = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    done = 0
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(_WIDGET_VIEW)
+            box = states.get(view.get("model_id", "")) if view else None
+            children = (box or {}).get("state", {}).get("children", [])
+            parts = [states.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in children]
+            if [p.get("model_name") for p in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+                continue  # not a tqdm bar: left as it is
+            left, bar, right = (p["state"] for p in parts)
+            filled = int(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
+            text = f"{html.unescape(left.get('value', ''))}|{'█' * filled}{' ' * (10 - filled)}|"
+            text += html.unescape(right.get("value", ""))
+            output["data"]["text/plain"] = text.replace("\u2007", " ")
+            done += 1
+    return done
 
 
 def _results_dir(params: dict[str, Parameter], values: dict[str, Any], cwd: Path) -> Path | None:
@@ -369,7 +408,8 @@ def _results_dir(params: dict[str, Parameter], values: dict[str, Any], cwd: Path
     namespace = {name: p.default for name, p in params.items()} | values
     if "run_dir" in namespace:
         smoke, preset = bool(namespace.get("smoke")), str(namespace.get("preset") or "")
-        return cwd / resolve_run_dir(namespace["run_dir"], smoke=smoke, preset=preset)
+        storage = namespace.get("storage") or ""
+        return cwd / resolve_run_dir(namespace["run_dir"], smoke=smoke, preset=preset, storage=storage)
     if any(config_key(name) for name in params):  # resolved as the kernel will: "" keeps the preset's dir
         return cwd / notebook_config(namespace).train.output_dir
     return None
@@ -385,6 +425,33 @@ def resolve_notebook(notebook: str | os.PathLike[str]) -> Path:
             return candidate
     shipped = sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb"))
     raise NotebookError(f"notebook {str(notebook)!r} not found; give a path or one of {shipped}")
+
+
+def copy_notebooks(dest: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
+    """Copy the shipped notebooks (and the sample sweep file) into `dest` for local editing.
+
+    Installed from a wheel, the notebooks live inside site-packages, where edits would be lost on the
+    next upgrade; a copy in a directory of the user's is theirs to change (``notebook run PATH`` runs it).
+
+    Args:
+        dest: a directory (created if missing).
+        overwrite: replace files already there; without it an existing file stops the copy before any write.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        NotebookError: a file is already there (the user's edits are never replaced silently).
+    """
+    import shutil
+
+    target = Path(dest)
+    sources = sorted(p for p in NOTEBOOKS_DIR.iterdir() if p.suffix in (".ipynb", ".yaml"))
+    clash = [str(target / p.name) for p in sources if (target / p.name).exists()]
+    if clash and not overwrite:
+        raise NotebookError(f"{', '.join(clash)} already exist(s): copy into another directory, or pass --force")
+    target.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copyfile(p, target / p.name)) for p in sources]
 
 
 def run_notebook(

@@ -1,8 +1,15 @@
 """Write the project's sample data sets into data/ (deterministic; rerun to regenerate).
 
-The task is deliberately checkable: a unit-conversion assistant that always answers in one fixed
-form, "<value> <unit> = <result> <unit>.", rounded to two decimals. A fine-tuned model can be scored by
-exact match as well as ROUGE/BLEU, and a tiny model over-fitted on it shows whether it learned to stop.
+sample_chat.jsonl / sample_alpaca.jsonl: a unit-conversion assistant that always answers in one fixed
+form, "<value> <unit> = <result> <unit>.", rounded to two decimals; multi-turn, with system prompts (the
+chat-format and multi-turn tests use it). A fine-tuned model can be scored by exact match as well as
+ROUGE/BLEU, and a tiny model over-fitted on it shows whether it learned to stop.
+
+sample_sentiment.jsonl: short product and place reviews labelled ``positive`` or ``negative`` (the
+demo). The label follows from the opinion word, which comes from a small fixed list, while the thing
+reviewed and the sentence around it vary: a tiny random-weight Mistral learns it with LoRA in about a
+minute on 2 CPU cores and answers held-out reviews (new sentences, same opinion words) by exact match,
+which the untrained base never does. Both labels are equally frequent.
 """
 
 from __future__ import annotations
@@ -74,6 +81,37 @@ def alpaca(rng: random.Random) -> dict:
     }
 
 
+THINGS = [
+    "the food", "the service", "this phone", "the movie", "the hotel room", "the battery", "the staff",
+    "the plot", "the delivery", "this laptop", "the coffee", "the concert", "the app", "the seats",
+    "the camera", "the book", "the pizza", "the hike", "the headphones", "the museum",
+]
+POSITIVE = ["wonderful", "excellent", "great", "fantastic", "superb", "delightful", "amazing", "lovely"]
+NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "disappointing", "poor", "useless", "bad"]
+REVIEWS = [
+    "{T} was {w}.",
+    "Honestly, {t} was {w}.",
+    "I found {t} {w}.",
+    "{T} is {w}, nothing more to say.",
+    "We tried {t} yesterday: {w}.",
+    "My verdict on {t}: {w}.",
+]
+CLASSIFY = "Is this review positive or negative? Answer with one word.\n\n{review}"
+
+
+def sentiment(rng: random.Random, label: str) -> dict:
+    """One review with its label as a two-message chat: the answer is the bare label."""
+    word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+    thing = rng.choice(THINGS)
+    review = rng.choice(REVIEWS).format(t=thing, T=thing[0].upper() + thing[1:], w=word)
+    return {
+        "messages": [
+            {"role": "user", "content": CLASSIFY.format(review=review)},
+            {"role": "assistant", "content": label},
+        ]
+    }
+
+
 def main() -> None:
     rng = random.Random(20261129)
     with (DATA / "sample_chat.jsonl").open("w", encoding="utf-8") as f:
@@ -82,6 +120,17 @@ def main() -> None:
     with (DATA / "sample_alpaca.jsonl").open("w", encoding="utf-8") as f:
         for _ in range(60):
             f.write(json.dumps(alpaca(rng), ensure_ascii=False) + "\n")
+    rng = random.Random(20261130)  # its own seed: the sets above stay byte-identical
+    labels = ["positive", "negative"] * 150
+    rng.shuffle(labels)
+    seen: set[str] = set()  # no review twice: a held-out review must be new to the model, not a copy
+    with (DATA / "sample_sentiment.jsonl").open("w", encoding="utf-8") as f:
+        for label in labels:
+            line = json.dumps(sentiment(rng, label), ensure_ascii=False)
+            while line in seen:
+                line = json.dumps(sentiment(rng, label), ensure_ascii=False)
+            seen.add(line)
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

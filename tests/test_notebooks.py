@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -66,7 +67,7 @@ def test_every_finetune_parameter_maps_to_config_or_is_known() -> None:
     from mistral_fast.notebook import config_key
 
     params = read_parameters(NOTEBOOKS_DIR / "01_finetune.ipynb")
-    extra = {"smoke", "preset", "overrides", "install_requirement", "gpu"}
+    extra = {"smoke", "preset", "overrides", "install_from", "storage", "gpu"}
     assert all(config_key(name) or name in extra for name in params)
 
 
@@ -106,11 +107,24 @@ def test_hf_token_from_the_environment_never_reaches_the_output_notebook(finetun
     assert FAKE_TOKEN not in Path(done.output_notebook).read_text(encoding="utf-8")
 
 
-@pytest.mark.slow
-def test_evaluate_notebook_runs_on_the_finetuned_run(finetuned) -> None:
+@pytest.fixture(scope="module")
+def evaluated(finetuned):
     tmp, _ = finetuned
     params = {"smoke": True, "run_dir": "run", "num_samples": 2, "max_new_tokens": 6}
-    done = run_notebook("02_evaluate", params, output=tmp / "02.ipynb", cwd=tmp, timeout=300)
+    return run_notebook("02_evaluate", params, output=tmp / "02.ipynb", cwd=tmp, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(finetuned):
+    tmp, _ = finetuned
+    params = {"smoke": True, "run_dir": "run", "export_gguf": ["q8_0"], "export_merged": True}
+    return run_notebook("03_export", params, output=tmp / "03.ipynb", cwd=tmp, timeout=300)
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_runs_on_the_finetuned_run(finetuned, evaluated) -> None:
+    tmp, _ = finetuned
+    done = evaluated
     assert set(done.results) >= {"config", "run", "evaluation"}, "sections of both notebooks are kept"
     evaluation = done.results["evaluation"]
     assert len(evaluation["samples"]) == 2 and evaluation["base"] is not None
@@ -118,16 +132,44 @@ def test_evaluate_notebook_runs_on_the_finetuned_run(finetuned) -> None:
 
 
 @pytest.mark.slow
-def test_export_notebook_runs_on_the_finetuned_run(finetuned) -> None:
+def test_export_notebook_runs_on_the_finetuned_run(finetuned, exported) -> None:
     """Skips only when the optional `gguf` package (the q8_0 GGUF writer) is missing, and says so; a broken
     mistral_fast.export fails here instead of reading as a skip."""
     require_optional("gguf")
     from mistral_fast.export import export_run  # noqa: F401  (fails loudly if the export package is broken)
 
     tmp, _ = finetuned
-    params = {"smoke": True, "run_dir": "run", "export_gguf": ["q8_0"], "export_merged": True}
-    done = run_notebook("03_export", params, output=tmp / "03.ipynb", cwd=tmp, timeout=300)
+    done = exported
     exported = done.results["export"]
     assert set(exported["gguf"]) == {"q8_0"} and (tmp / exported["gguf"]["q8_0"]).is_file()  # relative to cwd
     assert (tmp / exported["modelfiles"]["q8_0"]).read_text().startswith("FROM ./")
     assert {"config", "run", "export"} <= set(done.results)
+
+
+# Messages that buried cell outputs before (issue 13): library import noise, absl's rouge log, tqdm's
+# missing-ipywidgets warning. Any other stderr line that is not a progress bar fails the test too.
+NOISE = re.compile(
+    r"Failed to load|_pytree|register_constant|Using default tokenizer|IProgress|TqdmWarning|"
+    r"Warning|WARNING|deprecated|mtime may not be reliable|^[WE]\d{4} ",
+    re.MULTILINE,
+)
+PROGRESS = re.compile(r"^\s*[^|\n]*\d+%\|[^|\n]*\|.*$")
+
+
+@pytest.mark.slow
+def test_smoke_output_notebooks_carry_no_library_warnings(finetuned, evaluated, exported) -> None:
+    """Every stderr line of the three output notebooks is a progress bar; tqdm bars end in their last frame."""
+    require_optional("gguf")
+    for done in (finetuned[1], evaluated, exported):
+        nb = nbformat.read(done.output_notebook, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            for output in cell.get("outputs", []):
+                where = f"{Path(done.output_notebook).name} cell {index}"
+                if output.output_type == "stream":
+                    assert not NOISE.search(output.text), f"{where}: {output.text[:400]}"
+                    if output.name == "stderr":
+                        lines = [ln for ln in re.split(r"[\r\n]+", output.text) if ln.strip()]
+                        assert all(PROGRESS.match(ln) for ln in lines), f"{where}: {output.text[:400]}"
+                elif "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
+                    text = output.data["text/plain"]
+                    assert "100%|██████████|" in text, f"{where}: a bar frozen at its first frame: {text}"
