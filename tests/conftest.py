@@ -10,6 +10,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,21 @@ def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _need(reason: str) -> None:
+def _need(reason: str, *, module_level: bool = False) -> None:
     """Fail under CI (everything is installed and the package index is reachable there), skip locally."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: this must work in CI)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def require_module(name: str, install: str) -> Any:
+    """Import an optional dependency for a test module; missing: skip naming it (fail under ``CI=true``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        _need(f"{name} is not installed ({err}): {install}", module_level=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import require_module
 
 from mistral_fast.export import export_gguf, merge_adapter, quantize_gguf
 from mistral_fast.tokenizer import (
@@ -26,7 +27,7 @@ from mistral_fast.tokenizer import (
     reference_tokenizer,
 )
 
-llama_cpp = pytest.importorskip("llama_cpp")  # the [gguf] extra; CI installs it (conftest's CI rule for the source)
+llama_cpp = require_module("llama_cpp", "pip install 'mistral-fast[gguf]'")
 
 
 def run_converter(source: Path, script: str, args: list[str]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module
 from test_export_llama_cpp import gguf_fields, gguf_tensors, run_converter
 
 from mistral_fast.errors import ModelError
@@ -16,7 +17,7 @@ from mistral_fast.export.lora_gguf import export_adapter_gguf, export_base_gguf
 from mistral_fast.modeling import tiny_model_dir
 from mistral_fast.tokenizer import load_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = require_module("llama_cpp", "pip install 'mistral-fast[gguf]'")
 
 TEXT = "Convert 3 miles to kilometres, please. The answer is"
 
@@ -136,3 +137,31 @@ def test_rslora_alpha_is_written_so_llama_cpp_scales_by_alpha_over_sqrt_r(run_di
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     # llama.cpp: scale = alpha / r; rsLoRA trained with alpha / sqrt(r)
     assert fields["adapter.lora.alpha"][0] / cfg["r"] == pytest.approx(cfg["lora_alpha"] / math.sqrt(cfg["r"]))
+
+
+def test_cli_export_adapter_gguf_writes_adapter_base_and_modelfile(run_dir: Path, tmp_path: Path) -> None:
+    from mistral_fast.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["export", str(run), "--adapter-gguf", "q8_0", "--no-report"]) == 0
+    out = run / "export"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter-q8_0.Modelfile",
+        "adapter-q8_0.gguf",
+        "base-f16.gguf",
+        "export.json",
+    ]
+    modelfile = (out / "adapter-q8_0.Modelfile").read_text().splitlines()
+    assert modelfile[:2] == ["FROM ./base-f16.gguf", "ADAPTER ./adapter-q8_0.gguf"]
+    assert gguf_fields(out / "adapter-q8_0.gguf")["general.type"][0] == "adapter"
+    assert set(json.loads((out / "export.json").read_text())["files"]) >= {"adapter-q8_0.gguf", "base-f16.gguf"}
+
+
+def test_config_gguf_adapter_is_validated() -> None:
+    from mistral_fast.config import RunConfig
+    from mistral_fast.errors import ConfigError
+
+    assert RunConfig.from_dict({"export": {"gguf_adapter": "f16"}}).export.gguf_adapter == "f16"
+    with pytest.raises(ConfigError, match=r"export\.gguf_adapter"):
+        RunConfig.from_dict({"export": {"gguf_adapter": "q4_k_m"}})

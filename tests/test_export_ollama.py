@@ -16,13 +16,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 from mistral_fast.export import export_gguf, write_modelfile
 from mistral_fast.export.gguf import OLLAMA_TEMPLATE
 from mistral_fast.modeling import tiny_model_dir
 from mistral_fast.tokenizer import reference_chat_ids
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = require_module("llama_cpp", "pip install 'mistral-fast[gguf]'")
 
 S, U, A = "system", "user", "assistant"
 PROMPTS = {  # each ends where Ollama asks the model to answer
