@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "f32"])
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "f32", "bf16"])
 def test_adapter_gguf_equals_llama_cpp_convert_lora_to_gguf(
     llama_cpp_source: Path, run_dir: Path, tmp_path: Path, qtype: str
 ) -> None:
