@@ -97,7 +97,8 @@ def _unpack_converters(sdist: Path, dest: Path) -> None:
             parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
             if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] and parts[3].startswith(wanted):
                 members.append(member)
-        tar.extractall(dest, members=members, filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4: no odd paths
+        tar.extractall(dest, members=members, **safe)
 
 
 @pytest.fixture(scope="session")
