@@ -206,7 +206,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     gguf = [t for group in args.gguf for t in group.split(",")] if args.gguf else None
     written = export_run(
-        args.run_dir, merged=args.merged or None, gguf=gguf, merge_base=args.base, report=not args.no_report
+        args.run_dir,
+        merged=args.merged or None,
+        gguf=gguf,
+        merge_base=args.base,
+        report=not args.no_report,
+        original_checkpoint=args.original_checkpoint,
+        adapter_gguf=args.adapter_gguf,
     )
     print(json.dumps(written, indent=2, default=str))
     return 0
@@ -309,6 +315,15 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
             p.add_argument("--gguf", action="append", help="GGUF type(s), e.g. --gguf f16,q8_0 (repeatable)"),
             p.add_argument("--base", choices=["dequantized", "original"], help="merge base (default: config)"),
             p.add_argument("--no-report", action="store_true", help="skip the equivalence report"),
+            p.add_argument(
+                "--adapter-gguf",
+                choices=["f16", "f32", "bf16", "q8_0"],
+                help="also the LoRA adapter as a llama.cpp GGUF + its f16 base GGUF + a Modelfile with ADAPTER",
+            ),
+            p.add_argument(
+                "--original-checkpoint",
+                help="the 16-bit checkpoint for --base original when the run's base is pre-quantised (*-bnb-4bit)",
+            ),
         ),
     ),
     "sweep": (

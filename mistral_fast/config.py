@@ -190,12 +190,16 @@ class ExportConfig:
     merged: bool = False  # merged 16-bit safetensors for transformers and vLLM
     merge_base: Literal["dequantized", "original"] = "dequantized"  # base weights the LoRA is added to
     gguf: list[str] = field(default_factory=list)  # GGUF types: f16, bf16, q8_0, q4_k_m, …
+    gguf_adapter: str | None = None  # LoRA adapter as a llama.cpp GGUF (f16, f32, bf16, q8_0) + base GGUF + Modelfile
+    original_checkpoint: str | None = None  # 16-bit checkpoint for merge_base original on a *-bnb-4bit base
 
     def __post_init__(self) -> None:
         allowed = {*GGUF_TYPES, *KQUANT_TYPES}
         for kind in self.gguf:
             if kind not in allowed:
                 _fail("export.gguf", self.gguf, f"each of {sorted(allowed)}")
+        if self.gguf_adapter is not None and self.gguf_adapter not in ("f32", "f16", "bf16", "q8_0"):
+            _fail("export.gguf_adapter", self.gguf_adapter, "one of f32, f16, bf16, q8_0 (or null for none)")
 
 
 @dataclass

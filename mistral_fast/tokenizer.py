@@ -129,6 +129,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TokenizedExample",
     "check_tokenizer",
+    "inference_template",
     "load_tokenizer",
     "preview_example",
     "reference_chat_ids",
@@ -274,6 +275,25 @@ CHAT_TEMPLATE_V1 = (
 """
 )
 """Jinja chat template of Mistral-7B-Instruct-v0.1/v0.2, token-exact with `mistral_common` (v1 instruct)."""
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+def inference_template(template: str) -> str:
+    """A chat template without transformers' ``{% generation %}`` marks: what inference engines render.
+
+    The marks only tell transformers which tokens are the assistant's (the training loss mask); other
+    engines either skip them (llama.cpp's own Jinja parser, llama-cpp-python's formatter) or fail on
+    them (plain Jinja2: ``Encountered unknown tag 'generation'``). Every mark in our templates sits
+    between whitespace-trimming tags, so dropping it leaves the rendered text unchanged.
+
+    Args:
+        template: a Jinja chat template (ours or a model's own).
+
+    Returns:
+        The template with every ``{% generation %}`` / ``{% endgeneration %}`` tag removed.
+    """
+    return _GENERATION_TAG.sub("", template)
 
 
 # ------------------------------------------------------------------------------------------ versions

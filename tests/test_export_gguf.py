@@ -174,7 +174,7 @@ def test_modelfile(f16_gguf: Path, tmp_path: Path) -> None:
     text = path.read_text()
     assert path == f16_gguf.with_suffix(".Modelfile")
     assert text.startswith(f"FROM ./{f16_gguf.name}\n")
-    assert "[INST]{{ if and $.System" in text and "{{ $m.Content }}</s>" in text
+    assert "[INST]{{ if and $.System" in text and "</s>{{ end }}" in text
     assert 'PARAMETER stop "</s>"' in text and "PARAMETER temperature 0.2" in text and 'SYSTEM """Be brief."""' in text
 
 

@@ -34,6 +34,7 @@ from mistral_fast.export.gguf import (
     quantize_gguf,
     write_modelfile,
 )
+from mistral_fast.export.lora_gguf import export_adapter_gguf, export_base_gguf
 from mistral_fast.export.merge import merge_adapter
 from mistral_fast.export.report import equivalence_report
 from mistral_fast.rundir import RunDir
@@ -42,6 +43,8 @@ __all__ = [
     "GGUF_TYPES",
     "KQUANT_TYPES",
     "equivalence_report",
+    "export_adapter_gguf",
+    "export_base_gguf",
     "export_gguf",
     "export_merged_gguf",
     "export_run",
@@ -67,6 +70,8 @@ def export_run(
     gguf: list[str] | None = None,
     merge_base: str | None = None,
     report: bool = True,
+    original_checkpoint: str | os.PathLike[str] | None = None,
+    adapter_gguf: str | None = None,
 ) -> dict[str, Any]:
     """Write the exports ``cfg.export`` asks for into ``run_dir/export/``.
 
@@ -80,6 +85,12 @@ def export_run(
         merge_base: ``"dequantized"`` or ``"original"`` (default ``export.merge_base``).
         report: also write the equivalence report when GGUFs were written and llama-cpp-python is
             installed (it loads every model: minutes for a 7B).
+        original_checkpoint: the 16-bit checkpoint that ``merge_base="original"`` merges into; needed
+            when the run's base is pre-quantised (``*-bnb-4bit``), which holds no 16-bit weights
+            (default ``export.original_checkpoint``).
+        adapter_gguf: also write the LoRA adapter as a llama.cpp LoRA GGUF of this type (``f16``, ``f32``,
+            ``bf16``, ``q8_0``; default ``export.gguf_adapter``), the f16 base GGUF it applies to and an
+            Ollama Modelfile with ``ADAPTER`` (`export_adapter_gguf`, `export_base_gguf`).
 
     Returns:
         ``{"merged": path or None, "gguf": {type: path}, "modelfiles": {...}, "report": path or None}``.
@@ -91,23 +102,32 @@ def export_run(
     keep_merged = cfg.export.merged if merged is None else merged
     types = list(cfg.export.gguf if gguf is None else gguf)
     base = merge_base or cfg.export.merge_base
+    original_checkpoint = original_checkpoint or getattr(cfg.export, "original_checkpoint", None)
+    adapter_type = adapter_gguf or getattr(cfg.export, "gguf_adapter", None)
     if any(t in KQUANT_TYPES for t in types) and importlib.util.find_spec("llama_cpp") is None:
         from mistral_fast.errors import ModelError
 
         raise ModelError(f"export.gguf={types}: {INSTALL_LLAMA_CPP}")  # before minutes of merging
     out = run_dir / "export"
     result: dict[str, Any] = {"merged": None, "merge_base": base, "gguf": {}, "modelfiles": {}, "report": None}
+    if adapter_type:  # first: it refuses adapters llama.cpp cannot apply before minutes of merging
+        result["adapter_gguf"] = _write_adapter_gguf(run_dir, out, adapter_type, base, original_checkpoint)
     if not keep_merged and not types:
+        if adapter_type:
+            _write_manifest(result, out)
         return result
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=run_dir) as tmp:
-        merged_dir = merge_adapter(run_dir, out / "merged", base=base) if keep_merged else None
+        original = original_checkpoint
+        merged_dir = (
+            merge_adapter(run_dir, out / "merged", base=base, original_checkpoint=original) if keep_merged else None
+        )
         result["merged"] = str(merged_dir) if merged_dir else None
-        source = merged_dir or _OnePass(run_dir, base)
+        source = merged_dir or _OnePass(run_dir, base, original)
         result["gguf"] = _write_ggufs(source, out, types, Path(tmp), name=run_dir.name)
         result["modelfiles"] = {t: str(write_modelfile(p)) for t, p in result["gguf"].items()}
         if report and types and importlib.util.find_spec("llama_cpp") is not None:
             if merged_dir is None:  # the report's merged side: the same merge, in the temporary directory
-                merged_dir = merge_adapter(run_dir, Path(tmp) / "merged", base=base)
+                merged_dir = merge_adapter(run_dir, Path(tmp) / "merged", base=base, original_checkpoint=original)
             equivalence_report(run_dir, list(result["gguf"].values()), merged_dir=merged_dir, out_dir=out)
             result["report"] = str(out / "equivalence.md")
     _write_manifest(result, out)
@@ -123,11 +143,14 @@ class _OnePass(NamedTuple):
 
     run_dir: Path
     base: str
+    original: str | os.PathLike[str] | None = None
 
 
 def _gguf(source: Path | _OnePass, path: Path, qtype: str, name: str) -> Path:
     if isinstance(source, _OnePass):
-        return export_merged_gguf(source.run_dir, path, qtype, base=source.base, name=name)
+        return export_merged_gguf(
+            source.run_dir, path, qtype, base=source.base, name=name, original_checkpoint=source.original
+        )
     return export_gguf(source, path, qtype, name=name)
 
 
@@ -143,8 +166,19 @@ def _write_ggufs(source: Path | _OnePass, out: Path, types: list[str], tmp: Path
     return written
 
 
+def _write_adapter_gguf(
+    run_dir: Path, out: Path, qtype: str, base: str, original: str | os.PathLike[str] | None
+) -> dict[str, str]:
+    """The adapter GGUF, the f16 base GGUF it applies to, and a Modelfile with FROM base + ADAPTER."""
+    adapter = export_adapter_gguf(run_dir, out / f"adapter-{qtype}.gguf", qtype, name=run_dir.name)
+    base_gguf = export_base_gguf(run_dir, out / "base-f16.gguf", "f16", base=base, original_checkpoint=original)
+    modelfile = write_modelfile(base_gguf, out / f"adapter-{qtype}.Modelfile", adapter=adapter)
+    return {"adapter": str(adapter), "base": str(base_gguf), "modelfile": str(modelfile)}
+
+
 def _write_manifest(result: dict[str, Any], out: Path) -> None:
     files = [Path(p) for p in result["gguf"].values()] + [Path(p) for p in result["modelfiles"].values()]
+    files += [Path(p) for p in result.get("adapter_gguf", {}).values()]
     if result["merged"]:
         files += sorted(Path(result["merged"]).iterdir())
     result["files"] = {str(f.relative_to(out)): f.stat().st_size for f in files}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mistral_fast.atomic import atomic_path
 from mistral_fast.constants import GGUF_TYPES, KQUANT_TYPES
 from mistral_fast.errors import ModelError
-from mistral_fast.export import kernels
+from mistral_fast.export import kernels, prequant
 from mistral_fast.export.kernels import RowMerge
 from mistral_fast.export.merge import checkpoint_files, read_ahead, read_tensor
 
@@ -95,15 +95,16 @@ def _plan(model_dir: Path, config: dict[str, Any], qtype: str) -> list[_Tensor]:
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     plan = []
+    quantized = prequant.quantization(model_dir) is not None  # a *-bnb-4bit checkpoint: read dequantised
     for file in checkpoint_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed by llama.cpp from rope_theta
+                if name.endswith("rotary_emb.inv_freq") or (quantized and prequant.is_auxiliary(model_dir, name)):
+                    continue  # recomputed by llama.cpp from rope_theta; a 4-bit weight's state
                 gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ModelError(f"{model_dir}: tensor {name!r} has no llama.cpp name; not a Mistral checkpoint?")
-                shape = tuple(f.get_slice(name).get_shape())
+                shape = tuple((quantized and prequant.stored_shape(model_dir, name)) or f.get_slice(name).get_shape())
                 heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else 0
                 plan.append(_Tensor(file, name, gguf_name, shape, _tensor_type(shape, qtype), heads))
     # One order whatever the sharding (a merged checkpoint's shards differ from its base's): llama.cpp's
@@ -208,19 +209,23 @@ def _vocab(sp_model: Path, vocab_size: int) -> tuple[list[bytes], list[float], l
 
 
 def _chat_template(model_dir: Path) -> str | None:
+    """The model's chat template as inference engines must see it: without ``{% generation %}`` marks."""
+    from mistral_fast.tokenizer import inference_template
+
     jinja = model_dir / "chat_template.jinja"
+    template = None
     if jinja.is_file():
-        return jinja.read_text()
-    tok_cfg = model_dir / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        return json.loads(tok_cfg.read_text()).get("chat_template")
-    return None
+        template = jinja.read_text()
+    elif (model_dir / "tokenizer_config.json").is_file():
+        template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    return inference_template(template) if isinstance(template, str) and template else None
 
 
 def _add_metadata(writer: Any, config: dict[str, Any], qtype: str, name: str) -> None:
     import gguf
 
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -235,25 +240,62 @@ def _add_metadata(writer: Any, config: dict[str, Any], qtype: str, name: str) ->
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(_file_type(qtype))
-    if qtype not in ("f32", "f16", "bf16"):
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # llama.cpp's converter writes it for every file type (16-bit ones too)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: Any, model_dir: Path, sp_model: Path, vocab_size: int) -> None:
-    tokens, scores, types, proto = _vocab(sp_model, vocab_size)
+def _add_size_label(writer: Any) -> None:
+    """``general.size_label`` ("7.2B", "8.8M") from the tensor table, as llama.cpp's converter computes it."""
+    import gguf
+
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    if total > 0:
+        writer.add_size_label(gguf.size_label(total, shared, expert, experts))
+
+
+def _special_tokens(
+    tok_dir: Path, config: dict[str, Any], proto: Any, vocab_size: int
+) -> tuple[dict[str, int], dict[str, bool]]:
+    """Special token ids and ``add_*_token`` flags as llama.cpp's converter finds them.
+
+    gguf-py's ``SpecialVocab`` (the converter's own reader) on the tokenizer files, then ``*_token_id``
+    from the model's config.json for types still unset; BOS/EOS/UNK fall back to the SentencePiece
+    model's. The converter's ``add_bos``/``add_sep`` come from the tokenizer's post-processor; our
+    Mistral prompts always start with one BOS and never get EOS appended.
+    """
+    import gguf
+
+    special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=vocab_size)
+    ids = dict(special.special_token_ids)
+    for typ in special.special_token_types:  # what the converter reads from the model's config.json
+        value = config.get(f"{typ}_token_id")
+        if isinstance(value, int) and 0 <= value < vocab_size:
+            ids.setdefault(typ, value)
     spec = proto.trainer_spec
+    for typ, value in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unk", spec.unk_id)):
+        if value >= 0:
+            ids.setdefault(typ, value)
+    flags = dict(special.add_special_token)
+    flags["bos"] = True  # Mistral prompts start with one BOS
+    flags.setdefault("eos", False)
+    flags.setdefault("sep", False)
+    return ids, flags
+
+
+def _add_tokenizer(writer: Any, tok_dir: Path, sp_model: Path, config: dict[str, Any]) -> None:
+    tokens, scores, types, proto = _vocab(sp_model, config["vocab_size"])
     writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece (SPM) tokenizer
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(spec.bos_id)
-    writer.add_eos_token_id(spec.eos_id)
-    writer.add_unk_token_id(spec.unk_id)
-    writer.add_add_bos_token(True)  # Mistral prompts start with one BOS
-    writer.add_add_eos_token(False)
+    ids, flags = _special_tokens(tok_dir, config, proto, len(tokens))
+    for typ, value in ids.items():
+        getattr(writer, f"add_{typ}_token_id")(value)
+    for typ, value in flags.items():
+        getattr(writer, f"add_add_{typ}_token")(value)
     writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
-    template = _chat_template(model_dir)
+    template = _chat_template(tok_dir)
     if template:
         writer.add_chat_template(template)
 
@@ -303,6 +345,7 @@ def export_merged_gguf(
     base: str = "dequantized",
     dtype: str | None = None,
     name: str | None = None,
+    original_checkpoint: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Merge a run's LoRA adapter into its base and write the GGUF in one pass, no merged checkpoint on disk.
 
@@ -319,6 +362,7 @@ def export_merged_gguf(
         base: ``"dequantized"`` or ``"original"``, as for `merge_adapter`.
         dtype: the 16-bit dtype the merge rounds to, as for `merge_adapter` (default: the base's).
         name: ``general.name``; default: the run directory's name.
+        original_checkpoint: the 16-bit checkpoint ``base="original"`` merges into, as for `merge_adapter`.
 
     Returns:
         ``out_path``.
@@ -333,14 +377,14 @@ def export_merged_gguf(
     if base not in m.MERGE_BASES:
         raise ModelError(f"export.merge_base={base!r}: use one of {list(m.MERGE_BASES)}")
     source = m.resolve_source(run_or_adapter_dir)
-    out_dtype = m._output_dtype(source.base_path, dtype)
-    quant = source.quant if base == "dequantized" else None
+    base_path, quant = m.merge_base(source, base, original_checkpoint)
+    out_dtype = m._output_dtype(base_path, dtype)
     lora, scaling = m.load_lora(source.adapter_dir)
-    config = _read_config(source.base_path)
-    plan = _plan(source.base_path, config, qtype)
+    config = _read_config(base_path)
+    plan = _plan(base_path, config, qtype)
     missing = sorted(set(lora) - {spec.hf_name for spec in plan})
     if missing:
-        raise ModelError(f"adapter weights match no tensor of the base model {source.base_path}: {missing[:3]}")
+        raise ModelError(f"adapter weights match no tensor of the base model {base_path}: {missing[:3]}")
 
     def merged(spec: _Tensor, weight: torch.Tensor) -> RowMerge:
         nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
@@ -385,11 +429,12 @@ def _write_gguf(
 
     writer = gguf.GGUFWriter(None, _ARCH)
     _add_metadata(writer, config, qtype, name)
-    _add_tokenizer(writer, tok_dir, sp_model, config["vocab_size"])
+    _add_tokenizer(writer, tok_dir, sp_model, config)
     for spec in plan:
         writer.add_tensor_info(
             spec.gguf_name, spec.shape, _np_dtype(spec.qtype), _nbytes(spec.shape, spec.qtype), spec.qtype
         )
+    _add_size_label(writer)
     with atomic_path(out_path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
@@ -471,16 +516,22 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtyp
     return dst
 
 
-# Mistral v3 in Ollama's Go template language, token for token like our Jinja template: one BOS (llama.cpp
-# adds it: add_bos_token), no spaces around [INST]/[/INST] (llama.cpp gives each text chunk after a control
-# token its own SentencePiece space prefix, as mistral_common does), the system prompt in the last user
-# message joined by a blank line, and </s> after each assistant turn.
+# Mistral v3 in Ollama's Go template language, token for token like mistral_common for Ollama's prompts: one
+# BOS (llama.cpp adds it: add_bos_token), no spaces around [INST]/[/INST] (llama.cpp gives each text chunk
+# after a control token its own SentencePiece space prefix, as mistral_common does), the system prompt (Ollama
+# gathers every system message into .System, joined by a blank line) in the *last* user message, joined by a
+# blank line, and </s> after each assistant turn but a final one (Ollama continues a final assistant message,
+# as mistral_common's continue_final_message does). Ollama merges consecutive same-role messages with "\n\n"
+# before rendering, as mistral_common does. What Go templates cannot do: right-strip assistant text (no string
+# functions), skip empty messages in a merge, or raise an error on a conversation mistral_common rejects.
 OLLAMA_TEMPLATE = """\
+{{- $lastUser := -1 }}
+{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}{{ end }}
 {{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}
+{{- if eq $m.Role "user" }}[INST]{{ if and $.System (eq $i $lastUser) }}{{ $.System }}
 
 {{ end }}{{ $m.Content }}[/INST]
-{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>
+{{- else if eq $m.Role "assistant" }}{{ $m.Content }}{{ if ne (len (slice $.Messages $i)) 1 }}</s>{{ end }}
 {{- end }}
 {{- end }}"""
 
@@ -491,6 +542,7 @@ def write_modelfile(
     *,
     system: str = "",
     parameters: dict[str, Any] | None = None,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write an Ollama ``Modelfile`` for a GGUF: ``ollama create NAME -f <this file>``.
 
@@ -499,13 +551,18 @@ def write_modelfile(
         out_path: default ``<gguf stem>.Modelfile`` beside the GGUF (one per GGUF type).
         system: a default system prompt (Ollama's ``SYSTEM``), empty for none.
         parameters: extra ``PARAMETER`` lines, e.g. ``{"temperature": 0.2}``.
+        adapter: a LoRA adapter GGUF (`export_adapter_gguf`) that Ollama applies on ``gguf_path``
+            (``ADAPTER``); ``gguf_path`` is then the base the adapter was trained on (`export_base_gguf`).
 
     Returns:
         The Modelfile path.
     """
     gguf_path = Path(gguf_path)
     out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
-    lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER ./{os.path.relpath(adapter, out.parent)}")
+    lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += ['PARAMETER stop "</s>"', 'PARAMETER stop "[INST]"']  # EOS, and a runaway next user turn

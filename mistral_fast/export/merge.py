@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mistral_fast.atomic import remove_stale_temps, temp_sibling
 from mistral_fast.errors import ModelError
+from mistral_fast.export import prequant
+from mistral_fast.export.checkpoint import checkpoint_files
 from mistral_fast.export.kernels import RowMerge
 
 if TYPE_CHECKING:
@@ -52,12 +54,15 @@ class MergeSource:
         base_path: the base model directory (its safetensors are streamed).
         quant: NF4 settings the base was trained with (``None``: trained on 16-bit weights).
         tokenizer_version: ``"v3"``/``"v1"`` (our built-in tokenizer) or ``"model"``.
+        prequantized: the base checkpoint itself is bitsandbytes 4-bit (``*-bnb-4bit``): its stored
+            weights, dequantised, are the ``dequantized`` merge base (`prequant`).
     """
 
     adapter_dir: Path
     base_path: Path
     quant: dict[str, Any] | None
     tokenizer_version: str
+    prequantized: bool = False
 
 
 def parse_size(size: str | int) -> int:
@@ -93,15 +98,51 @@ def resolve_source(run_or_adapter_dir: str | os.PathLike[str]) -> MergeSource:
         quant = {"quant_type": model.quant_type, "double_quant": model.double_quant, "dtype": dtype}
     base_path = _local_checkpoint(resolve_model_path(model.name_or_path))
     version = "model" if model.tokenizer == "model" and model.name_or_path != "tiny" else tokenizer_version(model)
-    return MergeSource(run.adapter_dir, base_path, quant, version)
+    prequantized = prequant.quantization(base_path) is not None
+    return MergeSource(run.adapter_dir, base_path, quant, version, prequantized)
+
+
+def merge_base(
+    source: MergeSource, base: str, original_checkpoint: str | os.PathLike[str] | None = None
+) -> tuple[Path, dict[str, Any] | None]:
+    """The checkpoint to stream and the NF4 round trip to apply to it (None: none) for ``base``.
+
+    ``dequantized`` on a 16-bit base: its weights through the NF4 round trip training applied;
+    on a pre-quantised 4-bit base: its stored weights, dequantised as they are read (no second round
+    trip). ``original``: the 16-bit weights, from ``original_checkpoint`` when given (required for a
+    pre-quantised base, which holds none).
+
+    Raises:
+        ModelError: a bad ``base``, or ``original`` on a pre-quantised base without ``original_checkpoint``.
+    """
+    from mistral_fast.modeling import resolve_model_path
+
+    if base not in MERGE_BASES:
+        raise ModelError(f"export.merge_base={base!r}: use one of {list(MERGE_BASES)}")
+    if base == "dequantized":
+        return source.base_path, None if source.prequantized else source.quant
+    if original_checkpoint is not None:
+        original = _local_checkpoint(resolve_model_path(str(original_checkpoint)))
+        if prequant.quantization(original) is not None:
+            raise ModelError(f"original_checkpoint={str(original_checkpoint)!r} is pre-quantised too: name 16-bit one")
+        return original, None
+    if source.prequantized:
+        raise ModelError(
+            f"export.merge_base='original': the base {source.base_path} is pre-quantised (bitsandbytes 4-bit), "
+            "so its 16-bit weights are not in it. Name the 16-bit checkpoint it was quantised from: "
+            "merge_adapter(..., original_checkpoint='mistralai/Mistral-7B-v0.3') or export_run(..., "
+            "original_checkpoint=...) (a hub name or a local directory); or use merge_base: dequantized, the "
+            "stored 4-bit weights the adapter was trained against"
+        )
+    return source.base_path, None
 
 
 def _local_checkpoint(path_or_repo: str) -> Path:
-    """A local directory with the base's 16-bit safetensors (a hub model: its cached snapshot).
+    """A local directory with the base's safetensors (a hub model: its cached snapshot).
 
     Raises:
-        ModelError: the checkpoint is itself pre-quantised (e.g. ``*-bnb-4bit``): its 16-bit weights,
-            which both merge bases start from, are not in it.
+        ModelError: the checkpoint is pre-quantised in a format other than bitsandbytes 4-bit
+            (`prequant.quantization`), whose stored weights the merge cannot read.
     """
     path = Path(path_or_repo)
     if not path.is_dir():
@@ -109,13 +150,7 @@ def _local_checkpoint(path_or_repo: str) -> Path:
 
         patterns = ["*.json", "*.safetensors", "tokenizer.model"]  # the weights training already cached
         path = Path(snapshot_download(path_or_repo, allow_patterns=patterns))
-    config = json.loads((path / "config.json").read_text())
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method")
-        raise ModelError(
-            f"{path_or_repo}: the base checkpoint is pre-quantised ({method}); merge into its 16-bit "
-            "original instead (e.g. mistralai/Mistral-7B-v0.3 for unsloth/mistral-7b-v0.3-bnb-4bit)"
-        )
+    prequant.quantization(path)  # raises for formats we cannot dequantise
     return path
 
 
@@ -177,9 +212,13 @@ def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> li
     shards: list[list[tuple[Path, str]]] = [[]]
     size = 0
     for file in files:
+        quantized = prequant.quantization(file.parent) is not None
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                nbytes = math.prod(f.get_slice(name).get_shape()) * out_dtype.itemsize
+                if quantized and prequant.is_auxiliary(file.parent, name):
+                    continue  # a 4-bit weight's state: read with the weight
+                shape = (quantized and prequant.stored_shape(file.parent, name)) or f.get_slice(name).get_shape()
+                nbytes = math.prod(shape) * out_dtype.itemsize
                 if shards[-1] and size + nbytes > max_bytes:
                     shards.append([])
                     size = 0
@@ -189,11 +228,14 @@ def _shard_plan(files: list[Path], out_dtype: torch.dtype, max_bytes: int) -> li
 
 
 def read_tensor(file: Path, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, read into memory."""
+    """One tensor of a safetensors file, read into memory; a bitsandbytes 4-bit weight comes dequantised."""
     from safetensors import safe_open
 
     with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name)
+        tensor = f.get_tensor(name)
+    if tensor.dtype.is_floating_point or prequant.quantization(file.parent) is None:
+        return tensor
+    return prequant.read_dequantized(file.parent, name, tensor)
 
 
 def read_ahead(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
@@ -208,22 +250,6 @@ def read_ahead(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T
             value = pending.result()
             pending = reader.submit(read, items[i + 1]) if i + 1 < len(items) else None
             yield item, value
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a model directory, in index order.
-
-    Raises:
-        ModelError: no safetensors there (``.bin`` checkpoints cannot be streamed safely).
-    """
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ModelError(f"{model_dir}: no model.safetensors(.index.json); convert the checkpoint to safetensors first")
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype:
@@ -248,6 +274,7 @@ def merge_adapter(
     base: str = "dequantized",
     shard_size: str | int = "2GB",
     dtype: str | None = None,
+    original_checkpoint: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Merge a run's LoRA adapter into its base model and save 16-bit sharded safetensors, streamed.
 
@@ -263,6 +290,8 @@ def merge_adapter(
             trained against (reproduces the trained model); ``"original"``: the 16-bit weights.
         shard_size: largest shard (``"2GB"``, ``"500MB"`` or bytes).
         dtype: ``"bfloat16"`` or ``"float16"``; default: the base checkpoint's 16-bit dtype, else bf16.
+        original_checkpoint: the 16-bit checkpoint (hub name or directory) that ``base="original"``
+            merges into; needed when the run's base is pre-quantised (``*-bnb-4bit``), which holds none.
 
     Returns:
         ``out_dir``.
@@ -276,8 +305,8 @@ def merge_adapter(
     if base not in MERGE_BASES:
         raise ModelError(f"export.merge_base={base!r}: use one of {list(MERGE_BASES)}")
     source = resolve_source(run_or_adapter_dir)
-    out_dtype = _output_dtype(source.base_path, dtype)
-    quant = source.quant if base == "dequantized" else None
+    base_path, quant = merge_base(source, base, original_checkpoint)
+    out_dtype = _output_dtype(base_path, dtype)
     lora, scaling = load_lora(source.adapter_dir)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +316,7 @@ def merge_adapter(
     tmp.mkdir()
     try:
         with torch.no_grad():
-            _write_shards(source.base_path, tmp, lora, scaling, quant, out_dtype, parse_size(shard_size))
+            _write_shards(base_path, tmp, lora, scaling, quant, out_dtype, parse_size(shard_size))
         _write_side_files(source, tmp, out_dtype)
         _replace_dir(tmp, out)
     finally:
@@ -300,7 +329,10 @@ def _output_dtype(base_path: Path, dtype: str | None) -> torch.dtype:
     import torch
 
     if dtype is None:
-        found = checkpoint_dtype(base_path)
+        if prequant.quantization(base_path) is not None:  # the dtype its 4-bit weights dequantise to
+            found = getattr(torch, prequant.compute_dtype(base_path))
+        else:
+            found = checkpoint_dtype(base_path)
         return found if found in (torch.bfloat16, torch.float16) else torch.bfloat16
     if dtype not in ("bfloat16", "float16"):
         raise ModelError(f"dtype={dtype!r}: the merged model is saved in 16 bits: bfloat16 or float16")
