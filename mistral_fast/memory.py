@@ -434,6 +434,8 @@ def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     breakdown = {"weights": weights, "LoRA weights (fp32)": 0 if plan.method == "full" else trainable * 4}
     breakdown["gradients (fp32)"] = trainable * 4
     breakdown[f"optimizer ({plan.optimizer})"] = int(trainable * optimizer_state_bytes(plan.optimizer))
+    if plan.objective == "dpo" and plan.method == "full":  # no adapter to switch off: TRL loads a second model
+        breakdown["reference model (a copy)"] = weights
     breakdown.update(activation_terms(shapes, plan))
     dynamic = sum(v for k, v in breakdown.items() if k.startswith(("activations", "reference")))
     breakdown["workspace"] = workspace_bytes(shapes, plan, dynamic)

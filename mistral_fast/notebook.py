@@ -116,6 +116,42 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     return cfg.with_overrides(mapped) if mapped else cfg
 
 
+def preference_config(params: dict[str, Any]) -> RunConfig:
+    """`notebook_config` for 04_preference: DPO/ORPO on preference pairs.
+
+    An empty ``data_path`` is the sample preference set shipped with the package; an empty
+    ``train_output_dir`` is the preset's run directory with the method appended (``runs/smoke-dpo``),
+    so a preference run never overwrites the SFT run it may start from.
+    """
+    from mistral_fast.preference import SAMPLE_PREFERENCES
+
+    params = dict(params)
+    if not params.get("data_path"):
+        params["data_path"] = str(SAMPLE_PREFERENCES)
+    cfg = notebook_config(params)
+    if not params.get("train_output_dir") and "train.output_dir" not in (params.get("overrides") or {}):
+        cfg = cfg.with_overrides({"train.output_dir": f"{cfg.train.output_dir}-{cfg.train.method}"})
+    return cfg
+
+
+def preference_table(evaluation: dict[str, Any] | None) -> str:
+    """Held-out preference accuracy and mean margin, base vs (start vs) tuned, as a Markdown table."""
+    if not evaluation or "tuned" not in evaluation:
+        return "no preference evaluation"
+    rows = [("base (adapter off)", evaluation["base"])]
+    if evaluation.get("started_from"):
+        rows.append((f"start ({evaluation['started_from']})", evaluation["start"]))
+    rows.append(("tuned", evaluation["tuned"]))
+    lines = [
+        f"held-out pairs: {evaluation['tuned']['pairs']} ({evaluation['split']})",
+        "",
+        "| model | preference accuracy | mean margin (nats) |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {name} | {r['accuracy']:.3f} | {r['mean_margin']:.2f} |" for name, r in rows]
+    return "\n".join(lines)
+
+
 def preview_data(data: PreparedData, cfg: RunConfig, index: int = 0) -> str:
     """Training example `index` rendered with its trained tokens between ⟦ and ⟧ (what the loss sees)."""
     from mistral_fast.tokenizer import preview_example, tokenizer_for
