@@ -203,3 +203,25 @@ def test_skip_invalid_counts_and_keeps_reasons(tmp_path: Path) -> None:
     loaded = load_pairs(cfg_for(tmp_path, path, "data.skip_invalid=true"), version="v3")
     assert len(loaded.pairs) == 3 and loaded.skipped == len(BROKEN)
     assert loaded.reasons[0].startswith(f"{path}:4: ")
+
+
+def test_cli_prepare_shows_a_preference_pair() -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "mistral_fast.cli",
+        "prepare",
+        "smoke",
+        "--set",
+        "train.method=dpo",
+        "--set",
+        f"data.path={SAMPLE_PREFERENCES}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "preference pairs: 216 train / 24 eval" in proc.stdout
+    assert "rejected: <s>[INST]" in proc.stdout and "</s>⟧" in proc.stdout
