@@ -28,7 +28,9 @@ MISTRAL_7B = {
 
 
 def test_a_pair_costs_two_sequences_and_dpo_adds_no_second_model() -> None:
-    cfg = RunConfig().with_overrides({"model.max_seq_length": 1024, "train.per_device_batch_size": 2})
+    cfg = RunConfig().with_overrides(
+        {"model.max_seq_length": 1024, "train.per_device_batch_size": 2, "train.gradient_checkpointing": False}
+    )
     sft = estimate_memory(cfg, model_config=MISTRAL_7B, gpu="a100-80gb")
     dpo = estimate_memory(
         cfg.with_overrides({"train.method": "dpo", "train.max_answer_length": 256}),
