@@ -170,7 +170,7 @@ def run_preference(cfg: RunConfig) -> RunResult:
 
     from mistral_fast.memory import preflight
     from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
-    from mistral_fast.preference import evaluate_preferences, prepare_preferences
+    from mistral_fast.preference import evaluate_preferences, preference_accuracy, prepare_preferences
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)
@@ -184,7 +184,8 @@ def run_preference(cfg: RunConfig) -> RunResult:
     started_from = start_adapter(cfg, loaded.model)
     rows = data.eval if data.eval is not None else data.train
     pad = loaded.tokenizer.pad_token_id
-    before = evaluate_preferences(loaded.model, rows, pad_token_id=pad)  # the start, before any update
+    # the start adapter before any update (from the base, the start is the base: measured once, after training)
+    before = preference_accuracy(loaded.model, rows, pad_token_id=pad) if started_from else None
 
     from mistral_fast.train_preference import train_preference  # after load_model: imports TRL
 
@@ -193,7 +194,7 @@ def run_preference(cfg: RunConfig) -> RunResult:
     evaluation = {
         "split": "eval" if data.eval is not None else "train (no eval split)",
         "base": after["base"],
-        "start": before["tuned"],
+        "start": before or after["base"],
         "tuned": after["tuned"],
         "started_from": started_from,
     }

@@ -380,7 +380,8 @@ def preview_pair(tokenizer: PreTrainedTokenizerBase, row: dict[str, list[int]]) 
 def answer_logps(model: Any, rows: Any, *, pad_token_id: int, batch_size: int = 8) -> list[tuple[float, float]]:
     """Summed log-probability of each pair's chosen and rejected answer tokens (``</s>`` included) under `model`.
 
-    Sequences are right-padded and only the answer positions are summed, so padding never counts.
+    Sequences are right-padded and only the answer positions are summed, so padding never counts. The
+    model is scored in eval mode (no dropout) and left in the mode it was in.
     """
     import torch
 
@@ -388,6 +389,8 @@ def answer_logps(model: Any, rows: Any, *, pad_token_id: int, batch_size: int = 
     rows = list(rows)
     sequences = [(r["prompt_ids"], r[key]) for r in rows for key in ("chosen_ids", "rejected_ids")]
     scores: list[float] = []
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             batch = sequences[start : start + batch_size]
@@ -404,6 +407,7 @@ def answer_logps(model: Any, rows: Any, *, pad_token_id: int, batch_size: int = 
             target = ids[:, 1:].to(device)
             token = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             scores += (token * answer[:, 1:].to(device)).sum(-1).tolist()
+    model.train(was_training)
     return [(scores[2 * i], scores[2 * i + 1]) for i in range(len(rows))]
 
 

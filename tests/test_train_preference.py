@@ -32,8 +32,8 @@ PREFERENCE = [
     "train.lr_scheduler=constant",
     "train.max_grad_norm=1.0",
     "train.logging_steps=5",
-    "train.eval_steps=15",
-    "train.save_steps=15",
+    "train.eval_steps=30",
+    "train.save_steps=30",
 ]
 
 
