@@ -117,21 +117,16 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
 
 
 def preference_config(params: dict[str, Any]) -> RunConfig:
-    """`notebook_config` for 04_preference: DPO/ORPO on preference pairs.
+    """`notebook_config` for 04_preference: an empty ``data_path`` is the sample preference set shipped here.
 
-    An empty ``data_path`` is the sample preference set shipped with the package; an empty
-    ``train_output_dir`` is the preset's run directory with the method appended (``runs/smoke-dpo``),
-    so a preference run never overwrites the SFT run it may start from.
+    Everything else maps as in `notebook_config` (the runner finds the run directory the same way).
     """
     from mistral_fast.preference import SAMPLE_PREFERENCES
 
     params = dict(params)
     if not params.get("data_path"):
         params["data_path"] = str(SAMPLE_PREFERENCES)
-    cfg = notebook_config(params)
-    if not params.get("train_output_dir") and "train.output_dir" not in (params.get("overrides") or {}):
-        cfg = cfg.with_overrides({"train.output_dir": f"{cfg.train.output_dir}-{cfg.train.method}"})
-    return cfg
+    return notebook_config(params)
 
 
 def preference_table(evaluation: dict[str, Any] | None) -> str:

@@ -34,7 +34,7 @@ def test_preference_notebook_runs_dpo_on_the_tiny_model(tmp_path: Path) -> None:
     assert set(run["evaluation"]) >= {"base", "tuned", "start", "split"}
     run_dir = Path(done.results["config"]["train"]["output_dir"])
     run_dir = run_dir if run_dir.is_absolute() else tmp_path / run_dir
-    assert run_dir.name == "smoke-dpo" and (run_dir / "eval.json").is_file()
+    assert run_dir == tmp_path / "runs" / "preference" and (run_dir / "eval.json").is_file()
     text = "\n".join(
         str(o.get("text", ""))
         for c in nbformat.read(done.output_notebook, as_version=4).cells
