@@ -14,7 +14,7 @@ import pytest
 from mistral_fast.config import RunConfig, load_config
 from mistral_fast.data import write_jsonl
 from mistral_fast.errors import ConfigError, DataError
-from mistral_fast.families import tokenizer_version
+from mistral_fast.families import FAMILIES, tokenizer_version
 from mistral_fast.preference import (
     SAMPLE_PREFERENCES,
     PreferencePair,
@@ -25,6 +25,8 @@ from mistral_fast.preference import (
 )
 from mistral_fast.tokenizer import reference_chat_ids, tokenizer_for
 
+# every tokenizer version of the family table: a generation added there (tekken) is covered here too
+VERSIONS = sorted({family.tokenizer for family in FAMILIES})
 USER = {"role": "user", "content": "Convert 5 km to mi."}
 GOOD = "5 km = 3.11 mi."
 BAD = "about 3"
@@ -67,7 +69,7 @@ def test_config_validates_preference_fields_by_name() -> None:
 # ---------------------------------------------------------------------------------------- encoding
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("pair", PAIRS, ids=[p.where for p in PAIRS])
 def test_pair_encodes_exactly_as_mistral_common(version: str, pair: PreferencePair) -> None:
     cfg = RunConfig().with_overrides({"model.tokenizer": version})
@@ -83,7 +85,7 @@ def test_pair_encodes_exactly_as_mistral_common(version: str, pair: PreferencePa
     assert not encoded.truncated
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_prepared_sample_set_matches_mistral_common(tmp_path: Path, version: str) -> None:
     cfg = cfg_for(tmp_path, SAMPLE_PREFERENCES, f"model.tokenizer={version}", "data.eval_fraction=0.2")
     data = prepare_preferences(cfg)
