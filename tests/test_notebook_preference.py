@@ -57,3 +57,11 @@ def test_sweep_over_beta(tmp_path: Path) -> None:
     assert [r.get("train_beta") for r in rows] == [0.05, 0.5] and all(r["status"] == "done" for r in rows)
     assert all(0 <= r["preference_accuracy"] <= 1 for r in rows)
     assert "preference_accuracy" in files["markdown"].read_text()
+
+
+def test_the_beta_sweep_example_checks_out() -> None:
+    from mistral_fast.runner import NOTEBOOKS_DIR as NB
+    from mistral_fast.runner import load_sweep
+
+    spec = load_sweep(NB / "sweep_preference_beta.yaml")  # every variation checked against 04's parameters
+    assert spec.notebook == "04_preference" and [v["train_beta"] for v in spec.variations] == [0.02, 0.1, 0.3, 1.0]
