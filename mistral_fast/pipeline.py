@@ -168,6 +168,7 @@ def run_preference(cfg: RunConfig) -> RunResult:
     """
     import json
 
+    from mistral_fast.distributed import is_main_process
     from mistral_fast.memory import preflight
     from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
     from mistral_fast.preference import evaluate_preferences, preference_accuracy, prepare_preferences
@@ -176,9 +177,11 @@ def run_preference(cfg: RunConfig) -> RunResult:
     validate_model_request(cfg)
     preflight(cfg)
     run_dir = Path(cfg.train.output_dir)
+    main = is_main_process()  # as in `run`: under torchrun every rank trains, only rank 0 writes
     data = prepare_preferences(cfg)  # bad pairs fail here, with file:line, before any weights load
-    make_run_dir(run_dir)
-    cfg.save(run_dir / "run_config.yaml")
+    if main:
+        make_run_dir(run_dir)
+        cfg.save(run_dir / "run_config.yaml")
 
     loaded = load_model(cfg)
     started_from = start_adapter(cfg, loaded.model)
@@ -190,6 +193,8 @@ def run_preference(cfg: RunConfig) -> RunResult:
     from mistral_fast.train_preference import train_preference  # after load_model: imports TRL
 
     trained = train_preference(cfg, loaded, data)
+    if not main:
+        return RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict())
     after = evaluate_preferences(loaded.model, rows, pad_token_id=pad)
     evaluation = {
         "split": "eval" if data.eval is not None else "train (no eval split)",
