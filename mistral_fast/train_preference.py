@@ -9,7 +9,9 @@ templating and tokenisation are bypassed, as for SFT.
   starts from a finished SFT run's adapter (``model.adapter``), the reference is that adapter, frozen: TRL
   keeps a copy of the LoRA matrices only (an adapter named ``ref``), never of the base.
 * **ORPO**: TRL 1.15 moved ``ORPOTrainer`` to ``trl.experimental.orpo``; that class is used, with its
-  row tokenisation replaced by our exact ids. ORPO needs no reference at all.
+  row tokenisation replaced by our exact ids. ORPO needs no reference at all. Its SFT term is TRL's:
+  the NLL over prompt + chosen (kept on purpose to match the ORPO authors' code: trl #1516, #2527), while
+  the odds-ratio term scores the answers only.
 
 Padding is on the right for training (TRL's collators pad right; trl #1217 was left padding with
 Mistral), and the run directory is written as for SFT (`mistral_fast.train`): checkpoints with
