@@ -11,7 +11,13 @@ MFU = 4·N·tokens/s / peak bf16 FLOP/s (N = parameter count; 4 = forward 2 + ba
 base weights; the classic 6·N counts weight gradients the frozen base never gets).
 Targets: unsloth ≥ 2.2× hf tokens/s and ≤ 0.38× hf peak VRAM.
 
-Usage (on the device): python benchmarks/gpu_train.py [--steps 6] [--out /tmp/m7b]
+``--objective dpo`` times DPO steps instead, through `mistral_fast.train_preference`'s trainer (TRL's
+DPOTrainer with our exact ids; the reference is the same model with its adapter off): each step is the
+policy forward on chosen + rejected, the reference forward without gradients, backward and AdamW, on
+random pairs whose prompt and answers fill ``--seq-len``. It prints ``dpo_steps_per_s``, ``pairs_per_s``
+and ``peak_vram_gib`` per backend.
+
+Usage (on the device): python benchmarks/gpu_train.py [--steps 6] [--out /tmp/m7b] [--objective sft|dpo]
 """
 
 from __future__ import annotations
@@ -94,16 +100,92 @@ def measure(backend: str, model_dir: Path, steps: int, seq_len: int, batch: int)
     }
 
 
+def measure_dpo(backend: str, model_dir: Path, steps: int, seq_len: int, batch: int) -> dict:
+    """One backend, DPO: `steps` timed trainer steps on `batch` random pairs per step (after one warm-up)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+
+    from mistral_fast.config import RunConfig
+    from mistral_fast.modeling import cast_trainable_to_fp32, load_model
+    from mistral_fast.train_preference import build_preference_config, drop_fresh_reference_adapter, trainer_class
+
+    cfg = RunConfig().with_overrides(
+        {
+            "model.name_or_path": str(model_dir),
+            "model.backend": backend,
+            "model.max_seq_length": seq_len,
+            "lora.rank": 16,
+            "lora.alpha": 32,
+            "lora.dropout": 0.0,
+            "train.method": "dpo",
+            "train.per_device_batch_size": batch,
+            "train.max_answer_length": seq_len // 4,
+        }
+    )
+    loaded = load_model(cfg)
+    prompt, answer = seq_len - seq_len // 4, seq_len // 4
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 32000, (n,)).tolist()
+
+    rows = [{"prompt_ids": [1, *ids(prompt - 1)], "chosen_ids": ids(answer), "rejected_ids": ids(answer)}] * batch
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trainer_class("dpo", loaded)(
+            model=loaded.model,
+            args=build_preference_config(cfg, loaded, False, Path(tmp)),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=loaded.tokenizer,
+        )
+    drop_fresh_reference_adapter(trainer.model)
+    cast_trainable_to_fp32(trainer.model)
+    model = trainer.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    batch_tensors = {k: v.to("cuda") for k, v in trainer.data_collator(rows).items()}
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=loaded.compute_dtype):
+            loss = trainer.compute_loss(model, batch_tensors)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return {
+        "backend": loaded.backend,
+        "objective": "dpo",
+        "device": torch.cuda.get_device_name(),
+        "dpo_steps_per_s": round(1 / seconds, 3),
+        "pairs_per_s": round(batch / seconds, 2),
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "step_s": round(seconds, 3),
+        "steps": steps,
+        "seq_len": seq_len,
+        "batch": batch,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("/tmp/mistral-7b-random"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--objective", choices=("sft", "dpo"), default="sft")
     parser.add_argument("--backend", help="internal: measure one backend in this process")
     args = parser.parse_args()
     if args.backend:
-        print(json.dumps(measure(args.backend, args.out, args.steps, args.seq_len, args.batch)), flush=True)
+        fn = measure_dpo if args.objective == "dpo" else measure
+        print(json.dumps(fn(args.backend, args.out, args.steps, args.seq_len, args.batch)), flush=True)
         return
     build(args.out)
     results = {}
@@ -121,6 +203,8 @@ def main() -> None:
             str(args.seq_len),
             "--batch",
             str(args.batch),
+            "--objective",
+            args.objective,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -129,7 +213,11 @@ def main() -> None:
             continue
         results[backend] = json.loads(line[-1])
         print(line[-1], flush=True)
-    if len(results) == 2:
+    if len(results) == 2 and args.objective == "dpo":
+        hf, us = results["hf"], results["unsloth"]
+        ratio = {"speedup": round(hf["step_s"] / us["step_s"], 2)}
+        print(json.dumps({**ratio, "memory_ratio": round(us["peak_vram_gib"] / hf["peak_vram_gib"], 3)}))
+    elif len(results) == 2:
         hf, us = results["hf"], results["unsloth"]
         print(
             json.dumps(

@@ -56,6 +56,11 @@ _LAZY = {
     "equivalence_report": "export",
     "estimate_memory": "memory",
     "memory_report": "memory",
+    "prepare_preferences": "preference",
+    "preview_pair": "preference",
+    "SAMPLE_PREFERENCES": "preference",
+    "preference_config": "notebook",
+    "preference_table": "notebook",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

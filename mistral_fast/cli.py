@@ -46,6 +46,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     tokenizer = tokenizer_for(cfg.model)
+    if cfg.train.method != "sft":  # dpo/orpo: preference pairs
+        from mistral_fast.preference import prepare_preferences, preview_pair
+
+        pairs = prepare_preferences(cfg, tokenizer)
+        print(pairs.summary() + "\n\npair 0 (scored tokens between ⟦ ⟧):\n" + preview_pair(tokenizer, pairs.train[0]))
+        if args.json:
+            print(json.dumps(pairs.stats))
+        return 0
     prepared = prepare_data(cfg, tokenizer)
     print(prepared.summary())
     row = prepared.train[0]

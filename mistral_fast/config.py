@@ -29,6 +29,15 @@ CONFIGS_DIR = resource_dir("configs")
 DATA_DIR = resource_dir("data")
 
 
+# TRL 1.15 DPOTrainer's pairwise loss types (`DPOConfig.loss_type`); ORPO has one loss, its odds ratio.
+PREFERENCE_LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "sft": ("sigmoid",),
+    "dpo": ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+            "apo_down", "sigmoid_norm"),
+    "orpo": ("sigmoid",),
+}
+
+
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
@@ -54,6 +63,7 @@ class ModelConfig:
     tokenizer: Literal["v3", "v1", "model"] = "v3"  # v3: Mistral-7B v0.3; v1: v0.1/v0.2; model: its own
     trust_remote_code: bool = False  # never run a repository's Python unless asked
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"  # hf backend kernel
+    adapter: str = ""  # start from this finished run's (or adapter directory's) LoRA adapter; "" = fresh
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -138,9 +148,22 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # trade compute for memory (Unsloth's mode on unsloth)
     seed: int = 42  # seed of model init, dropout and data order
     resume: bool = False  # continue from the last complete checkpoint in output_dir
+    method: Literal["sft", "dpo", "orpo"] = "sft"  # sft: answers; dpo/orpo: preference pairs (chosen > rejected)
+    beta: float = 0.1  # dpo: how far from the reference the policy may move (KL weight); orpo: odds-ratio weight
+    loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge, robust, …; orpo: sigmoid only
+    max_prompt_length: int = 1024  # dpo/orpo: longest prompt in tokens; longer pairs are refused (or skipped)
+    max_answer_length: int = 1024  # dpo/orpo: answers (chosen, rejected) longer than this are cut (</s> lost)
 
     def __post_init__(self) -> None:
         _positive("train.learning_rate", self.learning_rate)
+        _positive("train.beta", self.beta)
+        allowed = PREFERENCE_LOSS_TYPES.get(self.method, ("sigmoid",))
+        if self.loss_type not in allowed:
+            _fail("train.loss_type", self.loss_type, f"one of {list(allowed)} with train.method={self.method}")
+        for name in ("max_prompt_length", "max_answer_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 4:
+                _fail(f"train.{name}", value, "an integer >= 4 (tokens)")
         _positive("train.epochs", self.epochs)
         for name in (
             "per_device_batch_size",

@@ -152,11 +152,25 @@ class Plan:
     double_quant: bool = True
     on_gpu: bool = True
     world_size: int = 1
+    objective: str = "sft"  # sft | dpo | orpo (train.method)
+    answer_len: int = 0  # dpo: longest answer in tokens (the LM head runs on answer positions only)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one forward pass: a preference pair is two (prompt + chosen, prompt + rejected)."""
+        return self.batch_size * (2 if self.objective in ("dpo", "orpo") else 1)
 
     @property
     def tokens(self) -> int:
         """Tokens in one forward pass (per device)."""
-        return self.batch_size * self.seq_len
+        return self.sequences * self.seq_len
+
+    @property
+    def scored_tokens(self) -> int:
+        """Positions whose fp32 logits are built: all of them, except DPO's fused head (answers only)."""
+        if self.objective == "dpo":
+            return self.sequences * min(self.answer_len or self.seq_len, self.seq_len)
+        return self.tokens
 
     @property
     def effective_batch(self) -> int:
@@ -372,11 +386,29 @@ def activation_terms(shapes: MistralShapes, plan: Plan) -> dict[str, int]:
     """
     per_layer = activation_bytes_per_token_layer(shapes, plan) * plan.tokens
     final_norm = 3 * 4 * shapes.hidden * plan.tokens  # the final RMSNorm's fp32 input, product, output
-    logits = logits_peak_bytes(shapes, plan.tokens)
+    logits = logits_peak_bytes(shapes, plan.scored_tokens)
     if plan.gradient_checkpointing:
         saved = shapes.layers * _residual_width(plan) * shapes.hidden * plan.tokens + final_norm
-        return {"activations (saved)": saved, "activations (transient peak)": max(logits, per_layer)}
-    return {"activations (saved)": shapes.layers * per_layer + final_norm, "activations (transient peak)": logits}
+        terms = {"activations (saved)": saved, "activations (transient peak)": max(logits, per_layer)}
+    else:
+        terms = {"activations (saved)": shapes.layers * per_layer + final_norm, "activations (transient peak)": logits}
+    if plan.objective == "dpo":
+        transient = terms["activations (transient peak)"]
+        terms["reference pass (no gradients)"] = reference_pass_bytes(shapes, plan, transient)
+    return terms
+
+
+def reference_pass_bytes(shapes: MistralShapes, plan: Plan, transient: int) -> int:
+    """What DPO's reference forward adds to the peak: the same 2·batch sequences with the adapter off, no grad.
+
+    It runs after the policy's forward, while the policy's saved activations (and the saved fp32
+    log-softmax of its scored positions, one logits-sized copy) are alive. Without gradients it keeps
+    nothing: one layer's forward working set at a time, then its own logits and log-softmax (two
+    copies). Only the part above the step's other transient (the backward's logits peak) is added.
+    """
+    logits_copy = shapes.vocab * plan.scored_tokens * 4
+    one_layer = activation_bytes_per_token_layer(shapes, plan) * plan.tokens
+    return max(0, max(one_layer, 2 * logits_copy) + logits_copy - transient)
 
 
 def workspace_bytes(shapes: MistralShapes, plan: Plan, dynamic: int) -> int:
@@ -402,8 +434,10 @@ def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     breakdown = {"weights": weights, "LoRA weights (fp32)": 0 if plan.method == "full" else trainable * 4}
     breakdown["gradients (fp32)"] = trainable * 4
     breakdown[f"optimizer ({plan.optimizer})"] = int(trainable * optimizer_state_bytes(plan.optimizer))
+    if plan.objective == "dpo" and plan.method == "full":  # no adapter to switch off: TRL loads a second model
+        breakdown["reference model (a copy)"] = weights
     breakdown.update(activation_terms(shapes, plan))
-    dynamic = sum(v for k, v in breakdown.items() if k.startswith("activations"))
+    dynamic = sum(v for k, v in breakdown.items() if k.startswith(("activations", "reference")))
     breakdown["workspace"] = workspace_bytes(shapes, plan, dynamic)
     details = {
         "total_params": shapes.total_params,
@@ -450,7 +484,8 @@ def plan_from_config(
     ``compute_dtype: auto`` is fp16 on a T4 and bf16 on the other GPUs (give `compute_dtype` for a
     CPU, where it depends on the processor). ``optimizer: auto`` is paged 8-bit AdamW on a GPU and
     torch's AdamW on CPU. The sequence length is ``model.max_seq_length``: the collator pads a batch
-    to its longest example, so that is the worst case.
+    to its longest example, so that is the worst case. DPO and ORPO (``train.method``) run each pair
+    as two sequences (chosen and rejected) in one forward; DPO adds its reference pass.
     """
     if method is None:
         method = "qlora" if cfg.model.load_in_4bit else "lora"
@@ -475,6 +510,8 @@ def plan_from_config(
         double_quant=cfg.model.double_quant,
         on_gpu=on_gpu,
         world_size=world_size,
+        objective=cfg.train.method,
+        answer_len=cfg.train.max_answer_length if cfg.train.method == "dpo" else 0,
     )
 
 

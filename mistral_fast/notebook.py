@@ -148,6 +148,37 @@ def storage_root(storage: str) -> Path:
     return root
 
 
+def preference_config(params: dict[str, Any]) -> RunConfig:
+    """`notebook_config` for 04_preference: an empty ``data_path`` is the sample preference set shipped here.
+
+    Everything else maps as in `notebook_config` (the runner finds the run directory the same way).
+    """
+    from mistral_fast.preference import SAMPLE_PREFERENCES
+
+    params = dict(params)
+    if not params.get("data_path"):
+        params["data_path"] = str(SAMPLE_PREFERENCES)
+    return notebook_config(params)
+
+
+def preference_table(evaluation: dict[str, Any] | None) -> str:
+    """Held-out preference accuracy and mean margin, base vs (start vs) tuned, as a Markdown table."""
+    if not evaluation or "tuned" not in evaluation:
+        return "no preference evaluation"
+    rows = [("base (adapter off)", evaluation["base"])]
+    if evaluation.get("started_from"):
+        rows.append((f"start ({evaluation['started_from']})", evaluation["start"]))
+    rows.append(("tuned", evaluation["tuned"]))
+    lines = [
+        f"held-out pairs: {evaluation['tuned']['pairs']} ({evaluation['split']})",
+        "",
+        "| model | preference accuracy | mean margin (nats) |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {name} | {r['accuracy']:.3f} | {r['mean_margin']:.2f} |" for name, r in rows]
+    return "\n".join(lines)
+
+
 def preview_data(data: PreparedData, cfg: RunConfig, index: int = 0) -> str:
     """Training example `index` rendered with its trained tokens between ⟦ and ⟧ (what the loss sees)."""
     from mistral_fast.tokenizer import preview_example, tokenizer_for

@@ -37,9 +37,16 @@ class RunResult:
         if t["first_logged_loss"] is not None:
             lines.append(f"train loss: {t['first_logged_loss']:.4f} -> {t['train_loss']:.4f}")
         if t["eval_loss"] is not None:
-            lines.append(f"eval loss: {t['eval_loss']:.4f} (perplexity {t['perplexity']:.2f})")
+            ppl = f" (perplexity {t['perplexity']:.2f})" if t["perplexity"] is not None else ""
+            lines.append(f"eval loss: {t['eval_loss']:.4f}{ppl}")
         lines.append(f"adapter: {t['adapter_dir']}")
         e = self.evaluation
+        if e and "tuned" in e:  # a preference run (dpo/orpo)
+            b, tuned = e["base"], e["tuned"]
+            lines.append(
+                f"held-out preference accuracy: base {b['accuracy']:.2f} -> tuned {tuned['accuracy']:.2f} "
+                f"(mean margin {b['mean_margin']:.2f} -> {tuned['mean_margin']:.2f} nats, {tuned['pairs']} pairs)"
+            )
         if e and e.get("rouge_l") is not None:
             lines.append(
                 f"held-out answers: ROUGE-L {e['rouge_l']:.3f}, BLEU {e['bleu']:.2f}, exact {e['exact_match']:.2f}"
@@ -73,9 +80,13 @@ def make_run_dir(run_dir: Path) -> Path:
 def run(cfg: RunConfig) -> RunResult:
     """Run the whole pipeline for a config: data → model → train → evaluate → export; write the run directory.
 
-    This is the recipe every entry point follows; read it top to bottom.
+    This is the recipe every entry point follows; read it top to bottom. ``train.method: dpo | orpo``
+    follows the preference recipe (`run_preference`).
     """
     import json
+
+    if cfg.train.method != "sft":
+        return run_preference(cfg)
 
     from mistral_fast.distributed import is_main_process
     from mistral_fast.memory import preflight
@@ -113,4 +124,92 @@ def run(cfg: RunConfig) -> RunResult:
     from mistral_fast.export import export_run
 
     export_run(cfg)  # last: what cfg.export asks for (merged, GGUF) into export/, added to the manifest
+    return result
+
+
+def start_adapter(cfg: RunConfig, model: Any) -> str | None:
+    """Put ``model.adapter``'s LoRA weights (a finished run or adapter directory) onto `model`'s fresh adapter.
+
+    The new run must have the same base model and LoRA shape (rank, alpha, targets) as the one it starts from.
+
+    Raises:
+        ConfigError: naming ``model.adapter`` and the field that differs, with the value to set.
+    """
+    from mistral_fast.errors import ConfigError
+    from mistral_fast.rundir import RunDir
+
+    if not cfg.model.adapter:
+        return None
+    source = RunDir.open(cfg.model.adapter)
+    if not source.adapter_weights.is_file():
+        raise ConfigError(
+            f"model.adapter={cfg.model.adapter!r}: no {source.adapter_weights} — give a finished run directory "
+            "(or its adapter/ directory)"
+        )
+    theirs = source.adapter_config
+    checks = {
+        "model.name_or_path": (source.config.model.name_or_path, cfg.model.name_or_path),
+        "lora.rank": (theirs.get("r"), cfg.lora.rank),
+        "lora.alpha": (theirs.get("lora_alpha"), cfg.lora.alpha),
+        "lora.targets": (sorted(theirs.get("target_modules") or []), sorted(cfg.lora.target_modules)),
+    }
+    for name, (expected, got) in checks.items():
+        if expected != got:
+            raise ConfigError(
+                f"model.adapter={cfg.model.adapter!r} was trained with {name}={expected!r}, this run has "
+                f"{name}={got!r} — set {name} to match, or start from the base (model.adapter='')"
+            )
+    source.apply_adapter(model, what=f"this run's model ({cfg.model.name_or_path})")
+    return str(source.adapter_dir)
+
+
+def run_preference(cfg: RunConfig) -> RunResult:
+    """The preference recipe (``train.method: dpo | orpo``): pairs → model (+ start adapter) → train → eval.
+
+    Evaluation is held-out preference accuracy: how often the policy gives the chosen answer a higher
+    summed log-probability than the rejected one, and the mean margin, for the tuned model and the base.
+    """
+    import json
+
+    from mistral_fast.distributed import is_main_process
+    from mistral_fast.memory import preflight
+    from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
+    from mistral_fast.preference import evaluate_preferences, preference_accuracy, prepare_preferences
+
+    resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
+    validate_model_request(cfg)
+    preflight(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    main = is_main_process()  # as in `run`: under torchrun every rank trains, only rank 0 writes
+    data = prepare_preferences(cfg)  # bad pairs fail here, with file:line, before any weights load
+    if main:
+        make_run_dir(run_dir)
+        cfg.save(run_dir / "run_config.yaml")
+
+    loaded = load_model(cfg)
+    started_from = start_adapter(cfg, loaded.model)
+    rows = data.eval if data.eval is not None else data.train
+    pad = loaded.tokenizer.pad_token_id
+    # the start adapter before any update (from the base, the start is the base: measured once, after training)
+    before = preference_accuracy(loaded.model, rows, pad_token_id=pad) if started_from else None
+
+    from mistral_fast.train_preference import train_preference  # after load_model: imports TRL
+
+    trained = train_preference(cfg, loaded, data)
+    if not main:
+        return RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict())
+    after = evaluate_preferences(loaded.model, rows, pad_token_id=pad)
+    evaluation = {
+        "split": "eval" if data.eval is not None else "train (no eval split)",
+        "base": after["base"],
+        "start": before or after["base"],
+        "tuned": after["tuned"],
+        "started_from": started_from,
+    }
+    write_text_atomic(run_dir / "eval.json", json.dumps(evaluation, indent=2))
+    result = RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict(), evaluation=evaluation)
+    write_text_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
+    from mistral_fast.manifest import write_manifest
+
+    write_manifest(cfg, run_dir)
     return result

@@ -138,27 +138,41 @@ class RunDir:
         Raises:
             ModelError: not a finished run, or the adapter does not fit the model.
         """
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         from mistral_fast.modeling import disable_cpu_weight_repacking, load_model
 
         self.require_finished()
         cfg = self.config.with_overrides({"model.backend": backend}) if backend else self.config
         loaded = load_model(cfg, for_training=False)
         disable_cpu_weight_repacking(loaded.model)  # generate() is a no-grad eval forward: keep bnb from repacking
-        result = set_peft_model_state_dict(loaded.model, load_file(str(self.adapter_weights)))
+        self.apply_adapter(loaded.model, what=f"the model of {self.config_path}")
+        loaded.path = str(self.path)
+        loaded.info["adapter"] = str(self.adapter_dir)
+        return loaded
+
+
+    def apply_adapter(self, model: Any, *, what: str = "the model") -> None:
+        """Put this run's saved LoRA weights onto `model`'s adapter (a peft model of the same LoRA shape).
+
+        Every saved tensor must land on a LoRA parameter of the model and every LoRA parameter must be
+        saved. Used by `load` and to start a new run from this one's adapter (``model.adapter``).
+
+        Raises:
+            ModelError: no adapter weights, or they do not fit `model` (with the first bad tensor).
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if not self.adapter_weights.is_file():
+            raise ModelError(f"{self.adapter_weights}: no adapter weights — give a finished run or adapter directory")
+        result = set_peft_model_state_dict(model, load_file(str(self.adapter_weights)))
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
         if unexpected or missing:
             first = (unexpected or missing)[0]
             raise ModelError(
-                f"{self.adapter_weights}: the adapter does not fit the model of {self.config_path} "
+                f"{self.adapter_weights}: the adapter does not fit {what} "
                 f"({len(unexpected)} unexpected, {len(missing)} missing LoRA tensors; first: {first})"
             )
-        loaded.path = str(self.path)
-        loaded.info["adapter"] = str(self.adapter_dir)
-        return loaded
 
 
 def load_run(run_dir: str | os.PathLike[str], *, backend: str | None = None) -> LoadedModel:

@@ -640,6 +640,7 @@ def run_variation(spec: SweepSpec, index: int, variation: dict[str, Any]) -> dic
 def _row(status: dict[str, Any]) -> dict[str, Any]:
     run = (status.get("results") or {}).get("run") or {}
     train, evaluation = run.get("train") or {}, run.get("evaluation") or {}
+    preference = {"preference_accuracy": evaluation["tuned"]["accuracy"]} if "tuned" in evaluation else {}
     return {
         "name": status.get("name"),
         **status.get("variation", {}),
@@ -650,6 +651,7 @@ def _row(status: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_second": train.get("tokens_per_second"),
         "peak_memory_mb": train.get("peak_memory_mb"),
         "wall_seconds": status.get("wall_seconds"),
+        **preference,  # 04_preference runs: the held-out share of pairs ranked right
     }
 
 

@@ -106,3 +106,75 @@ def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int) -> di
         "total_peak": peak - before_load,
         "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
     }
+
+
+def measure_cpu_preference(cfg: RunConfig, *, batch_size: int, prompt_len: int, answer_len: int) -> dict[str, Any]:
+    """`measure_cpu_training` for a DPO or ORPO step (``cfg.train.method``), through the real trainers.
+
+    The trainer of `mistral_fast.train_preference` is built on random pairs (prompt and answers of the
+    given lengths); a step is its own ``compute_loss`` (for DPO: the policy forward on chosen + rejected,
+    then the reference forward with the adapter off, without gradients), backward and an AdamW step.
+    """
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    from datasets import Dataset
+
+    from mistral_fast.modeling import load_model, validate_model_request
+    from mistral_fast.train_preference import build_preference_config, drop_fresh_reference_adapter, trainer_class
+
+    validate_model_request(cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 32000, (n,), generator=gen).tolist()
+
+    rows = [
+        {"prompt_ids": [1, *ids(prompt_len - 1)], "chosen_ids": ids(answer_len), "rejected_ids": ids(answer_len)}
+        for _ in range(batch_size)
+    ]
+    gc.collect()
+    before_load = _proc_status("VmRSS")
+    loaded = load_model(cfg)
+    gc.collect()
+    after_load = _proc_status("VmRSS")
+    model = loaded.model
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trainer_class(cfg.train.method, loaded)(
+            model=model,
+            args=build_preference_config(cfg, loaded, False, Path(tmp)),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=loaded.tokenizer,
+        )
+    drop_fresh_reference_adapter(trainer.model)
+    from mistral_fast.modeling import cast_trainable_to_fp32
+
+    cast_trainable_to_fp32(trainer.model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(batch_size)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        trainer.compute_loss(trainer.model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    gc.collect()
+    before_step = _proc_status("VmRSS")
+    _reset_peak_rss()
+    step()
+    peak = _proc_status("VmHWM")
+    return {
+        "weights_exact": _tensor_bytes(model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "weights_rss": after_load - before_load,
+        "optimizer_rss": before_step - after_load,
+        "step_peak": peak - before_step,
+        "total_peak": peak - before_load,
+        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
+    }

@@ -23,8 +23,8 @@ FAST |= {"eval.num_samples": 2, "eval.max_new_tokens": 8}
 FAKE_TOKEN = "hf_" + "Zq7" * 12  # a made-up token: it must never reach an output notebook
 
 
-def test_the_three_notebooks_exist() -> None:
-    assert [p.stem for p in NOTEBOOKS] == ["01_finetune", "02_evaluate", "03_export"]
+def test_the_notebooks_exist() -> None:
+    assert [p.stem for p in NOTEBOOKS] == ["01_finetune", "02_evaluate", "03_export", "04_preference"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
