@@ -26,6 +26,7 @@ _LAZY = {
     "TokenizerError": "errors",
     "ModelError": "errors",
     "load_tokenizer": "tokenizer",
+    "tokenizer_for": "tokenizer",
     "check_tokenizer": "tokenizer",
     "load_messages": "data",
     "preview_example": "tokenizer",

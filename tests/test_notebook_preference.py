@@ -21,7 +21,7 @@ def test_preference_parameters_map_to_config_fields() -> None:
 
     params = read_parameters(NOTEBOOKS_DIR / "04_preference.ipynb")
     assert params["train_method"].default == "dpo" and params["train_beta"].default == 0.1
-    extra = {"smoke", "preset", "overrides", "gpu"}
+    extra = {"smoke", "preset", "overrides", "gpu", "storage", "install_from"}
     assert all(config_key(name) for name in params if name not in extra)
 
 

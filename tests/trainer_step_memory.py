@@ -43,8 +43,8 @@ def measure(path: str, sizes: dict[str, int], overrides: dict[str, Any], batch: 
 
     import mistral_fast.train as train_module
     from mistral_fast.config import RunConfig
+    from mistral_fast.dataset import PreparedData
     from mistral_fast.modeling import build_tiny_model, load_model
-    from mistral_fast.pipeline import PreparedData
 
     build_tiny_model(path, **sizes)
     run_dir = tempfile.mkdtemp(prefix="trainer_step_memory.")

@@ -265,7 +265,14 @@ def _special_tokens(
     """
     import gguf
 
-    special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=vocab_size)
+    # gguf-py warns that our pair template (`<s> A <s> B`) has an "unknown separator": sentence-pair encoding,
+    # which no Mistral prompt uses and which changes nothing it writes. Quiet, so notebooks show only our output.
+    vocab_log = logging.getLogger("gguf.vocab")
+    level, vocab_log.level = vocab_log.level, logging.ERROR
+    try:
+        special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     ids = dict(special.special_token_ids)
     for typ in special.special_token_types:  # what the converter reads from the model's config.json
         value = config.get(f"{typ}_token_id")
