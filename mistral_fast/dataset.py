@@ -512,6 +512,11 @@ def _tokenise_batch(
     return out
 
 
+def _short(path: Path) -> str:
+    """A fingerprint for the passes' outputs (datasets wants ≤ 64 characters, and they are never reused)."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
 def _column(dataset: Dataset, name: str) -> np.ndarray:
     return dataset.data.column(name).to_numpy()
 
@@ -570,7 +575,7 @@ def _build(
         ),
         num_proc=procs if procs > 1 else None,
         cache_file_name=str(work / "validated.arrow"),
-        new_fingerprint=f"{out.name}-validated",
+        new_fingerprint=f"{_short(out)}-validated",
         load_from_cache_file=False,
         writer_batch_size=BATCH_ROWS,
         desc="validating",
@@ -609,7 +614,7 @@ def _build(
         ),
         num_proc=procs if procs > 1 else None,
         cache_file_name=str(work / "tokenised.arrow"),
-        new_fingerprint=f"{out.name}-tokenised",
+        new_fingerprint=f"{_short(out)}-tokenised",
         load_from_cache_file=False,
         writer_batch_size=BATCH_ROWS,
         desc="tokenising",
