@@ -52,7 +52,9 @@ def mixed_file(tmp_path: Path) -> Path:
         if i % 29 == 3:
             lines.append(json.dumps({"messages": [long_system, *row["messages"]]}))
         if i % 53 == 11:
-            lines.append(json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}))
+            lines.append(
+                json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]})
+            )
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -182,7 +184,9 @@ def test_errors_from_two_workers_keep_file_line_and_come_in_file_order(tmp_path,
         prepare_data(cfg, tok)
     with pytest.raises(DataError, match=r"d\.jsonl:51: not valid JSON"):  # fatal even when skipping
         prepare_data(cfg.with_overrides({"data.skip_invalid": True}), tok)
-    lines[50] = json.dumps({"messages": [{"role": "user", "content": "say [INST]"}, {"role": "assistant", "content": "x"}]})
+    lines[50] = json.dumps(
+        {"messages": [{"role": "user", "content": "say [INST]"}, {"role": "assistant", "content": "x"}]}
+    )
     lines[3] = json.dumps({"messages": [{"role": "user", "content": "hi"}]})  # line 4: first half
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl:4: "):
@@ -229,7 +233,9 @@ def test_a_sweeps_second_variation_reuses_the_first_ones_prepared_data(tmp_path,
         os.chdir(cwd)
     assert [r["status"] for r in rows] == ["done", "done"]
     assert len(entries()) == 1, "both variations share one prepared data set"
-    notebooks = [json.loads((Path(spec["out"]) / r["name"] / "status.json").read_text())["output_notebook"] for r in rows]
+    notebooks = [
+        json.loads((Path(spec["out"]) / r["name"] / "status.json").read_text())["output_notebook"] for r in rows
+    ]
     first, second = (Path(n).read_text() for n in notebooks)
     assert "reused from the cache" not in first
     assert "reused from the cache" in second
