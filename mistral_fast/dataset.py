@@ -277,14 +277,13 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def _builtin_tokenizer_fingerprint(version: str) -> str:
     """The built-in tokenizer without building it (5 s): its version, the code that builds it and the
     packages whose files and rendering it uses."""
-    import mistral_common
-    import tokenizers
-    import transformers
+    from importlib.metadata import version as installed
 
     from mistral_fast import tokenizer as module
 
     code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
-    return f"builtin-{version}-{code}-{mistral_common.__version__}-{tokenizers.__version__}-{transformers.__version__}"
+    packages = "-".join(installed(name) for name in ("mistral_common", "tokenizers", "transformers"))
+    return f"builtin-{version}-{code}-{packages}"  # metadata, not imports: a cache hit stays cheap
 
 
 def cache_key(cfg: RunConfig, content: str, source: str, tokenizer: str, version: str) -> dict[str, Any]:
