@@ -275,15 +275,22 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _builtin_tokenizer_fingerprint(version: str) -> str:
-    """The built-in tokenizer without building it (5 s): its version, the code that builds it and the
-    packages whose files and rendering it uses."""
+    """The built-in tokenizer without building it (5 s): its version and the packages whose files and
+    rendering it uses (the code that builds it is in `_code_fingerprint`)."""
     from importlib.metadata import version as installed
 
-    from mistral_fast import tokenizer as module
-
-    code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
     packages = "-".join(installed(name) for name in ("mistral_common", "tokenizers", "transformers"))
-    return f"builtin-{version}-{code}-{packages}"  # metadata, not imports: a cache hit stays cheap
+    return f"builtin-{version}-{packages}"  # metadata, not imports: a cache hit stays cheap
+
+
+def _code_fingerprint() -> str:
+    """A hash of the modules whose code shapes the prepared rows (readers, validator, template, passes):
+    changing any of them rebuilds, without anyone having to remember `PREP_VERSION`."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("constants.py", "families.py", "tokenizer.py", "data.py", "dataset.py"):
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()
 
 
 def cache_key(cfg: RunConfig, content: str, source: str, tokenizer: str, version: str) -> dict[str, Any]:
@@ -295,6 +302,7 @@ def cache_key(cfg: RunConfig, content: str, source: str, tokenizer: str, version
     d = cfg.data
     return {
         "prep_version": PREP_VERSION,
+        "code": _code_fingerprint(),
         "source": source,
         "content": content,
         "tokenizer": tokenizer,
