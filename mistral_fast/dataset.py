@@ -457,11 +457,18 @@ def _validate_batch(
     first: int,
     system_prompt: str,
     version: str,
+    tokenise: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
-    """Pass one: parse, normalise and validate a batch of raw rows; errors become columns."""
+    """Pass one: parse, normalise and validate a batch of raw rows; errors become columns.
+
+    With ``tokenise`` (`_tokenise_batch`'s keywords) the valid rows are tokenised in the same pass: one
+    pass instead of two when every valid example is used (no ``data.max_examples`` pick).
+    """
     out: dict[str, list[Any]] = {"status": [], "error": [], "where": [], "messages": [], "text": []}
+    if tokenise is not None:
+        out |= {key: [] for key in _TOKEN_COLUMNS}
     for n, index in enumerate(indices):
-        status, error, where, messages, text = OK, "", "", None, None
+        status, error, where, messages, text, example = OK, "", "", None, None, None
         try:
             record = _record(kind, path, {key: column[n] for key, column in batch.items()})
         except DataError as err:
@@ -479,42 +486,42 @@ def _validate_batch(
             else:
                 messages = None if example.messages is None else json.dumps(example.messages, ensure_ascii=False)
                 text = example.text
-        for key, value in zip(out, (status, error, where, messages, text), strict=True):
+        values: tuple[Any, ...] = (status, error, where, messages, text)
+        if tokenise is not None:
+            values += _tokenise_one(example, **tokenise) if example is not None else _NOT_TOKENISED
+        for key, value in zip(out, values, strict=True):
             out[key].append(value)
     return out
 
 
-def _tokenise_batch(
-    batch: dict[str, list[Any]],
-    *,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    version: str,
-    extra: dict[str, Any],
-) -> dict[str, list[Any]]:
+_TOKEN_COLUMNS = ("input_ids", "labels", "tstatus", "terror", "truncated", "trained", "length")
+_NOT_TOKENISED = ([], [], BLANK, "", False, 0, 0)
+
+
+def _tokenise_one(
+    example: Example, *, tokenizer: PreTrainedTokenizerBase, max_length: int, version: str, extra: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The `_TOKEN_COLUMNS` of one example: ids, labels, status, error, truncated, trained, length."""
+    try:
+        encoded = tokenize_example(tokenizer, example, max_length, version=version, **extra)
+    except TokenizerError as err:
+        return ([], [], FATAL, f"{example.where}: {err}", False, 0, 0)
+    trained = encoded.trained_tokens
+    if trained == 0:
+        error = (
+            f"{example.where}: no trained token left after truncation to model.max_seq_length={max_length} — "
+            "raise it or shorten the example"
+        )
+        return ([], [], EMPTY, error, False, 0, 0)
+    return (encoded.input_ids, encoded.labels, OK, "", encoded.truncated, trained, len(encoded.input_ids))
+
+
+def _tokenise_batch(batch: dict[str, list[Any]], **tokenise: Any) -> dict[str, list[Any]]:
     """Pass two: template, tokenise and mask a batch of examples; errors become columns."""
-    keys = ("input_ids", "labels", "status", "error", "truncated", "trained", "length")
-    out: dict[str, list[Any]] = {key: [] for key in keys}
+    out: dict[str, list[Any]] = {key: [] for key in _TOKEN_COLUMNS}
     for where, messages, text in zip(batch["where"], batch["messages"], batch["text"], strict=True):
-        example = _example({"where": where, "messages": messages, "text": text})
-        ids: list[int] = []
-        labels: list[int] = []
-        status, error, truncated = OK, "", False
-        try:
-            encoded = tokenize_example(tokenizer, example, max_length, version=version, **extra)
-        except TokenizerError as err:
-            status, error = FATAL, f"{where}: {err}"
-        else:
-            if encoded.trained_tokens == 0:
-                status = EMPTY
-                error = (
-                    f"{where}: no trained token left after truncation to model.max_seq_length={max_length} — "
-                    "raise it or shorten the example"
-                )
-            else:
-                ids, labels, truncated = encoded.input_ids, encoded.labels, encoded.truncated
-        trained = sum(label != IGNORE_INDEX for label in labels)
-        for key, value in zip(keys, (ids, labels, status, error, truncated, trained, len(ids)), strict=True):
+        values = _tokenise_one(_example({"where": where, "messages": messages, "text": text}), **tokenise)
+        for key, value in zip(_TOKEN_COLUMNS, values, strict=True):
             out[key].append(value)
     return out
 
@@ -528,20 +535,28 @@ def _column(dataset: Dataset, name: str) -> np.ndarray:
     return dataset.data.column(name).to_numpy()
 
 
-def _first_error(dataset: Dataset, statuses: np.ndarray, fatal: tuple[int, ...]) -> tuple[int, str] | None:
+def _first_error(
+    dataset: Dataset, statuses: np.ndarray, fatal: tuple[int, ...], column: str = "error", rows: Any = None
+) -> tuple[int, str] | None:
+    """(status, message) of the first row whose status is in ``fatal``; ``rows`` maps the statuses'
+    positions to the data set's rows (None: the same)."""
     import numpy as np
 
     bad = np.flatnonzero(np.isin(statuses, fatal))
     if not bad.size:
         return None
-    return int(statuses[bad[0]]), dataset[int(bad[0])]["error"]
+    row = int(bad[0] if rows is None else rows[bad[0]])
+    return int(statuses[bad[0]]), dataset[row][column]
 
 
-def _reasons(dataset: Dataset, statuses: np.ndarray, status: int, limit: int) -> list[str]:
+def _reasons(
+    dataset: Dataset, statuses: np.ndarray, status: int, limit: int, column: str = "error", rows: Any = None
+) -> list[str]:
+    """The messages of the first ``limit`` rows with ``status`` (``rows`` as in `_first_error`)."""
     import numpy as np
 
-    rows = np.flatnonzero(statuses == status)[:limit]
-    return [dataset[int(i)]["error"] for i in rows]
+    found = np.flatnonzero(statuses == status)[:limit]
+    return [dataset[int(i if rows is None else rows[i])][column] for i in found]
 
 
 def _build(
@@ -552,6 +567,7 @@ def _build(
     from datasets import Dataset, Features, List, Value
 
     d = cfg.data
+    start = time.perf_counter()  # for the debug log of the passes
     work.mkdir(parents=True)
     if not _write_raw(src, work / "raw.arrow"):
         return None
@@ -561,6 +577,20 @@ def _build(
         raise DataError(f"data.path={src.name!r}: no usable example (0 examples ({d.format}))")
     fmt, first = _first_format(raw, src.kind, path, cfg)
 
+    log.debug("data: raw rows written at %.1f s", time.perf_counter() - start)
+    tokenise = {
+        "tokenizer": tokenizer,
+        "max_length": cfg.model.max_seq_length,
+        "version": version,
+        "extra": _assistant_only(cfg),
+    }
+    token_features = Features(
+        {"input_ids": List(Value("int32")), "labels": List(Value("int64")), "tstatus": Value("int8")}
+        | {"terror": Value("string"), "truncated": Value("bool"), "trained": Value("int64")}
+        | {"length": Value("int64")}
+    )
+    # Every valid example is tokenised unless max_examples picks some: then one pass does both
+    fused = not d.max_examples
     procs = resolve_num_proc(d.num_proc, len(raw))
     validated = raw.map(
         _validate_batch,
@@ -575,75 +605,74 @@ def _build(
             "first": first,
             "system_prompt": d.system_prompt,
             "version": version,
+            "tokenise": tokenise if fused else None,
         },
         features=Features(
             {"status": Value("int8"), "error": Value("string"), "where": Value("string")}
             | {"messages": Value("string"), "text": Value("string")}
+            | (dict(token_features) if fused else {})
         ),
         num_proc=procs if procs > 1 else None,
         cache_file_name=str(work / "validated.arrow"),
         new_fingerprint=f"{_short(out)}-validated",
         load_from_cache_file=False,
         writer_batch_size=BATCH_ROWS,
-        desc="validating",
+        desc="validating and tokenising" if fused else "validating",
     )
+    log.debug("data: validated at %.1f s", time.perf_counter() - start)
     statuses = _column(validated, "status")
     failure = _first_error(validated, statuses, (FATAL,) if d.skip_invalid else (FATAL, INVALID))
-    if failure:
+    if failure:  # validation errors come first, wherever they are, as in load_messages
         status, error = failure
         raise DataError(error if status == FATAL else f"{error} (or set data.skip_invalid=true to skip bad records)")
     skipped = int((statuses == INVALID).sum())
     reasons = _reasons(validated, statuses, INVALID, MAX_REASONS)
-    valid = np.flatnonzero(statuses == OK)
+    valid = np.flatnonzero(statuses == OK)  # the examples, in order: rows of `validated`
     if not valid.size:
         summary = f"0 examples ({fmt or 'auto'})" + (f", {skipped} skipped: " + "; ".join(reasons) if skipped else "")
         raise DataError(f"data.path={src.name!r}: no usable example ({summary})")
-    if d.max_examples:  # the same seeded pick as prepare_data_in_memory
-        valid = valid[split_examples(list(range(len(valid))), 0.0, d.seed)[0][: d.max_examples]]
 
-    chosen = validated.select(valid)
-    procs = resolve_num_proc(d.num_proc, len(chosen))
-    tokenised = chosen.map(
-        _tokenise_batch,
-        batched=True,
-        batch_size=BATCH_ROWS,
-        remove_columns=chosen.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_length": cfg.model.max_seq_length,
-            "version": version,
-            "extra": _assistant_only(cfg),
-        },
-        features=Features(
-            {"input_ids": List(Value("int32")), "labels": List(Value("int64")), "status": Value("int8")}
-            | {"error": Value("string"), "truncated": Value("bool"), "trained": Value("int64")}
-            | {"length": Value("int64")}
-        ),
-        num_proc=procs if procs > 1 else None,
-        cache_file_name=str(work / "tokenised.arrow"),
-        new_fingerprint=f"{_short(out)}-tokenised",
-        load_from_cache_file=False,
-        writer_batch_size=BATCH_ROWS,
-        desc="tokenising",
-    )
-    statuses = _column(tokenised, "status")
-    failure = _first_error(tokenised, statuses, (FATAL,) if d.skip_invalid else (FATAL, EMPTY))
+    if fused:
+        tokenised, rows = validated, valid  # the token columns of example i are in row valid[i]
+    else:  # the same seeded pick as prepare_data_in_memory, then only those are tokenised
+        valid = valid[split_examples(list(range(len(valid))), 0.0, d.seed)[0][: d.max_examples]]
+        chosen = validated.select(valid)
+        procs = resolve_num_proc(d.num_proc, len(chosen))
+        tokenised = chosen.map(
+            _tokenise_batch,
+            batched=True,
+            batch_size=BATCH_ROWS,
+            remove_columns=chosen.column_names,
+            fn_kwargs=tokenise,
+            features=token_features,
+            num_proc=procs if procs > 1 else None,
+            cache_file_name=str(work / "tokenised.arrow"),
+            new_fingerprint=f"{_short(out)}-tokenised",
+            load_from_cache_file=False,
+            writer_batch_size=BATCH_ROWS,
+            desc="tokenising",
+        )
+        rows = np.arange(len(valid))
+    log.debug("data: tokenised at %.1f s", time.perf_counter() - start)
+    statuses = _column(tokenised, "tstatus")[rows]
+    failure = _first_error(tokenised, statuses, (FATAL,) if d.skip_invalid else (FATAL, EMPTY), "terror", rows)
     if failure:
         status, error = failure
         raise DataError(error if status == FATAL else f"{error} (or set data.skip_invalid=true to skip it)")
     skipped += int((statuses == EMPTY).sum())
-    reasons = [*reasons, *_reasons(tokenised, statuses, EMPTY, MAX_REASONS)][:MAX_REASONS]
-    kept = np.flatnonzero(statuses == OK)
+    reasons = [*reasons, *_reasons(tokenised, statuses, EMPTY, MAX_REASONS, "terror", rows)][:MAX_REASONS]
+    kept = np.flatnonzero(statuses == OK)  # positions among the examples
     if not kept.size:
         raise DataError(f"data.path={d.path!r}: no example left to train on; first reasons: {reasons}")
 
     train_ids, eval_ids = (
         np.asarray(ids, dtype=np.int64) for ids in split_examples(list(range(len(kept))), d.eval_fraction, d.seed)
     )
-    lengths, trained = _column(tokenised, "length"), _column(tokenised, "trained")
+    lengths, trained = _column(tokenised, "length")[rows], _column(tokenised, "trained")[rows]
+    log.debug("data: split at %.1f s", time.perf_counter() - start)
     for name, ids in (("train", train_ids), ("eval", eval_ids)):
         if ids.size:
-            tokenised.select(kept[ids]).select_columns(["input_ids", "labels"]).save_to_disk(str(out / name))
+            tokenised.select(rows[kept[ids]]).select_columns(["input_ids", "labels"]).save_to_disk(str(out / name))
             examples = validated.select(valid[kept[ids]]).select_columns(["where", "messages", "text"])
             examples.save_to_disk(str(out / f"{name}_examples"))
     stats = {
@@ -651,11 +680,12 @@ def _build(
         "eval_examples": len(eval_ids),
         "skipped": skipped,
         "skip_reasons": reasons,
-        "truncated": int(_column(tokenised, "truncated")[kept].sum()),
+        "truncated": int(_column(tokenised, "truncated")[rows][kept].sum()),
         "train_tokens": int(lengths[kept[train_ids]].sum()),
         "trained_tokens": int(trained[kept[train_ids]].sum()),
         "max_length": int(lengths[kept].max()),
     }
+    log.debug("data: saved at %.1f s", time.perf_counter() - start)
     return {"format": fmt, "stats": stats, "processes": procs}
 
 
