@@ -203,9 +203,12 @@ def timed(which: str, data: Path, num_proc: int, env: dict[str, str]) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", done.stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
     rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    # CPU seconds of the process and its workers: steadier than wall time on a shared machine
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): (\S+)", done.stderr).group(1)) for kind in ("User", "System"))
     return result | {
         "wall_s": round(seconds, 1),
         "time_max_rss_mib": rss_kib >> 10,
+        "cpu_s": round(cpu, 1),
         "seconds": round(result["seconds"], 1),
     }
 
@@ -250,14 +253,15 @@ def main() -> None:
                     rows.append(row)
                 subprocess.run(["rm", "-rf", env["HF_DATASETS_CACHE"], env["MISTRAL_FAST_CACHE"]], check=False)
     print(
-        "\n| conversations | tokens | num_proc | run | wall (process) | in the call | peak RSS: /usr/bin/time | "
+        "\n| conversations | tokens | num_proc | run | wall (process) | CPU (process + workers) | in the call | "
+        "peak RSS: /usr/bin/time | "
         "peak PSS, all processes | of it anonymous |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['conversations']:,} | {r.get('tokens', '')} | {r['num_proc']} | {r['run']} | {r['wall_s']} s | "
-            f"{r['seconds']} s | {r['time_max_rss_mib']} MiB | {r['tree_peak_rss_mib']} MiB | "
+            f"{r['cpu_s']} s | {r['seconds']} s | {r['time_max_rss_mib']} MiB | {r['tree_peak_rss_mib']} MiB | "
             f"{r['tree_peak_anon_mib']} MiB |"
         )
 
