@@ -239,3 +239,15 @@ def test_a_sweeps_second_variation_reuses_the_first_ones_prepared_data(tmp_path,
     first, second = (Path(n).read_text() for n in notebooks)
     assert "reused from the cache" not in first
     assert "reused from the cache" in second
+
+
+def test_num_proc_is_checked_and_resolved() -> None:
+    from mistral_fast.dataset import MIN_ROWS_PER_PROC, resolve_num_proc
+    from mistral_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.num_proc=-2 is invalid"):
+        load_config(None, ["data.num_proc=-2"])
+    assert resolve_num_proc(0, 10**6) == resolve_num_proc(1, 10**6) == 1
+    assert resolve_num_proc(4, 3) == 3, "no more processes than rows"
+    assert resolve_num_proc(-1, MIN_ROWS_PER_PROC - 1) == 1, "auto: small data stays in process"
+    assert 1 <= resolve_num_proc(-1, 10**7) <= len(os.sched_getaffinity(0))
