@@ -116,11 +116,14 @@ class DataConfig:
     skip_invalid: bool = False  # skip bad records (counted, first reasons shown) instead of failing
     system_prompt: str = ""  # added as a system message to conversations that have none
     seed: int = 42  # seed of the train/eval split
+    num_proc: int = -1  # processes that prepare the data (-1: the cores available; 0 or 1: in this process)
 
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             _fail("data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _positive("data.max_examples", self.max_examples, zero_ok=True)
+        if self.num_proc < -1:
+            _fail("data.num_proc", self.num_proc, "must be -1 (the cores available), 0/1 (in process) or a count")
 
 
 @dataclass

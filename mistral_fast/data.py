@@ -121,19 +121,29 @@ def _decode(path: Path, raw: bytes, line: int | None = None) -> str:
 def _read_jsonl(path: Path) -> Iterator[Record]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            text = _decode(path, raw, number).strip()
-            if not text:
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}) — "
-                    "each line must be one JSON object"
-                ) from None
-            if not isinstance(data, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
-            yield Record(data, f"{path}:{number}")
+            record = parse_jsonl_line(path, number, raw)
+            if record is not None:
+                yield record
+
+
+def parse_jsonl_line(path: Path, number: int, raw: bytes) -> Record | None:
+    """One line of a JSON-lines file as a `Record` (None for a blank line).
+
+    Raises:
+        DataError: the line is not UTF-8, not JSON, or not a JSON object (``file:line: what — what to do``).
+    """
+    text = _decode(path, raw, number).strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}) — each line must be one JSON object"
+        ) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
+    return Record(data, f"{path}:{number}")
 
 
 def _read_json(path: Path) -> Iterator[Record]:
@@ -172,17 +182,25 @@ def _read_parquet(path: Path) -> Iterator[Record]:
         yield Record(row, f"{path}:row {i + 1}")
 
 
-def _read_hub_dataset(name: str, split: str) -> Iterator[Record]:
+def load_hub_dataset(name: str, split: str) -> Any:
+    """``datasets.load_dataset(name, split=split)``, failing with what to do instead.
+
+    Raises:
+        DataError: offline, an unknown name or an unknown split.
+    """
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, unknown name, unknown split: all end here
         raise DataError(
             f"data.path={name!r}: not a local file and `datasets.load_dataset` failed ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}) — give a .jsonl/.json/.csv/.parquet path or a reachable data set"
         ) from None
-    for i, row in enumerate(dataset):
+
+
+def _read_hub_dataset(name: str, split: str) -> Iterator[Record]:
+    for i, row in enumerate(load_hub_dataset(name, split)):
         yield Record(dict(row), f"{name}[{split}][{i}]")
 
 

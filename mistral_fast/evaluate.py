@@ -25,9 +25,10 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -383,7 +384,7 @@ def _inference_mode(loaded: LoadedModel) -> Iterator[None]:
 def evaluate_model(
     loaded: LoadedModel,
     eval_rows: Any,
-    eval_examples: list[Example],
+    eval_examples: Sequence[Example],
     cfg: EvalConfig,
     *,
     compare_base: bool = True,
@@ -403,7 +404,8 @@ def evaluate_model(
         seed: sampling seed.
     """
     start = time.perf_counter()
-    pairs = [p for p in (split_prompt(e) for e in eval_examples) if p is not None][: cfg.num_samples]
+    # only the first num_samples: a large eval split (read from Arrow on demand) is not decoded whole
+    pairs = list(islice((p for p in map(split_prompt, eval_examples) if p is not None), cfg.num_samples))
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
     if compare_base and not callable(getattr(loaded.model, "disable_adapter", None)):

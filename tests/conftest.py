@@ -19,6 +19,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared data is cached per test session (and its subprocesses and kernels), never in the user's ~/.cache.
+if "MISTRAL_FAST_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MISTRAL_FAST_CACHE"] = tempfile.mkdtemp(prefix="mistral-fast-cache-")
+    atexit.register(shutil.rmtree, os.environ["MISTRAL_FAST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
