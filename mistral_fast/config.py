@@ -74,6 +74,7 @@ class LoraConfig:
     targets: str | list[str] = "all-linear"  # "attention", "all-linear" or a list of module names
     bias: Literal["none", "all", "lora_only"] = "none"  # train no biases (Mistral has none)
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+    train_router: bool = False  # Mixtral: also train the router (`gate`) whole; frozen by default
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -138,6 +139,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # trade compute for memory (Unsloth's mode on unsloth)
     seed: int = 42  # seed of model init, dropout and data order
     resume: bool = False  # continue from the last complete checkpoint in output_dir
+    router_aux_loss: bool = True  # Mixtral: add the router's load-balancing loss (logged as aux_loss)
+    router_aux_loss_coef: float | None = None  # its weight; None: the model's config.json (0.02 for 8x7B)
 
     def __post_init__(self) -> None:
         _positive("train.learning_rate", self.learning_rate)
@@ -166,6 +169,8 @@ class TrainConfig:
             _fail("train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _positive("train.weight_decay", self.weight_decay, zero_ok=True)
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        if self.router_aux_loss_coef is not None:
+            _positive("train.router_aux_loss_coef", self.router_aux_loss_coef, zero_ok=True)
 
 
 @dataclass

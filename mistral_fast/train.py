@@ -189,7 +189,22 @@ def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_di
         report_to="none",  # TensorBoard is added as an explicit callback writing into the run directory
         disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+        **_router_aux_loss_args(cfg, loaded),
     )
+
+
+def _router_aux_loss_args(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """Mixtral: TRL adds ``coef x aux_loss`` to the loss and logs ``aux_loss`` (metrics.jsonl); 0.0 turns it off.
+
+    TRL's default (None) takes the model's own coefficient (0.02 for Mixtral-8x7B) and turns the router
+    logits on; ``train.router_aux_loss: false`` passes 0.0, which TRL documents as off. Dense models get
+    nothing (TRL refuses a coefficient on a model without a router).
+    """
+    if not hasattr(loaded.model.config, "output_router_logits"):
+        return {}
+    if not cfg.train.router_aux_loss:
+        return {"router_aux_loss_coef": 0.0}
+    return {"router_aux_loss_coef": cfg.train.router_aux_loss_coef}
 
 
 def _callbacks(run_dir: Path) -> list[TrainerCallback]:

@@ -1,0 +1,254 @@
+"""Mixtral (mixture of experts): family rows, experts really NF4, per-expert LoRA, router and its aux loss.
+
+On the tiny local Mixtral (4 experts, top-2, real v1 tokenizer), real bitsandbytes 4-bit on CPU and real
+peft. References are transformers' own fused `MixtralExperts` and `MixtralForCausalLM` loss, not our code.
+This process never imports unsloth (the refusal is decided before any backend import).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistral_fast.config import RunConfig
+from mistral_fast.errors import ModelError
+from mistral_fast.families import family_for_model, family_named, known_config, tokenizer_version
+from mistral_fast.modeling import load_model
+from mistral_fast.modeling.moe import EXPERT_LINEARS, expert_weight_bytes
+from mistral_fast.modeling.tiny import TINY_MIXTRAL_DEFAULTS, build_tiny_mixtral
+
+E = TINY_MIXTRAL_DEFAULTS["num_experts"]
+LAYERS = TINY_MIXTRAL_DEFAULTS["num_layers"]
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_mixtral(tmp_path_factory.mktemp("models") / "tiny-mixtral")
+
+
+def make_cfg(path: Path | str, **overrides: object) -> RunConfig:
+    return RunConfig().with_overrides({"model.name_or_path": str(path), "model.tokenizer": "v1", **overrides})
+
+
+def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 32000, (batch, length), generator=gen)
+
+
+def routed_counts(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per layer, how many tokens the router sent to each expert (from transformers' router itself), and a loss
+    every position contributes to."""
+    counts: dict[int, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if type(module).__name__ == "MixtralTopKRouter":
+            layer = int(name.split("layers.")[1].split(".")[0])
+
+            def hook(_m, _inp, out, layer=layer):  # out = (logits, scores, indices)
+                counts[layer] = torch.bincount(out[2].flatten(), minlength=E)
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        # logsumexp of every position's logits: every token (also the last) reaches the loss
+        loss = model(input_ids=tokens).logits.float().logsumexp(-1).mean()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts, loss
+
+
+# ------------------------------------------------------------------------------------ family rows
+
+
+def test_family_rows_for_mixtral_8x7b_and_8x22b() -> None:
+    small, large = family_named("mixtral-8x7b-v0.1"), family_named("mixtral-8x22b-v0.1")
+    assert (small.architecture, small.tokenizer, small.vocab_size) == ("MixtralForCausalLM", "v1", 32000)
+    assert (large.architecture, large.tokenizer, large.vocab_size) == ("MixtralForCausalLM", "v3", 32768)
+    for row in (small, large):
+        assert row.is_moe and (row.num_experts, row.experts_per_token) == (8, 2)
+        assert row.gguf_arch == "llama" and row.model_type == "mixtral"
+        assert set(row.expert_targets) == set(EXPERT_LINEARS) <= set(row.lora_targets["all-linear"])
+        assert "gate" not in row.lora_targets["all-linear"]  # the router is never a LoRA target
+    assert family_for_model("mistralai/Mixtral-8x7B-Instruct-v0.1") is small
+    assert family_for_model("mistralai/Mixtral-8x22B-v0.1") is large
+    # identified by config.json when the name is not a known one: architecture + vocabulary size
+    assert family_for_model("/x", {"architectures": ["MixtralForCausalLM"], "vocab_size": 32768}) is large
+    cfg = known_config("mistralai/Mixtral-8x7B-v0.1")
+    assert cfg is not None and cfg["num_local_experts"] == 8 and cfg["intermediate_size"] == 14336
+    assert family_named("mistral-7b-v0.3").is_moe is False
+
+
+def test_tiny_mixtral_is_a_mixtral_8x7b_shape(mixtral_dir: Path) -> None:
+    config = json.loads((mixtral_dir / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert config["num_local_experts"] == E and config["num_experts_per_tok"] == 2
+    assert config["hidden_size"] % 64 == 0 and config["intermediate_size"] % 64 == 0
+    assert family_for_model(str(mixtral_dir)) is family_named("mixtral-8x7b-v0.1")
+    assert tokenizer_version(make_cfg(mixtral_dir, **{"model.tokenizer": "model"}).model) == "v1"
+    from safetensors import safe_open
+
+    with safe_open(str(mixtral_dir / "model.safetensors"), "pt") as f:  # Mixtral's own checkpoint layout
+        keys = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+
+
+# ------------------------------------------------------------------------------------ experts in NF4
+
+
+@pytest.fixture(scope="module")
+def loaded_eval(mixtral_dir: Path):
+    return load_model(make_cfg(mixtral_dir, **{"model.compute_dtype": "bfloat16"}), for_training=False)
+
+
+def test_every_expert_weight_is_nf4_double_quant_block_64(loaded_eval, mixtral_dir: Path) -> None:
+    import bitsandbytes as bnb
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    model = loaded_eval.model
+    assert not any(isinstance(m, MixtralExperts) for m in model.modules()), "a fused 16-bit expert is left"
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and ".experts." in n}
+    assert len(experts) == LAYERS * E * 3
+    for name, layer in experts.items():
+        w = layer.weight
+        assert w.dtype == torch.uint8 and w.quant_state.quant_type == "nf4", name
+        assert w.quant_state.blocksize == 64 and w.quant_state.nested, name  # double quantisation
+    size = expert_weight_bytes(model)
+    h, i = TINY_MIXTRAL_DEFAULTS["hidden_size"], TINY_MIXTRAL_DEFAULTS["intermediate_size"]
+    assert size["params"] == LAYERS * E * 3 * h * i
+    assert size["dense"] == 0 and size["packed"] == size["params"] // 2  # 4 bits per weight
+    # constants: 8-bit absmax per 64 weights + fp32 per 256 of those (double quant) ≈ 0.127 bit/weight
+    bits = 8 * (size["packed"] + size["state"]) / size["params"]
+    assert 4.0 < bits < 4.6, bits
+    bf16_bytes = (mixtral_dir / "model.safetensors").stat().st_size
+    assert size["packed"] + size["state"] < 0.3 * 2 * size["params"] < bf16_bytes
+
+
+def test_nf4_experts_compute_what_the_fused_module_computes(loaded_eval, mixtral_dir: Path) -> None:
+    """Against transformers' own fused experts: close to the bf16 original (NF4 rounding), and equal to
+    within bf16 compute noise once the fused reference holds the dequantised weights."""
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
+
+    tokens = ids(4, 128, seed=123)
+    reference = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32).eval()
+    reference.set_experts_implementation("eager")
+    with torch.no_grad():
+        quantised = loaded_eval.model(input_ids=tokens).logits.float()
+        original = reference(input_ids=tokens).logits.float()
+        modules = dict(reference.named_modules())
+        for name, module in loaded_eval.model.get_base_model().named_modules():
+            if not hasattr(module, "weight") or not hasattr(module.weight, "quant_state"):
+                continue
+            deq = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            name = name.removesuffix(".base_layer")
+            if ".experts." in name:
+                prefix, e, proj = name.rsplit(".", 2)
+                fused, inter = modules[prefix], reference.config.intermediate_size
+                if proj == "down_proj":
+                    fused.down_proj[int(e)].copy_(deq)
+                else:
+                    rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                    fused.gate_up_proj[int(e), rows].copy_(deq)
+            else:
+                modules[name].weight.copy_(deq)
+        dequant_ref = reference(input_ids=tokens).logits.float()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(quantised, original) < 0.2  # NF4 rounding (random logits would be ~1.4)
+    assert (quantised.argmax(-1) == original.argmax(-1)).float().mean() > 0.5
+    assert rel(quantised, dequant_ref) < 0.02  # same function; bf16 compute vs fp32 reference
+
+
+# ------------------------------------------------------------------------------------ LoRA on experts
+
+
+@pytest.fixture(scope="module")
+def loaded_train(mixtral_dir: Path):
+    return load_model(make_cfg(mixtral_dir, **{"model.compute_dtype": "float32"}), for_training=True)
+
+
+def _expert_lora(model: torch.nn.Module) -> dict[tuple[int, int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    out = {}
+    for name, module in model.named_modules():
+        if ".experts." in name and hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] in EXPERT_LINEARS:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            e = int(name.rsplit(".", 2)[-2])
+            pair = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+            out[(layer, e, name.rsplit(".", 1)[-1])] = pair
+    return out
+
+
+def test_every_routed_expert_gets_lora_gradient_and_unrouted_ones_none(loaded_train) -> None:
+    model = loaded_train.model
+    lora = _expert_lora(model)
+    assert len(lora) == LAYERS * E * 3
+    # Many tokens: every expert of every layer is routed some of them, so each one's LoRA must learn.
+    model.zero_grad()
+    counts, loss = routed_counts(model, ids(2, 64, seed=1))
+    loss.backward()
+    assert all((c > 0).all() for c in counts.values()), counts
+    for (layer, e, proj), (_a, b) in lora.items():
+        assert b.grad is not None and b.grad.abs().sum() > 0, f"layer {layer} expert {e} {proj}: no gradient"
+    # One token: only its top-2 experts per layer see it; the others must get no gradient at all.
+    model.zero_grad()
+    counts, loss = routed_counts(model, ids(1, 1, seed=2))
+    loss.backward()
+    for (layer, e, proj), (_a, b) in lora.items():
+        got = b.grad is not None and b.grad.abs().sum() > 0
+        assert got == bool(counts[layer][e] > 0), f"layer {layer} expert {e} {proj}: routed {int(counts[layer][e])}"
+    model.zero_grad()
+
+
+def test_router_frozen_by_default_and_trainable_on_request(loaded_train, mixtral_dir: Path) -> None:
+    routers = [p for n, p in loaded_train.model.named_parameters() if ".mlp.gate." in n]
+    assert routers and not any(p.requires_grad for p in routers)
+    trained = load_model(make_cfg(mixtral_dir, **{"lora.train_router": True}), for_training=True).model
+    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad and ".mlp.gate." in n}
+    assert len(trainable) == LAYERS, sorted(trainable)
+    trained.zero_grad()
+    trained(input_ids=ids(1, 32), labels=ids(1, 32)).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+# ------------------------------------------------------------------------------------ router aux loss
+
+
+def test_router_aux_loss_reaches_the_loss(loaded_train, mixtral_dir: Path) -> None:
+    """transformers adds coef x load-balancing loss only with output_router_logits; training turns it on."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = loaded_train.model
+    base = model.get_base_model()
+    assert base.config.output_router_logits is True  # set for training (checkpoints ship it false)
+    coef = json.loads((mixtral_dir / "config.json").read_text())["router_aux_loss_coef"]
+    assert base.router_aux_loss_coef == coef == 0.02
+    tokens = ids(2, 32, seed=3)
+    with torch.no_grad():
+        on = model(input_ids=tokens, labels=tokens)
+        off = model(input_ids=tokens, labels=tokens, output_router_logits=False)
+        aux = load_balancing_loss_func(on.router_logits, E, 2, None)  # transformers' own function, recomputed
+    assert on.aux_loss is not None and off.aux_loss is None
+    assert torch.isclose(on.aux_loss, aux)
+    assert torch.isclose(on.loss, off.loss + coef * aux, rtol=0, atol=1e-6)
+    assert (on.loss - off.loss).abs() > 1e-4  # not a vacuous equality
+
+
+def test_router_aux_loss_off_by_config(mixtral_dir: Path) -> None:
+    model = load_model(make_cfg(mixtral_dir, **{"train.router_aux_loss": False}), for_training=True).model
+    assert model.get_base_model().config.output_router_logits is False
+    evaluation = load_model(make_cfg(mixtral_dir), for_training=False).model
+    assert evaluation.get_base_model().config.output_router_logits is False  # evaluation: plain loss
+
+
+def test_unsloth_backend_is_refused_for_mixtral_before_importing_it(mixtral_dir: Path) -> None:
+    import sys
+
+    with pytest.raises(ModelError, match=r"model\.backend=unsloth: .*mixture-of-experts.*model\.backend=hf"):
+        load_model(make_cfg(mixtral_dir, **{"model.backend": "unsloth"}))
+    assert "unsloth" not in sys.modules
