@@ -15,6 +15,7 @@ tensors (`CHECKPOINT_NAMES`), which the streamed merge and llama.cpp read.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.constants import NF4_BLOCK
@@ -200,3 +201,25 @@ def expert_weight_bytes(model: Any) -> dict[str, int]:
                         state += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
                         state += qs.state2.code.numel() * qs.state2.code.element_size()
     return {"packed": packed, "state": state, "dense": dense, "params": params}
+
+
+def checkpoint_weight_name(module_weight: str) -> str:
+    """The checkpoint tensor behind one of our module weights (identity for everything but Mixtral experts).
+
+    ``model.layers.3.mlp.experts.5.up_proj.weight`` → ``model.layers.3.block_sparse_moe.experts.5.w3.weight``
+    (Mixtral's checkpoint layout, which transformers fuses on load and writes back on save). Torch-free.
+    """
+    match = _EXPERT_MODULE.search(module_weight)
+    if match is None:
+        return module_weight
+    start, end = match.span()
+    name = CHECKPOINT_NAMES[match["proj"]]
+    return f"{module_weight[:start]}.block_sparse_moe.experts.{match['e']}.{name}.weight{module_weight[end:]}"
+
+
+def is_router_weight(checkpoint_name: str) -> bool:
+    """Mixtral's router (``block_sparse_moe.gate``): 2-D but never a 4-bit layer (not an ``nn.Linear``)."""
+    return checkpoint_name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))
+
+
+_EXPERT_MODULE = re.compile(r"\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
