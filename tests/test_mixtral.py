@@ -341,3 +341,85 @@ def test_merged_mixtral_reproduces_adapter_logits(adapter_run, mixtral_dir: Path
     assert rel_base > 5 * rel, (rel_base, rel)
     print(f"merged vs adapter logits: {agree:.1%} of positions within 3% of the range, relative error {rel:.4f}; "
           f"base vs adapter {rel_base:.4f}")
+
+
+# ------------------------------------------------------------------------------------ GGUF: stacked experts
+
+
+@pytest.fixture(scope="module")
+def merged_mixtral(adapter_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mistral_fast.export import merge_adapter
+
+    run_dir, _ = adapter_run
+    return merge_adapter(run_dir, tmp_path_factory.mktemp("mixtral-merged") / "merged")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_mixtral_gguf_equals_llama_cpp_converter(
+    llama_cpp_source: Path, merged_mixtral: Path, tmp_path: Path, qtype: str
+) -> None:
+    """Stacked ffn_{gate,up,down}_exps + ffn_gate_inp, every tensor's bytes and every metadata key, as the converter."""
+    pytest.importorskip("llama_cpp")
+    from test_export_llama_cpp import DIFFERS_BY_DESIGN, gguf_fields, gguf_tensors, run_converter
+
+    from mistral_fast.export import export_gguf
+
+    theirs = tmp_path / f"converter-{qtype}.gguf"
+    run_converter(
+        llama_cpp_source,
+        "convert_hf_to_gguf.py",
+        [str(merged_mixtral), "--outfile", str(theirs), "--outtype", qtype, "--model-name", "merged"],
+    )
+    ours = export_gguf(merged_mixtral, tmp_path / f"ours-{qtype}.gguf", qtype, name="merged")
+    reference, got = gguf_tensors(theirs), gguf_tensors(ours)
+    assert sorted(got) == sorted(reference)
+    h, i = TINY_MIXTRAL_DEFAULTS["hidden_size"], TINY_MIXTRAL_DEFAULTS["intermediate_size"]
+    for layer in range(LAYERS):  # llama.cpp's stacked layout (GGUF shapes are innermost first)
+        assert reference[f"blk.{layer}.ffn_gate_exps.weight"][1] == (h, i, E)
+        assert reference[f"blk.{layer}.ffn_down_exps.weight"][1] == (i, h, E)
+        assert reference[f"blk.{layer}.ffn_gate_inp.weight"][:2] == ("F32", (h, E))
+    for name, (kind, shape, data) in reference.items():
+        assert got[name][:2] == (kind, shape), name
+        assert got[name][2] == data, f"{name}: tensor bytes differ from llama.cpp's converter"
+    reference_kv, got_kv = gguf_fields(theirs), gguf_fields(ours)
+    assert reference_kv["llama.expert_count"][0] == E and reference_kv["llama.expert_used_count"][0] == 2
+    missing = sorted(set(reference_kv) - set(got_kv))
+    assert not missing, f"keys llama.cpp's converter writes and we do not: {missing}"
+    for key, (value, types) in reference_kv.items():
+        if key not in DIFFERS_BY_DESIGN:
+            assert got_kv[key] == (value, types), key
+
+
+@pytest.mark.slow
+def test_llama_cpp_logits_equal_the_merged_mixtral(merged_mixtral: Path, tmp_path: Path) -> None:
+    """llama.cpp runs our GGUF (f16) with its own MoE kernels: its logits equal transformers' on the merged model."""
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.export import export_gguf
+    from mistral_fast.export.report import gguf_side
+    from mistral_fast.tokenizer import load_tokenizer
+
+    gguf_path = export_gguf(merged_mixtral, tmp_path / "mixtral-f16.gguf", "f16")
+    ids = load_tokenizer("v1")("Convert 3 miles to kilometres, please. The answer is").input_ids
+    side = gguf_side(gguf_path, [ids], eos=2, max_new_tokens=4)
+    model = AutoModelForCausalLM.from_pretrained(merged_mixtral, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    error = np.abs(side.logits[0] - reference).max() / np.abs(reference).max()
+    print(f"llama.cpp vs transformers logits on the merged Mixtral: max error {error:.5f} of the range")
+    assert error < 0.003  # fp16 weights (exact from bf16) and llama.cpp's fp16/fp32 kernels
+    assert (side.logits[0].argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+
+
+def test_one_pass_merge_to_gguf_equals_merge_then_convert(adapter_run, merged_mixtral: Path, tmp_path: Path) -> None:
+    """export_merged_gguf merges each expert as it stacks it: the same bytes as merging first, then converting."""
+    from mistral_fast.export import export_gguf
+    from mistral_fast.export.gguf import export_merged_gguf
+
+    run_dir, _ = adapter_run
+    one_pass = export_merged_gguf(run_dir, tmp_path / "one-pass.gguf", "q8_0", name="merged")
+    two_step = export_gguf(merged_mixtral, tmp_path / "two-step.gguf", "q8_0", name="merged")
+    assert one_pass.read_bytes() == two_step.read_bytes()
