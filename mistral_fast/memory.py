@@ -84,6 +84,18 @@ class MistralShapes:
     intermediate: int
     vocab: int
     tied: bool = False
+    experts: int = 0  # Mixtral: experts per layer (num_local_experts); 0: a dense MLP
+    top_k: int = 0  # Mixtral: experts each token is routed to (num_experts_per_tok)
+
+    @property
+    def mlp_copies(self) -> int:
+        """MLPs resident per layer: every expert of a Mixtral (all are in memory), else one."""
+        return self.experts or 1
+
+    @property
+    def routed(self) -> int:
+        """MLPs a token runs through per layer: its top-k experts, else one."""
+        return self.top_k or 1
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MistralShapes:
@@ -98,6 +110,8 @@ class MistralShapes:
             intermediate=int(config["intermediate_size"]),
             vocab=int(config["vocab_size"]),
             tied=bool(config.get("tie_word_embeddings", False)),
+            experts=int(config.get("num_local_experts") or 0),
+            top_k=int(config.get("num_experts_per_tok") or 0),
         )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
@@ -114,10 +128,19 @@ class MistralShapes:
             "down_proj": (i, h),
         }
 
+    def copies(self, module: str) -> int:
+        """How many of `module` a layer holds: the MLP's once per expert on a Mixtral."""
+        return self.mlp_copies if module in _MLP else 1
+
     @property
     def linear_params(self) -> int:
-        """Parameters in the decoder's linear layers (the ones bitsandbytes quantises)."""
-        return self.layers * sum(a * b for a, b in self.linear_dims().values())
+        """Parameters in the decoder's linear layers (the ones quantised to NF4; Mixtral: every expert's)."""
+        return self.layers * sum(a * b * self.copies(n) for n, (a, b) in self.linear_dims().items())
+
+    @property
+    def router_params(self) -> int:
+        """Mixtral's routers (experts x hidden per layer): not quantised, and not a LoRA target."""
+        return self.layers * self.experts * self.hidden
 
     @property
     def embedding_params(self) -> int:
@@ -132,7 +155,10 @@ class MistralShapes:
     @property
     def total_params(self) -> int:
         """All parameters of the base model."""
-        return self.linear_params + self.embedding_params + self.norm_params
+        return self.linear_params + self.embedding_params + self.norm_params + self.router_params
+
+
+_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -254,7 +280,7 @@ def lora_parameters(shapes: MistralShapes, targets: tuple[str, ...] | list[str],
     unknown = sorted(set(targets) - set(dims))
     if unknown:
         raise ConfigError(f"lora.targets: {unknown} are not Mistral linear modules; use some of {sorted(dims)}")
-    return shapes.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+    return shapes.layers * sum(rank * (dims[t][0] + dims[t][1]) * shapes.copies(t) for t in targets)
 
 
 def nf4_bytes(params: int, *, double_quant: bool) -> float:
@@ -277,8 +303,9 @@ def weight_bytes(shapes: MistralShapes, plan: Plan) -> int:
     * full: fp32 master weights (mixed precision: 16-bit copies are made per op by autocast).
     """
     if plan.method == "qlora":
-        per_layer_consts = shapes.layers * 7 * (2 * 256 * 4 + 64)  # code tables and quant-state scalars
-        other = shapes.embedding_params + shapes.norm_params
+        quantised_per_layer = 4 + 3 * shapes.mlp_copies  # Linear4bit modules, each with its own quant state
+        per_layer_consts = shapes.layers * quantised_per_layer * (2 * 256 * 4 + 64)  # code tables, scalars
+        other = shapes.embedding_params + shapes.norm_params + shapes.router_params
         return int(nf4_bytes(shapes.linear_params, double_quant=plan.double_quant) + other * 4 + per_layer_consts)
     width = 4 if plan.method == "full" else _DTYPE_BYTES[plan.compute_dtype]
     return shapes.total_params * width
@@ -315,14 +342,23 @@ def activation_bytes_per_token_layer(shapes: MistralShapes, plan: Plan) -> int:
     """
     dims = shapes.linear_dims()
     q_dim, kv_dim = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    k = shapes.routed  # Mixtral: a token's MLP work (and MLP LoRA work) happens in each of its top-k experts
     lora = 0
     if plan.method != "full":
-        lora = plan.rank * len(plan.targets) + (shapes.intermediate if "down_proj" in plan.targets else 0)
+        lora = plan.rank * sum(k if t in _MLP else 1 for t in plan.targets)
+        lora += shapes.intermediate * k if "down_proj" in plan.targets else 0
         if plan.dropout > 0:
             groups = {_INPUT_GROUP[t] for t in plan.targets} - {"down"}
-            lora += sum(dims[t][0] for t in plan.targets) + shapes.hidden * len(groups)
+            lora += sum(dims[t][0] * (k if t in _MLP else 1) for t in plan.targets)
+            lora += shapes.hidden * sum(k if g == "mlp" else 1 for g in groups)
     fp32 = 4 * shapes.hidden + 2 + shapes.heads + lora
-    act = 2 * q_dim + 2 * kv_dim + 3 * shapes.intermediate
+    act = 2 * q_dim + 2 * kv_dim + 3 * shapes.intermediate * k
+    if shapes.experts:
+        # Router logits and softmax probabilities (fp32, experts wide; the logits also stay for the aux
+        # loss), the top-k weights, and each routed copy of the token's hidden state gathered for its expert
+        # and the expert's weighted output (top-k x hidden each).
+        fp32 += 2 * shapes.experts + k
+        act += 2 * k * shapes.hidden
     return 4 * fp32 + _activation_width(plan) * act
 
 

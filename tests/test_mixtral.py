@@ -467,3 +467,130 @@ def test_router_aux_loss_off_leaves_it_out_of_loss_and_metrics(tmp_path: Path) -
     cfg = _smoke(tmp_path / "run", "train.router_aux_loss=false", "train.max_steps=2", "data.eval_fraction=0")
     rows = [json.loads(line) for line in (Path(run(cfg).run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert rows and not any("aux_loss" in r for r in rows)
+
+
+# ------------------------------------------------------------------------------------ memory estimator
+
+
+_MEASURE_MOE = """
+import json, sys
+sys.path.insert(0, sys.argv[6])
+from rss_harness import measure_cpu_training
+from mistral_fast.config import RunConfig
+from mistral_fast.modeling.tiny import build_tiny_mixtral
+path, sizes, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+batch, seq = map(int, sys.argv[4:6])
+build_tiny_mixtral(path, **sizes)
+cfg = RunConfig().with_overrides({"model.name_or_path": path, "model.tokenizer": "v1", **overrides})
+print("RESULT", json.dumps(measure_cpu_training(cfg, batch_size=batch, seq_len=seq)))
+"""
+_SMALL_MOE = {"hidden_size": 512, "num_layers": 4, "intermediate_size": 1024, "num_heads": 8, "num_kv_heads": 2}
+MOE_CASES = {
+    "moe-512x4-e4-top2": (_SMALL_MOE, {"train.gradient_checkpointing": False}, 2, 256),
+    "moe-512x4-e8-top2-checkpointing": (
+        {**_SMALL_MOE, "num_experts": 8},
+        {"train.gradient_checkpointing": True},
+        2,
+        256,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
+    """All experts resident in NF4, activations of the top-k experts per token, router logits: against peak RSS
+    of real steps (tests/rss_harness.py, as tests/test_memory.py does for dense models; same tolerances)."""
+    import os
+    import subprocess
+    import sys
+
+    from mistral_fast.memory import estimate_memory
+    from mistral_fast.modeling import read_model_config
+
+    sizes, overrides, batch, seq = MOE_CASES[case]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    tests = Path(__file__).resolve().parent
+    args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq), str(tests)]
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE_MOE, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    cfg = RunConfig().with_overrides(
+        {"model.name_or_path": str(tmp_path / "model"), "model.tokenizer": "v1", **overrides}
+    )
+    cfg = cfg.with_overrides({"model.max_seq_length": seq, "train.per_device_batch_size": batch})
+    est = estimate_memory(
+        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
+        compute_dtype=measured["compute_dtype"],
+    )  # fmt: skip
+    b = est.breakdown
+    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    weights = b["weights"] + b["LoRA weights (fp32)"]
+    mib = 2**20
+    print(
+        f"\n{case}: weights {measured['weights_exact'] / mib:.1f} MiB (est {weights / mib:.1f}), "
+        f"step {measured['step_peak'] / mib:.1f} MiB (est {step / mib:.1f}, {measured['step_peak'] / step:.3f}), "
+        f"total {measured['total_peak'] / mib:.1f} MiB (est {est.total / mib:.1f})"
+    )
+    assert measured["trainable_params"] == est.details["trainable_params"]  # every expert's LoRA, exactly
+    assert measured["weights_exact"] == pytest.approx(weights, rel=0.01)  # all experts resident, NF4
+    assert measured["step_peak"] == pytest.approx(step, rel=0.10), (measured, b)  # measured 1.013, 1.021
+    assert step > 100 * 2**20
+    # Not asserted: the total over the RSS before loading (measured 1.17 and 1.36 of the estimate). On CPU a
+    # Mixtral's RSS grows ~24 MiB per step (dense: 0): each step routes a different number of tokens to each
+    # expert, and oneDNN caches a primitive per matmul shape (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 cuts it to
+    # ~7 MiB per step; the rest is not yet explained). A CPU artefact the GPU estimate does not model.
+
+
+# ------------------------------------------------------------------------------------ scale-out
+
+
+def test_fsdp_qlora_mixtral_config_wraps_mixtral_decoder_layers(monkeypatch, mixtral_dir: Path) -> None:
+    """accelerate's own launcher and plugin read the config; its auto-wrap policy picks exactly the decoder layers."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from test_distributed import launch_env
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, env = launch_env("fsdp_qlora_mixtral", monkeypatch)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # as test_distributed: no GPU to ask here
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.transformer_cls_names_to_wrap == ["MixtralDecoderLayer"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(mixtral_dir))
+    plugin.set_auto_wrap_policy(model)
+    policy = plugin.auto_wrap_policy
+    wrapped = [n for n, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == [f"model.layers.{i}" for i in range(LAYERS)]
+
+
+@pytest.mark.slow
+def test_ddp_tiny_mixtral_two_cpu_processes_identical_adapters(tmp_path: Path) -> None:
+    """Two torchrun ranks (gloo) train the tiny Mixtral; experts a rank's tokens never reach get no local
+    gradient, DDP still all-reduces them, and both ranks end with the same adapter, every expert's included."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    sets = ["train.max_steps=2", "data.max_examples=16", "data.eval_fraction=0", "model.max_seq_length=128"]
+    sets += ["train.gradient_accumulation_steps=2", "train.logging_steps=1", f"train.output_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mistral_fast.cli"]
+    cmd += ["train", "mixtral-smoke", *[x for s in sets for x in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + (os.getpid() + 7) % 1000)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = dict(re.findall(r"rank (\d)/2 adapter sha256 ([0-9a-f]{64})", proc.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())["train"]["extra"]
+    assert result["world_size"] == 2 and result["adapter_sha256"] == digests["0"]
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    moved = [k for k, v in adapter.items() if ".experts." in k and "lora_B" in k and v.abs().sum() > 0]
+    assert len(moved) == LAYERS * E * 3  # every expert's B left zero: each was trained
