@@ -178,6 +178,7 @@ class Plan:
     double_quant: bool = True
     on_gpu: bool = True
     world_size: int = 1
+    fsdp: bool = False  # FSDP + QLoRA (FULL_SHARD): weights, adapters, gradients, optimizer state sharded
 
     @property
     def tokens(self) -> int:
@@ -430,6 +431,27 @@ def workspace_bytes(shapes: MistralShapes, plan: Plan, dynamic: int) -> int:
     return CUDA_CONTEXT_BYTES + dequant + int(FRAGMENTATION * dynamic)
 
 
+def _shard(breakdown: dict[str, int], shapes: MistralShapes, plan: Plan) -> None:
+    """FSDP + QLoRA (configs/accelerate/fsdp_qlora*.yaml, FULL_SHARD, one unit per decoder layer).
+
+    Each device holds 1/world_size of the weights (the non-4-bit ones in the compute dtype: under FSDP
+    nothing is cast to fp32, flat parameters need one dtype), adapters, gradients and optimizer state, plus
+    the unsharded parameters of the units being computed: the current one and the one prefetched
+    (BACKWARD_PRE), each the larger of a decoder layer and the root unit (embeddings, lm_head, final norm).
+    Activations are left at the single-device figure (an upper bound: without k-bit preparation the
+    residual stream is in the compute dtype rather than fp32).
+    """
+    width = _DTYPE_BYTES[plan.compute_dtype]
+    other = shapes.embedding_params + shapes.norm_params + shapes.router_params
+    weights = breakdown["weights"] - other * 4 + other * width
+    root = (shapes.embedding_params + shapes.hidden) * width
+    layer = (weights - root) / shapes.layers
+    ws = plan.world_size
+    for key in list(breakdown):
+        breakdown[key] = int((weights if key == "weights" else breakdown[key]) / ws)
+    breakdown["FSDP all-gathered units (2)"] = int(2 * max(layer, root))
+
+
 def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     """The estimate for one fully specified plan (no device comparison)."""
     trainable = trainable_parameters(shapes, plan)
@@ -438,6 +460,8 @@ def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     breakdown = {"weights": weights, "LoRA weights (fp32)": 0 if plan.method == "full" else trainable * 4}
     breakdown["gradients (fp32)"] = trainable * 4
     breakdown[f"optimizer ({plan.optimizer})"] = int(trainable * optimizer_state_bytes(plan.optimizer))
+    if plan.fsdp and plan.world_size > 1:
+        _shard(breakdown, shapes, plan)
     breakdown.update(activation_terms(shapes, plan))
     dynamic = sum(v for k, v in breakdown.items() if k.startswith("activations"))
     breakdown["workspace"] = workspace_bytes(shapes, plan, dynamic)
@@ -523,6 +547,7 @@ def estimate_memory(
     method: str | None = None,
     on_gpu: bool = True,
     compute_dtype: str | None = None,
+    fsdp: bool = False,
 ) -> MemoryEstimate:
     """Estimate the per-device peak memory of training `cfg`, and compare it with a GPU.
 
@@ -535,6 +560,7 @@ def estimate_memory(
         method: ``"full"``, ``"lora"`` or ``"qlora"``; None: from ``model.load_in_4bit``.
         on_gpu: False for a CPU run (no CUDA context; ``optimizer: auto`` is then adamw_torch).
         compute_dtype: overrides ``model.compute_dtype`` (pass the one resolved on a CPU).
+        fsdp: FSDP + QLoRA over ``world_size`` devices: the static memory is sharded (`_shard`).
 
     Returns:
         A `MemoryEstimate`; with a `gpu`, its ``fits`` and ``suggestion`` are filled in.
@@ -546,6 +572,8 @@ def estimate_memory(
     plan = plan_from_config(
         cfg, method=method, gpu=gpu, on_gpu=on_gpu, compute_dtype=compute_dtype, world_size=world_size
     )
+    if fsdp:
+        plan = replace(plan, fsdp=True)
     estimate = estimate_plan(shapes, plan)
     if gpu is not None:
         estimate.device, estimate.capacity = gpu_capacity(gpu)

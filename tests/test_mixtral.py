@@ -594,3 +594,35 @@ def test_ddp_tiny_mixtral_two_cpu_processes_identical_adapters(tmp_path: Path) -
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     moved = [k for k, v in adapter.items() if ".experts." in k and "lora_B" in k and v.abs().sum() > 0]
     assert len(moved) == LAYERS * E * 3  # every expert's B left zero: each was trained
+
+
+def test_mixtral_8x7b_estimates_on_a100_80gb_and_two_24gb_with_fsdp() -> None:
+    from mistral_fast.config import load_config
+    from mistral_fast.memory import GiB, MistralShapes, estimate_memory, lora_parameters
+
+    config = known_config("mistralai/Mixtral-8x7B-v0.1")
+    shapes = MistralShapes.from_config(config)
+    assert shapes.total_params == 46_702_792_704  # Mixtral-8x7B's published 46.7 B: all 8 experts resident
+    attention = 4096 + 4096 + 4096 + 1024 + 4096 + 1024 + 4096 + 4096
+    mlp = 3 * (4096 + 14336)
+    assert lora_parameters(shapes, [*EXPERT_LINEARS, "q_proj", "k_proj", "v_proj", "o_proj"], 16) == (
+        32 * 16 * (attention + 8 * mlp)
+    )
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=mistralai/Mixtral-8x7B-v0.1",
+            "model.tokenizer=v1",
+            "model.max_seq_length=2048",
+            "train.per_device_batch_size=1",
+            "train.gradient_checkpointing=true",
+        ],
+    )
+    a100 = estimate_memory(cfg, model_config=config, gpu="a100-80gb")
+    assert a100.fits and 22 * GiB < a100.breakdown["weights"] < 25 * GiB  # NF4 experts: not ~87 GiB of bf16
+    one_24 = estimate_memory(cfg, model_config=config, gpu=24, world_size=2)
+    assert not one_24.fits  # plain DDP: a whole copy on each 24 GB card
+    fsdp = estimate_memory(cfg, model_config=config, gpu=24, world_size=2, fsdp=True)
+    assert fsdp.fits and fsdp.breakdown["weights"] < a100.breakdown["weights"] / 2
+    assert fsdp.breakdown["FSDP all-gathered units (2)"] > 0
+    print(f"\n8x7B QLoRA seq 2048: A100-80GB {a100.total / GiB:.2f} GiB; 2 x 24 GB FSDP {fsdp.total / GiB:.2f} GiB/GPU")
