@@ -176,8 +176,8 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
 
 _UNSLOTH_MOE = (
     "model.backend=unsloth: {name} is a mixture-of-experts (Mixtral) model; its experts are stored in NF4 and "
-    "trained with per-expert LoRA by this tool's hf backend only (not wired into Unsloth's loader); "
-    "set model.backend=hf or auto"
+    "trained with per-expert LoRA by this tool's hf backend only (Unsloth 2026.10 loads Mixtral's fused experts "
+    "16-bit and puts LoRA on those 16-bit parameters); set model.backend=hf or auto"
 )
 
 
