@@ -626,3 +626,53 @@ def test_mixtral_8x7b_estimates_on_a100_80gb_and_two_24gb_with_fsdp() -> None:
     assert fsdp.fits and fsdp.breakdown["weights"] < a100.breakdown["weights"] / 2
     assert fsdp.breakdown["FSDP all-gathered units (2)"] > 0
     print(f"\n8x7B QLoRA seq 2048: A100-80GB {a100.total / GiB:.2f} GiB; 2 x 24 GB FSDP {fsdp.total / GiB:.2f} GiB/GPU")
+
+
+def test_merge_equals_peft_merge_of_the_adapter_in_mixtrals_checkpoint_layout(
+    adapter_run, mixtral_dir: Path, tmp_path: Path
+) -> None:
+    """An independent reference: the same LoRA tensors keyed as Mixtral checkpoints name experts
+    (``block_sparse_moe.experts.{e}.w1``), which peft 0.21 maps onto transformers 5's fused experts, merged by
+    peft's merge_and_unload on the 16-bit base: equal to our merge onto the original base within bf16 rounding
+    (peft rounds the delta and the sum in bf16, ours adds in fp32 and rounds once), while every expert's
+    weights moved by far more."""
+    import re
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.export import merge_adapter
+    from mistral_fast.modeling.moe import CHECKPOINT_NAMES
+
+    run_dir, _ = adapter_run
+    v4 = tmp_path / "adapter-checkpoint-layout"
+    v4.mkdir()
+    renamed = {}
+    for key, tensor in load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).items():
+        m = re.search(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.", key)
+        if m:
+            key = f"{key[: m.start()]}.block_sparse_moe.experts.{m[1]}.{CHECKPOINT_NAMES[m[2]]}.{key[m.end() :]}"
+        renamed[key] = tensor
+    save_file(renamed, str(v4 / "adapter_model.safetensors"))
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+    (v4 / "adapter_config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.bfloat16)
+    PeftModel.from_pretrained(base, str(v4)).merge_and_unload().save_pretrained(tmp_path / "peft")
+    theirs = load_file(str(tmp_path / "peft" / "model.safetensors"))
+    ours = load_file(str(merge_adapter(run_dir, tmp_path / "ours", base="original") / "model.safetensors"))
+    original = load_file(str(mixtral_dir / "model.safetensors"))
+    assert set(theirs) == set(ours)
+    experts = [k for k in ours if ".experts." in k]
+    assert len(experts) == LAYERS * E * 3
+    worst = 0.0
+    for key, tensor in ours.items():
+        a, b, w = tensor.float(), theirs[key].float(), original[key].float()
+        # a bf16 step of the operands (peft's bf16 sum W + delta rounds at W's and delta's scale)
+        step = torch.finfo(torch.bfloat16).eps * (w.abs() + (a - w).abs()).clamp(min=2**-126)
+        worst = max(worst, ((a - b).abs() / step).max().item())
+    assert worst <= 2.0, worst  # in units of one bf16 step (2^-7 of the magnitude)
+    for key in experts:
+        moved = (ours[key].float() - original[key].float()).abs().max()
+        assert moved > 20 * (ours[key].float() - theirs[key].float()).abs().max(), key
