@@ -160,9 +160,11 @@ def test_nf4_experts_compute_what_the_fused_module_computes(loaded_eval, mixtral
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm()).item()
 
+    # measured: 0.137 and top-1 0.744 against bf16; 0.0142 against the dequantised fused reference (bf16 compute
+    # vs fp32, plus the odd routing flip a near tie of router scores gives)
     assert rel(quantised, original) < 0.2  # NF4 rounding (random logits would be ~1.4)
     assert (quantised.argmax(-1) == original.argmax(-1)).float().mean() > 0.5
-    assert rel(quantised, dequant_ref) < 0.02  # same function; bf16 compute vs fp32 reference
+    assert rel(quantised, dequant_ref) < 0.03  # the same function
 
 
 # ------------------------------------------------------------------------------------ LoRA on experts
