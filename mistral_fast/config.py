@@ -84,6 +84,7 @@ class LoraConfig:
     targets: str | list[str] = "all-linear"  # "attention", "all-linear" or a list of module names
     bias: Literal["none", "all", "lora_only"] = "none"  # train no biases (Mistral has none)
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+    train_router: bool = False  # Mixtral: also train the router (`gate`) whole; frozen by default
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -156,6 +157,8 @@ class TrainConfig:
     loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge, robust, …; orpo: sigmoid only
     max_prompt_length: int = 1024  # dpo/orpo: longest prompt in tokens; longer pairs are refused (or skipped)
     max_answer_length: int = 1024  # dpo/orpo: answers (chosen, rejected) longer than this are cut (</s> lost)
+    router_aux_loss: bool = True  # Mixtral: add the router's load-balancing loss (logged as aux_loss)
+    router_aux_loss_coef: float | None = None  # its weight; None: the model's config.json (0.02 for 8x7B)
 
     def __post_init__(self) -> None:
         _positive("train.learning_rate", self.learning_rate)
@@ -192,6 +195,8 @@ class TrainConfig:
             _fail("train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         _positive("train.weight_decay", self.weight_decay, zero_ok=True)
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
+        if self.router_aux_loss_coef is not None:
+            _positive("train.router_aux_loss_coef", self.router_aux_loss_coef, zero_ok=True)
 
 
 @dataclass

@@ -34,6 +34,48 @@ DENSE_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
+# Mixtral's LoRA target sets are the dense ones: its per-expert NF4 linears (modeling/moe.py) are named as a
+# dense Mistral MLP's (gate_proj / up_proj / down_proj; w1 / w3 / w2 in Mixtral checkpoints). Not "w1"..."w3":
+# peft 0.21 rewrites those names on a transformers-5 Mixtral into LoRA on the fused 16-bit parameters. The
+# router (``gate``) is never a LoRA target: frozen, or trained whole with lora.train_router.
+# Mixtral-8x7B v0.1's config.json (mistralai/Mixtral-8x7B-v0.1; the same in -Instruct-v0.1).
+_MIXTRAL_8X7B_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+    }
+)
+
+# Mixtral-8x22B v0.1's config.json (mistralai/Mixtral-8x22B-v0.1 and -Instruct-v0.1, vocabulary 32768).
+_MIXTRAL_8X22B_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {
+        "model_type": "mixtral",
+        "hidden_size": 6144,
+        "num_hidden_layers": 56,
+        "num_attention_heads": 48,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 16384,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        "max_position_embeddings": 65536,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+    }
+)
+
 # The public Mistral-7B checkpoints' shapes (config.json), so a memory estimate needs no hub access.
 _MISTRAL_7B_SHAPES: Mapping[str, Any] = MappingProxyType(
     {
@@ -64,6 +106,10 @@ class Family:
         lora_targets: LoRA target sets by name (``"attention"``, ``"all-linear"``) → module names.
         gguf_arch: llama.cpp's architecture name for the GGUF export.
         shapes: ``config.json`` figures of the public checkpoints (for the memory estimator).
+        model_type: ``config.json``'s ``model_type`` (``"mistral"``, ``"mixtral"``).
+        num_experts: experts per layer of a mixture-of-experts generation (0: dense).
+        experts_per_token: experts each token is routed to (top-k; 0: dense).
+        expert_targets: the module names of one expert's linear layers in our 4-bit model (LoRA targets).
     """
 
     name: str
@@ -75,6 +121,15 @@ class Family:
     lora_targets: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DENSE_TARGETS)
     gguf_arch: str = "llama"
     shapes: Mapping[str, Any] = field(default_factory=dict)
+    model_type: str = "mistral"
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_targets: tuple[str, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a mixture-of-experts generation (Mixtral)."""
+        return self.num_experts > 0
 
     def config_for(self, hub_name: str) -> dict[str, Any] | None:
         """The built-in ``config.json`` figures of one of this row's hub models (None if unknown)."""
@@ -110,6 +165,39 @@ FAMILIES: tuple[Family, ...] = (
         vocab_size=32000,
         shapes=_MISTRAL_7B_SHAPES,
     ),
+    Family(
+        name="mixtral-8x7b-v0.1",
+        hub_names=(
+            "mistralai/Mixtral-8x7B-v0.1",
+            "mistralai/Mixtral-8x7B-Instruct-v0.1",
+            "unsloth/mixtral-8x7b-v0.1-bnb-4bit",
+            "unsloth/Mixtral-8x7B-Instruct-v0.1-bnb-4bit",
+        ),
+        architecture="MixtralForCausalLM",
+        tokenizer_kind="sentencepiece",
+        tokenizer="v1",
+        vocab_size=32000,
+        gguf_arch="llama",  # llama.cpp converts Mixtral as "llama" with stacked ffn_*_exps tensors
+        shapes=_MIXTRAL_8X7B_SHAPES,
+        model_type="mixtral",
+        num_experts=8,
+        experts_per_token=2,
+        expert_targets=("gate_proj", "up_proj", "down_proj"),
+    ),
+    Family(
+        name="mixtral-8x22b-v0.1",
+        hub_names=("mistralai/Mixtral-8x22B-v0.1", "mistralai/Mixtral-8x22B-Instruct-v0.1"),
+        architecture="MixtralForCausalLM",
+        tokenizer_kind="sentencepiece",
+        tokenizer="v3",
+        vocab_size=32768,
+        gguf_arch="llama",
+        shapes=_MIXTRAL_8X22B_SHAPES,
+        model_type="mixtral",
+        num_experts=8,
+        experts_per_token=2,
+        expert_targets=("gate_proj", "up_proj", "down_proj"),
+    ),
 )
 """Every generation mistral_fast supports; the first is the default (and the tiny model's)."""
 
@@ -142,16 +230,22 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
 
     Args:
         name_or_path: ``model.name_or_path`` (``"tiny"`` is the default row).
-        config: the model's ``config.json`` as a dict, when it is at hand.
+        config: the model's ``config.json`` as a dict, when it is at hand (a local directory's is read
+            when not given).
 
     Raises:
         ModelError: neither the name nor the config matches a row, naming what was found.
     """
     if name_or_path == "tiny":
         return DEFAULT
+    if name_or_path == "tiny-mixtral":
+        return family_named("mixtral-8x7b-v0.1")
     for family in FAMILIES:
         if name_or_path.lower() in {n.lower() for n in family.hub_names}:
             return family
+    local = Path(name_or_path).expanduser() / "config.json"
+    if config is None and local.is_file():
+        config = json.loads(local.read_text(encoding="utf-8"))
     if config is not None:
         architecture = (config.get("architectures") or [""])[0]
         for family in FAMILIES:
@@ -191,6 +285,16 @@ def tokenizer_version(model: ModelConfig, config: Mapping[str, Any] | None = Non
 def lora_target_sets() -> tuple[str, ...]:
     """Names of the LoRA target sets any row defines (what ``lora.targets`` accepts as a string)."""
     return tuple(dict.fromkeys(name for f in FAMILIES for name in f.lora_targets))
+
+
+def model_types() -> tuple[str, ...]:
+    """``config.json`` model types of the supported generations (``mistral``, ``mixtral``)."""
+    return tuple(dict.fromkeys(f.model_type for f in FAMILIES))
+
+
+def family_of(model: ModelConfig, config: Mapping[str, Any] | None = None) -> Family:
+    """The row of a run's model (`family_for_model` on ``model.name_or_path``)."""
+    return family_for_model(model.name_or_path, config)
 
 
 def resolve_targets(targets: str | list[str], family: Family = DEFAULT) -> list[str]:

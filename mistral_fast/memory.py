@@ -84,6 +84,18 @@ class MistralShapes:
     intermediate: int
     vocab: int
     tied: bool = False
+    experts: int = 0  # Mixtral: experts per layer (num_local_experts); 0: a dense MLP
+    top_k: int = 0  # Mixtral: experts each token is routed to (num_experts_per_tok)
+
+    @property
+    def mlp_copies(self) -> int:
+        """MLPs resident per layer: every expert of a Mixtral (all are in memory), else one."""
+        return self.experts or 1
+
+    @property
+    def routed(self) -> int:
+        """MLPs a token runs through per layer: its top-k experts, else one."""
+        return self.top_k or 1
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MistralShapes:
@@ -98,6 +110,8 @@ class MistralShapes:
             intermediate=int(config["intermediate_size"]),
             vocab=int(config["vocab_size"]),
             tied=bool(config.get("tie_word_embeddings", False)),
+            experts=int(config.get("num_local_experts") or 0),
+            top_k=int(config.get("num_experts_per_tok") or 0),
         )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
@@ -114,10 +128,19 @@ class MistralShapes:
             "down_proj": (i, h),
         }
 
+    def copies(self, module: str) -> int:
+        """How many of `module` a layer holds: the MLP's once per expert on a Mixtral."""
+        return self.mlp_copies if module in _MLP else 1
+
     @property
     def linear_params(self) -> int:
-        """Parameters in the decoder's linear layers (the ones bitsandbytes quantises)."""
-        return self.layers * sum(a * b for a, b in self.linear_dims().values())
+        """Parameters in the decoder's linear layers (the ones quantised to NF4; Mixtral: every expert's)."""
+        return self.layers * sum(a * b * self.copies(n) for n, (a, b) in self.linear_dims().items())
+
+    @property
+    def router_params(self) -> int:
+        """Mixtral's routers (experts x hidden per layer): not quantised, and not a LoRA target."""
+        return self.layers * self.experts * self.hidden
 
     @property
     def embedding_params(self) -> int:
@@ -132,7 +155,10 @@ class MistralShapes:
     @property
     def total_params(self) -> int:
         """All parameters of the base model."""
-        return self.linear_params + self.embedding_params + self.norm_params
+        return self.linear_params + self.embedding_params + self.norm_params + self.router_params
+
+
+_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -154,6 +180,7 @@ class Plan:
     world_size: int = 1
     objective: str = "sft"  # sft | dpo | orpo (train.method)
     answer_len: int = 0  # dpo: longest answer in tokens (the LM head runs on answer positions only)
+    fsdp: bool = False  # FSDP + QLoRA (FULL_SHARD): weights, adapters, gradients, optimizer state sharded
 
     @property
     def sequences(self) -> int:
@@ -268,7 +295,7 @@ def lora_parameters(shapes: MistralShapes, targets: tuple[str, ...] | list[str],
     unknown = sorted(set(targets) - set(dims))
     if unknown:
         raise ConfigError(f"lora.targets: {unknown} are not Mistral linear modules; use some of {sorted(dims)}")
-    return shapes.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+    return shapes.layers * sum(rank * (dims[t][0] + dims[t][1]) * shapes.copies(t) for t in targets)
 
 
 def nf4_bytes(params: int, *, double_quant: bool) -> float:
@@ -291,8 +318,9 @@ def weight_bytes(shapes: MistralShapes, plan: Plan) -> int:
     * full: fp32 master weights (mixed precision: 16-bit copies are made per op by autocast).
     """
     if plan.method == "qlora":
-        per_layer_consts = shapes.layers * 7 * (2 * 256 * 4 + 64)  # code tables and quant-state scalars
-        other = shapes.embedding_params + shapes.norm_params
+        quantised_per_layer = 4 + 3 * shapes.mlp_copies  # Linear4bit modules, each with its own quant state
+        per_layer_consts = shapes.layers * quantised_per_layer * (2 * 256 * 4 + 64)  # code tables, scalars
+        other = shapes.embedding_params + shapes.norm_params + shapes.router_params
         return int(nf4_bytes(shapes.linear_params, double_quant=plan.double_quant) + other * 4 + per_layer_consts)
     width = 4 if plan.method == "full" else _DTYPE_BYTES[plan.compute_dtype]
     return shapes.total_params * width
@@ -329,14 +357,23 @@ def activation_bytes_per_token_layer(shapes: MistralShapes, plan: Plan) -> int:
     """
     dims = shapes.linear_dims()
     q_dim, kv_dim = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    k = shapes.routed  # Mixtral: a token's MLP work (and MLP LoRA work) happens in each of its top-k experts
     lora = 0
     if plan.method != "full":
-        lora = plan.rank * len(plan.targets) + (shapes.intermediate if "down_proj" in plan.targets else 0)
+        lora = plan.rank * sum(k if t in _MLP else 1 for t in plan.targets)
+        lora += shapes.intermediate * k if "down_proj" in plan.targets else 0
         if plan.dropout > 0:
             groups = {_INPUT_GROUP[t] for t in plan.targets} - {"down"}
-            lora += sum(dims[t][0] for t in plan.targets) + shapes.hidden * len(groups)
+            lora += sum(dims[t][0] * (k if t in _MLP else 1) for t in plan.targets)
+            lora += shapes.hidden * sum(k if g == "mlp" else 1 for g in groups)
     fp32 = 4 * shapes.hidden + 2 + shapes.heads + lora
-    act = 2 * q_dim + 2 * kv_dim + 3 * shapes.intermediate
+    act = 2 * q_dim + 2 * kv_dim + 3 * shapes.intermediate * k
+    if shapes.experts:
+        # Router logits and softmax probabilities (fp32, experts wide; the logits also stay for the aux
+        # loss), the top-k weights, and each routed copy of the token's hidden state gathered for its expert
+        # and the expert's weighted output (top-k x hidden each).
+        fp32 += 2 * shapes.experts + k
+        act += 2 * k * shapes.hidden
     return 4 * fp32 + _activation_width(plan) * act
 
 
@@ -426,6 +463,27 @@ def workspace_bytes(shapes: MistralShapes, plan: Plan, dynamic: int) -> int:
     return CUDA_CONTEXT_BYTES + dequant + int(FRAGMENTATION * dynamic)
 
 
+def _shard(breakdown: dict[str, int], shapes: MistralShapes, plan: Plan) -> None:
+    """FSDP + QLoRA (configs/accelerate/fsdp_qlora*.yaml, FULL_SHARD, one unit per decoder layer).
+
+    Each device holds 1/world_size of the weights (the non-4-bit ones in the compute dtype: under FSDP
+    nothing is cast to fp32, flat parameters need one dtype), adapters, gradients and optimizer state, plus
+    the unsharded parameters of the units being computed: the current one and the one prefetched
+    (BACKWARD_PRE), each the larger of a decoder layer and the root unit (embeddings, lm_head, final norm).
+    Activations are left at the single-device figure (an upper bound: without k-bit preparation the
+    residual stream is in the compute dtype rather than fp32).
+    """
+    width = _DTYPE_BYTES[plan.compute_dtype]
+    other = shapes.embedding_params + shapes.norm_params + shapes.router_params
+    weights = breakdown["weights"] - other * 4 + other * width
+    root = (shapes.embedding_params + shapes.hidden) * width
+    layer = (weights - root) / shapes.layers
+    ws = plan.world_size
+    for key in list(breakdown):
+        breakdown[key] = int((weights if key == "weights" else breakdown[key]) / ws)
+    breakdown["FSDP all-gathered units (2)"] = int(2 * max(layer, root))
+
+
 def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     """The estimate for one fully specified plan (no device comparison)."""
     trainable = trainable_parameters(shapes, plan)
@@ -436,6 +494,8 @@ def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
     breakdown[f"optimizer ({plan.optimizer})"] = int(trainable * optimizer_state_bytes(plan.optimizer))
     if plan.objective == "dpo" and plan.method == "full":  # no adapter to switch off: TRL loads a second model
         breakdown["reference model (a copy)"] = weights
+    if plan.fsdp and plan.world_size > 1:
+        _shard(breakdown, shapes, plan)
     breakdown.update(activation_terms(shapes, plan))
     dynamic = sum(v for k, v in breakdown.items() if k.startswith(("activations", "reference")))
     breakdown["workspace"] = workspace_bytes(shapes, plan, dynamic)
@@ -524,6 +584,7 @@ def estimate_memory(
     method: str | None = None,
     on_gpu: bool = True,
     compute_dtype: str | None = None,
+    fsdp: bool = False,
 ) -> MemoryEstimate:
     """Estimate the per-device peak memory of training `cfg`, and compare it with a GPU.
 
@@ -536,6 +597,7 @@ def estimate_memory(
         method: ``"full"``, ``"lora"`` or ``"qlora"``; None: from ``model.load_in_4bit``.
         on_gpu: False for a CPU run (no CUDA context; ``optimizer: auto`` is then adamw_torch).
         compute_dtype: overrides ``model.compute_dtype`` (pass the one resolved on a CPU).
+        fsdp: FSDP + QLoRA over ``world_size`` devices: the static memory is sharded (`_shard`).
 
     Returns:
         A `MemoryEstimate`; with a `gpu`, its ``fits`` and ``suggestion`` are filled in.
@@ -547,6 +609,8 @@ def estimate_memory(
     plan = plan_from_config(
         cfg, method=method, gpu=gpu, on_gpu=on_gpu, compute_dtype=compute_dtype, world_size=world_size
     )
+    if fsdp:
+        plan = replace(plan, fsdp=True)
     estimate = estimate_plan(shapes, plan)
     if gpu is not None:
         estimate.device, estimate.capacity = gpu_capacity(gpu)

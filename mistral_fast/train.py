@@ -189,7 +189,22 @@ def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_di
         report_to="none",  # TensorBoard is added as an explicit callback writing into the run directory
         disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+        **_router_aux_loss_args(cfg, loaded),
     )
+
+
+def _router_aux_loss_args(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """Mixtral: TRL adds ``coef x aux_loss`` to the loss and logs ``aux_loss`` (metrics.jsonl); 0.0 turns it off.
+
+    TRL's default (None) takes the model's own coefficient (0.02 for Mixtral-8x7B) and turns the router
+    logits on; ``train.router_aux_loss: false`` passes 0.0, which TRL documents as off. Dense models get
+    nothing (TRL refuses a coefficient on a model without a router).
+    """
+    if not hasattr(loaded.model.config, "output_router_logits"):
+        return {}
+    if not cfg.train.router_aux_loss:
+        return {"router_aux_loss_coef": 0.0}
+    return {"router_aux_loss_coef": cfg.train.router_aux_loss_coef}
 
 
 def _callbacks(run_dir: Path) -> list[TrainerCallback]:
@@ -247,7 +262,18 @@ def _trainer_class(loaded: LoadedModel) -> type:
 
     class CpuSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
+            if aux is not None and self.aux_loss_enabled:
+                # Mixtral: the model added coef x aux to its loss. As TRL's own path: the aux loss is a
+                # per-micro-batch mean, so with the token-normalised loss (num_items_in_batch) it is averaged
+                # over the accumulation steps; and it is logged on its own (aux_loss in metrics.jsonl).
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                if model.training and steps > 1:
+                    loss = loss - self.router_aux_loss_coef * aux * (1 - 1 / steps)
+                mode = "train" if model.training else "eval"
+                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+            return (loss, outputs) if return_outputs else loss
 
     return CpuSFTTrainer
 
@@ -287,6 +313,7 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    _router_logits_off(trainer.model)
     digest = adapter_digest(trainer.model)
     if world_size() > 1:  # every rank says what it holds: after DDP all ranks must hold the same adapter
         log.info("rank %d/%d adapter sha256 %s", rank(), world_size(), digest)
@@ -300,6 +327,18 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
     result.extra.update(adapter_sha256=digest, world_size=trainer.args.world_size)
     result.extra.update(start_step=steps.start_step, steps_run=steps.steps_run)
     return result
+
+
+def _router_logits_off(model: Any) -> None:
+    """Mixtral: router logits (and the aux loss) off once training is done.
+
+    TRL turned them on in the model config; generation on the same model (the evaluation stage) then
+    fails in transformers' load-balancing loss, whose attention mask covers the prompt while a cached
+    decoding step routes one token.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
 
 
 def adapter_digest(model: Any) -> str:

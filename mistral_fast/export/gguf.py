@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,31 @@ class _Tensor:
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
     permute_heads: int  # 0: no Q/K permutation; else the number of heads to permute by
+    parts: tuple[tuple[Path, str], ...] = ()  # Mixtral: one expert's (file, tensor) per slice of a stacked tensor
+
+
+class _Stacked:
+    """Mixtral's experts stacked as llama.cpp's ``ffn_*_exps`` ``[E, rows, cols]``, read as E·rows rows.
+
+    Each expert is merged on its own (its own LoRA delta, its own NF4 round trip) by its `RowMerge`;
+    this only maps a global row range onto the experts' rows, as ``torch.stack`` then reshape would.
+    """
+
+    def __init__(self, experts: list[RowMerge]) -> None:
+        self.experts = experts
+        self.per_expert = experts[0].rows_total
+        self.rows_total = self.per_expert * len(experts)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        import torch
+
+        chunks = []
+        while start < end:
+            e, local = divmod(start, self.per_expert)
+            stop = min(end - start, self.per_expert - local) + local
+            chunks.append(self.experts[e].rows(local, stop))
+            start += stop - local
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def _ggml_type(qtype: str) -> Any:
@@ -82,7 +108,7 @@ def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def _read_config(model_dir: Path) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text())
     archs = config.get("architectures") or []
-    if config.get("model_type") not in ("mistral", "llama") and not any("Mistral" in a for a in archs):
+    if config.get("model_type") not in ("mistral", "mixtral", "llama") and not any("Mistral" in a for a in archs):
         raise ModelError(f"{model_dir}: GGUF export supports Mistral (llama-architecture) models, not {archs}")
     return config
 
@@ -95,21 +121,59 @@ def _plan(model_dir: Path, config: dict[str, Any], qtype: str) -> list[_Tensor]:
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     plan = []
+    experts: dict[tuple[int, str], dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
     quantized = prequant.quantization(model_dir) is not None  # a *-bnb-4bit checkpoint: read dequantised
     for file in checkpoint_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith("rotary_emb.inv_freq") or (quantized and prequant.is_auxiliary(model_dir, name)):
                     continue  # recomputed by llama.cpp from rope_theta; a 4-bit weight's state
+                shape = tuple((quantized and prequant.stored_shape(model_dir, name)) or f.get_slice(name).get_shape())
+                expert = _EXPERT.match(name)
+                if expert:  # gathered below into llama.cpp's stacked tensor
+                    experts.setdefault((int(expert["layer"]), expert["w"]), {})[int(expert["e"])] = (file, name, shape)
+                    continue
                 gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ModelError(f"{model_dir}: tensor {name!r} has no llama.cpp name; not a Mistral checkpoint?")
-                shape = tuple((quantized and prequant.stored_shape(model_dir, name)) or f.get_slice(name).get_shape())
                 heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else 0
-                plan.append(_Tensor(file, name, gguf_name, shape, _tensor_type(shape, qtype), heads))
+                # the router stays F32, as llama.cpp's converter and quantiser keep ffn_gate_inp
+                router = gguf_name.endswith("ffn_gate_inp.weight")
+                kind = gguf.GGMLQuantizationType.F32 if router else _tensor_type(shape, qtype)
+                plan.append(_Tensor(file, name, gguf_name, shape, kind, heads))
+    plan += _stacked_experts(experts, config, name_map, qtype, model_dir)
     # One order whatever the sharding (a merged checkpoint's shards differ from its base's): llama.cpp's
     # converter order (embeddings, blocks 0..n-1, output), so one-pass and two-step exports are identical.
     return sorted(plan, key=_tensor_order)
+
+
+_EXPERT = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight$"
+)
+
+
+def _stacked_experts(
+    experts: dict[tuple[int, str], dict[int, tuple[Path, str, tuple[int, ...]]]],
+    config: dict[str, Any],
+    name_map: Any,
+    qtype: str,
+    model_dir: Path,
+) -> list[_Tensor]:
+    """Mixtral's per-expert w1/w2/w3 as llama.cpp's ``ffn_gate_exps`` / ``ffn_down_exps`` / ``ffn_up_exps``.
+
+    As llama.cpp's converter does (``torch.stack`` of experts 0..E-1 of a layer into ``[E, rows, cols]``,
+    named through ``layers.{bid}.feed_forward.experts.{w}``), but without holding a layer's experts at once.
+    """
+    n = config.get("num_local_experts", 0)
+    out = []
+    for (layer, w), found in sorted(experts.items()):
+        if sorted(found) != list(range(n)):
+            raise ModelError(f"{model_dir}: layer {layer} {w}: experts {sorted(found)} of num_local_experts={n}")
+        parts = tuple((found[e][0], found[e][1]) for e in range(n))
+        shape = (n, *found[0][2])
+        gguf_name = name_map.get_name(f"layers.{layer}.feed_forward.experts.{w}.weight", try_suffixes=(".weight",))
+        out.append(_Tensor(parts[0][0], parts[0][1], gguf_name, shape, _tensor_type(shape, qtype), 0, parts))
+    return out
 
 
 def _tensor_order(spec: _Tensor) -> tuple[int, int, str]:
@@ -156,6 +220,8 @@ def _encode(source: RowMerge, spec: _Tensor) -> np.ndarray:
     if len(spec.shape) < 2:
         return source.rows(0, source.rows_total).to(torch.float32).contiguous().numpy()
     n_rows, cols = spec.shape[0], math.prod(spec.shape[1:])
+    if spec.parts:  # stacked experts [E, rows, cols]: E·rows rows (the same bytes: quant blocks stay in a row)
+        n_rows, cols = math.prod(spec.shape[:-1]), spec.shape[-1]
     if spec.qtype in (kind.F32, kind.F16, kind.BF16):
         dtype = {kind.F32: torch.float32, kind.F16: torch.float16, kind.BF16: torch.bfloat16}[spec.qtype]
         out = torch.empty(n_rows, cols, dtype=dtype)
@@ -238,6 +304,9 @@ def _add_metadata(writer: Any, config: dict[str, Any], qtype: str, name: str) ->
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("num_local_experts"):  # Mixtral, as llama.cpp's converter writes them
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(_file_type(qtype))
     # llama.cpp's converter writes it for every file type (16-bit ones too)
@@ -389,7 +458,7 @@ def export_merged_gguf(
     lora, scaling = m.load_lora(source.adapter_dir)
     config = _read_config(base_path)
     plan = _plan(base_path, config, qtype)
-    missing = sorted(set(lora) - {spec.hf_name for spec in plan})
+    missing = sorted(set(lora) - {name for spec in plan for _, name in (spec.parts or ((spec.source, spec.hf_name),))})
     if missing:
         raise ModelError(f"adapter weights match no tensor of the base model {base_path}: {missing[:3]}")
 
@@ -446,12 +515,12 @@ def _write_gguf(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        tensors = read_ahead(plan, lambda spec: read_tensor(spec.source, spec.hf_name))
+        tensors = read_ahead(plan, _read_spec)
         with ThreadPoolExecutor(1) as write:
             written = None
             for spec, weight in tqdm(tensors, total=len(plan), desc=f"GGUF {qtype}", unit="tensor"):
                 with torch.no_grad():
-                    array = _encode(prepare(spec, weight), spec)  # in the order of add_tensor_info
+                    array = _encode(_prepare_spec(prepare, spec, weight), spec)  # in the order of add_tensor_info
                 del weight
                 if written is not None:
                     written.result()
@@ -461,6 +530,25 @@ def _write_gguf(
                 written.result()
         writer.close()
     log.info("wrote %s (%s, %d tensors)", out_path, qtype, len(plan))
+
+
+def _read_spec(spec: _Tensor) -> Any:
+    """A tensor's checkpoint data: one tensor, or a stacked tensor's experts in order."""
+    if spec.parts:
+        return [read_tensor(file, name) for file, name in spec.parts]
+    return read_tensor(spec.source, spec.hf_name)
+
+
+def _prepare_spec(prepare: Callable[[_Tensor, torch.Tensor], RowMerge], spec: _Tensor, weight: Any) -> Any:
+    """`prepare` per tensor; for stacked experts per expert (each its own checkpoint name, hence its own LoRA)."""
+    if not spec.parts:
+        return prepare(spec, weight)
+    return _Stacked(
+        [
+            prepare(_Tensor(file, name, spec.gguf_name, tuple(w.shape), spec.qtype, 0), w)
+            for (file, name), w in zip(spec.parts, weight, strict=True)
+        ]
+    )
 
 
 def _np_dtype(qtype: Any) -> Any:

@@ -29,6 +29,7 @@ from mistral_fast.errors import ModelError
 from mistral_fast.export import prequant
 from mistral_fast.export.checkpoint import checkpoint_files
 from mistral_fast.export.kernels import RowMerge
+from mistral_fast.modeling.moe import checkpoint_weight_name, is_router_weight
 
 if TYPE_CHECKING:
     import torch
@@ -175,7 +176,8 @@ def load_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
         match = _LORA_KEY.match(key)
         if not match:
             raise ModelError(f"{adapter_dir}: unexpected adapter tensor {key!r}: only lora_A/lora_B are merged")
-        pairs.setdefault(match["module"] + ".weight", {})[match["ab"]] = tensor.float()
+        # Mixtral experts: our per-expert module → the checkpoint's block_sparse_moe.experts.{e}.w1/w2/w3
+        pairs.setdefault(checkpoint_weight_name(match["module"] + ".weight"), {})[match["ab"]] = tensor.float()
     return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}, scaling
 
 
@@ -183,8 +185,12 @@ def is_quantized_linear(name: str, weight: torch.Tensor) -> bool:
     """Whether 4-bit loading quantised this weight: every decoder Linear, LoRA target or not.
 
     transformers keeps the embeddings, the norms and ``lm_head`` in 16 bits (``lm_head`` is in
-    bitsandbytes' modules-not-to-convert); every other 2-D ``.weight`` of a Mistral is a Linear.
+    bitsandbytes' modules-not-to-convert); every other 2-D ``.weight`` of a Mistral is a Linear, and of a
+    Mixtral too except its router (``block_sparse_moe.gate``, 16-bit in training); Mixtral's experts are
+    4-bit (modeling/moe.py).
     """
+    if is_router_weight(name):
+        return False
     return weight.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.errors import ModelError
-from mistral_fast.modeling.tiny import tiny_model_dir
+from mistral_fast.modeling.tiny import tiny_mixtral_dir, tiny_model_dir
 
 if TYPE_CHECKING:
     from mistral_fast.config import RunConfig
@@ -41,6 +41,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path == "tiny":
         return str(tiny_model_dir())
+    if name_or_path == "tiny-mixtral":
+        return str(tiny_mixtral_dir())
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -87,21 +89,23 @@ def _fetch_hub_config(repo_id: str) -> Path:
 
 
 def read_model_config(path: str) -> dict[str, Any]:
-    """The model's config.json as a dict, refusing architectures other than Mistral.
+    """The model's config.json as a dict, refusing architectures other than Mistral's (dense and Mixtral).
 
     Raises:
-        ModelError: config.json is unreadable or its ``model_type`` is not ``mistral``.
+        ModelError: config.json is unreadable or its ``model_type`` is not ``mistral`` / ``mixtral``.
     """
+    from mistral_fast.families import model_types
+
     file = Path(path) / "config.json" if Path(path).is_dir() else _fetch_hub_config(path)
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"model.name_or_path={path!r}: cannot read {file}: {err}") from err
     model_type = config.get("model_type")
-    if model_type != "mistral":
+    if model_type not in model_types():
         arch = ", ".join(config.get("architectures") or []) or "unknown"
         raise ModelError(
-            f"model.name_or_path={path!r}: this tool fine-tunes Mistral models (model_type 'mistral'); "
+            f"model.name_or_path={path!r}: this tool fine-tunes Mistral models (model_type {list(model_types())}); "
             f"architecture found: model_type {model_type!r} ({arch}). Choose a Mistral checkpoint"
         )
     return config
@@ -120,7 +124,36 @@ def linear_module_names(path: str, *, trust_remote_code: bool = False) -> list[s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if getattr(config, "num_local_experts", 0):
+        # Mixtral's experts are fused 3-D parameters here; on a 4-bit load each becomes per-expert
+        # w1/w2/w3 linears (modeling/moe.py), which is what LoRA targets.
+        from mistral_fast.modeling.moe import EXPERT_LINEARS
+
+        names |= set(EXPERT_LINEARS)
     return sorted(names - {"lm_head"})
+
+
+def lora_target_modules(cfg: RunConfig, path: str | None = None) -> list[str]:
+    """``lora.targets`` as module names for this run's model (a set name is resolved by the model's row).
+
+    Args:
+        cfg: the run config.
+        path: the resolved model directory, when at hand (its config.json identifies the row).
+    """
+    from mistral_fast.families import family_for_model, resolve_targets
+
+    if not isinstance(cfg.lora.targets, str):
+        return list(cfg.lora.targets)
+    config = None
+    if path is not None and (Path(path) / "config.json").is_file():
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    try:
+        family = family_for_model(cfg.model.name_or_path, config)
+    except ModelError:
+        return cfg.lora.target_modules  # an unlisted Mistral-shaped model: the dense names
+    if cfg.lora.targets not in family.lora_targets:
+        raise ModelError(f"lora.targets={cfg.lora.targets!r}: {family.name} has the sets {sorted(family.lora_targets)}")
+    return resolve_targets(cfg.lora.targets, family)
 
 
 def check_lora_targets(targets: list[str], available: list[str]) -> None:
@@ -173,5 +206,5 @@ def validate_model_request(cfg: RunConfig) -> str:
         )
     check_bitsandbytes(cfg.model.load_in_4bit)
     available = linear_module_names(path, trust_remote_code=cfg.model.trust_remote_code)
-    check_lora_targets(cfg.lora.target_modules, available)
+    check_lora_targets(lora_target_modules(cfg, path), available)
     return path

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_fast.config import RunConfig
 from mistral_fast.errors import ModelError
-from mistral_fast.modeling.checks import validate_model_request
+from mistral_fast.modeling.checks import lora_target_modules, validate_model_request
 from mistral_fast.modeling.policy import resolve_backend, resolve_compute_dtype
 from mistral_fast.modeling.surgery import cast_trainable_to_fp32, disable_cpu_weight_repacking, model_info
 
@@ -79,10 +79,20 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
     from mistral_fast.tokenizer import tokenizer_for
 
     start = time.perf_counter()
-    backend, backend_reason = resolve_backend(cfg.model.backend)  # first: unsloth must precede transformers
+    if _known_moe(cfg):
+        # Decided before resolve_backend, so unsloth (which patches transformers on import) is never imported
+        # for a model it will not train.
+        if cfg.model.backend == "unsloth":
+            raise ModelError(_UNSLOTH_MOE.format(name=cfg.model.name_or_path))
+        backend, backend_reason = "hf", "Mixtral (mixture of experts): the hf backend, which stores experts in NF4"
+    else:
+        backend, backend_reason = resolve_backend(cfg.model.backend)  # first: unsloth must precede transformers
     path = validate_model_request(cfg)
     dtype, dtype_reason = resolve_compute_dtype(cfg.model.compute_dtype)
     tokenizer = tokenizer_for(cfg.model, path)
+    moe = _is_moe_checkpoint(path)
+    if backend == "unsloth" and moe:  # a Mixtral not recognisable before its config.json was fetched
+        raise ModelError(_UNSLOTH_MOE.format(name=cfg.model.name_or_path))
     if backend == "unsloth":
         model = _load_unsloth(cfg, path, dtype, tokenizer, for_training=for_training)
     else:
@@ -90,7 +100,11 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
     _align_special_tokens(model, tokenizer)
     info = model_info(model)
     info["load_seconds"] = round(time.perf_counter() - start, 3)
-    info["target_modules"] = cfg.lora.target_modules
+    info["target_modules"] = lora_target_modules(cfg, path)
+    if moe:
+        from mistral_fast.modeling.moe import expert_weight_bytes
+
+        info["expert_weight_bytes"] = expert_weight_bytes(model)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -143,6 +157,8 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
         # the wrapper places the shards itself (cpu_ram_efficient_loading), so no device_map.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.model.load_in_4bit:
+        _quantize_moe_experts(model, cfg, dtype)
     disable_cpu_weight_repacking(model)
     gc = for_training and cfg.train.gradient_checkpointing
     if for_training and cfg.model.load_in_4bit and not fsdp:
@@ -155,33 +171,95 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     elif gc:
         # Also the FSDP path: its flat parameters need one dtype, so nothing is cast to fp32 there.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return _attach_lora(model, cfg, for_training=for_training)
+    return _attach_lora(model, cfg, path, for_training=for_training)
 
 
-def _peft_lora_config(cfg: RunConfig) -> Any:
+_UNSLOTH_MOE = (
+    "model.backend=unsloth: {name} is a mixture-of-experts (Mixtral) model; its experts are stored in NF4 and "
+    "trained with per-expert LoRA by this tool's hf backend only (Unsloth 2026.10 loads Mixtral's fused experts "
+    "16-bit and puts LoRA on those 16-bit parameters); set model.backend=hf or auto"
+)
+
+
+def _known_moe(cfg: RunConfig) -> bool:
+    """True when the model is a Mixtral by its name or local config.json (no download, no torch)."""
+    from mistral_fast.families import family_for_model
+
+    try:
+        return family_for_model(cfg.model.name_or_path).is_moe
+    except ModelError:
+        return False  # unknown here: decided again once the path is resolved
+
+
+def _is_moe_checkpoint(path: str) -> bool:
+    from mistral_fast.modeling.checks import read_model_config
+
+    return bool(read_model_config(path).get("num_local_experts"))
+
+
+def _quantize_moe_experts(model: Any, cfg: RunConfig, dtype: torch.dtype) -> None:
+    """Mixtral: store the fused experts transformers leaves 16-bit as per-expert NF4 linears (modeling/moe.py)."""
+    from mistral_fast.distributed import using_fsdp
+    from mistral_fast.modeling.moe import is_moe_model, quantize_experts
+
+    if not is_moe_model(model):
+        return
+    quant: dict[str, Any] = {"quant_type": cfg.model.quant_type, "double_quant": cfg.model.double_quant}
+    if using_fsdp():
+        quant["quant_storage"] = dtype  # as _bnb_config: FSDP shards one float dtype
+    count = quantize_experts(model, compute_dtype=dtype, quant=quant)
+    log.info("Mixtral: %d expert matrices stored in %s", count, cfg.model.quant_type.upper())
+
+
+def _peft_lora_config(cfg: RunConfig, path: str | None = None) -> Any:
     from peft import LoraConfig
 
+    extra: dict[str, Any] = {}
+    if cfg.lora.train_router and path is not None and _is_moe_checkpoint(path):
+        # The router is small (experts x hidden per layer) and not a LoRA target: trained whole, and saved
+        # with the adapter, as peft does for modules_to_save.
+        extra["modules_to_save"] = ["gate"]
     return LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=lora_target_modules(cfg, path),
         bias=cfg.lora.bias,
         use_rslora=cfg.lora.use_rslora,
         task_type="CAUSAL_LM",
+        **extra,
     )
 
 
-def _attach_lora(model: Any, cfg: RunConfig, *, for_training: bool) -> Any:
+def _attach_lora(model: Any, cfg: RunConfig, path: str | None = None, *, for_training: bool) -> Any:
     import torch
     from peft import get_peft_model
 
     # lora_A's Kaiming init draws from the global RNG: seed it so runs repeat.
     torch.manual_seed(cfg.train.seed)
-    peft_model = get_peft_model(model, _peft_lora_config(cfg))
+    peft_model = get_peft_model(model, _peft_lora_config(cfg, path))
     cast_trainable_to_fp32(peft_model)
     _set_mode(peft_model, for_training=for_training)
+    _set_router_aux_loss(peft_model, cfg, for_training=for_training)
     return peft_model
+
+
+def _set_router_aux_loss(model: Any, cfg: RunConfig, *, for_training: bool) -> None:
+    """Mixtral: the router's load-balancing loss on in training (``train.router_aux_loss``), off otherwise.
+
+    transformers' Mixtral adds ``router_aux_loss_coef x aux_loss`` to the loss only when
+    ``output_router_logits`` is set, which checkpoints ship false: without this the load-balancing term is
+    silently absent from fine-tuning. The coefficient is read from the model attribute, set at init from
+    config.json, so both are set.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "router_aux_loss_coef"):
+        return  # a dense model
+    on = for_training and cfg.train.router_aux_loss
+    base.config.output_router_logits = on
+    if cfg.train.router_aux_loss_coef is not None:
+        base.config.router_aux_loss_coef = cfg.train.router_aux_loss_coef
+        base.router_aux_loss_coef = cfg.train.router_aux_loss_coef
 
 
 def _set_mode(model: Any, *, for_training: bool) -> None:

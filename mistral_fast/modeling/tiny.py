@@ -213,3 +213,152 @@ def _tiny_cache_key(params: dict[str, Any]) -> str:
     if tokenizer_src.is_file():  # a tokenizer fix must not leave a stale copy in the cache
         digest.update(tokenizer_src.read_bytes())
     return digest.hexdigest()[:12]
+
+
+# The tiny Mixtral behind ``model.name_or_path: tiny-mixtral``: Mixtral-8x7B v0.1's architecture (SentencePiece
+# v1 vocabulary, 32000 ids, so it matches that family row) at the tiny Mistral's width, with 4 experts, top-2
+# routing and an expert width of 192 (a multiple of 64, so NF4 blocks never straddle rows). 4 experts keep every
+# expert reachable by a few dozen routed tokens, which the per-expert gradient and merge tests rely on.
+TINY_MIXTRAL_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 192,
+    "num_experts": 4,
+    "experts_per_token": 2,
+    "vocab_size": 32000,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 32768,
+    "router_aux_loss_coef": 0.02,  # Mixtral-8x7B's config.json value
+    "seed": 0,
+    "dtype": "bfloat16",
+    "tokenizer": "v1",
+}
+_TINY_MIXTRAL_FORMAT = 1
+
+
+def build_tiny_mixtral(
+    path: str | os.PathLike[str],
+    *,
+    hidden_size: int = TINY_MIXTRAL_DEFAULTS["hidden_size"],
+    num_layers: int = TINY_MIXTRAL_DEFAULTS["num_layers"],
+    num_heads: int = TINY_MIXTRAL_DEFAULTS["num_heads"],
+    num_kv_heads: int = TINY_MIXTRAL_DEFAULTS["num_kv_heads"],
+    intermediate_size: int = TINY_MIXTRAL_DEFAULTS["intermediate_size"],
+    num_experts: int = TINY_MIXTRAL_DEFAULTS["num_experts"],
+    experts_per_token: int = TINY_MIXTRAL_DEFAULTS["experts_per_token"],
+    vocab_size: int = TINY_MIXTRAL_DEFAULTS["vocab_size"],
+    rope_theta: float = TINY_MIXTRAL_DEFAULTS["rope_theta"],
+    max_position_embeddings: int = TINY_MIXTRAL_DEFAULTS["max_position_embeddings"],
+    router_aux_loss_coef: float = TINY_MIXTRAL_DEFAULTS["router_aux_loss_coef"],
+    seed: int = TINY_MIXTRAL_DEFAULTS["seed"],
+    dtype: str = TINY_MIXTRAL_DEFAULTS["dtype"],
+    tokenizer: str = TINY_MIXTRAL_DEFAULTS["tokenizer"],
+) -> Path:
+    """Write a small random `MixtralForCausalLM` with the real tokenizer to `path`.
+
+    Mixtral's architecture (GQA, RoPE, RMSNorm, a top-k router over SwiGLU experts, untied embeddings,
+    no sliding window as in Mixtral-8x7B's config) at tiny sizes; weights drawn as `build_tiny_model` draws
+    them (seeded, sorted-name order). transformers writes the checkpoint in Mixtral's own layout
+    (``block_sparse_moe.experts.{e}.w1/w2/w3``, ``block_sparse_moe.gate``), as the hub models are.
+
+    Args:
+        path: directory to write.
+        hidden_size: model width; a multiple of 64.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads.
+        intermediate_size: each expert's width; a multiple of 64.
+        num_experts: experts per layer (``num_local_experts``).
+        experts_per_token: experts each token is routed to (``num_experts_per_tok``).
+        vocab_size: must cover the tokenizer (32000 for v1, 32768 for v3).
+        rope_theta: RoPE base.
+        max_position_embeddings: longest supported context.
+        router_aux_loss_coef: the load-balancing loss weight written to config.json.
+        seed: weight seed.
+        dtype: storage dtype.
+        tokenizer: tokenizer version (``"v1"`` for 8x7B, ``"v3"`` for 8x22B).
+
+    Returns:
+        The directory.
+
+    Raises:
+        ModelError: a size is not usable with 4-bit quantisation, or top-k exceeds the experts.
+    """
+    import torch
+    from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+
+    from mistral_fast.tokenizer import load_tokenizer
+
+    _check_tiny_sizes(hidden_size, intermediate_size, num_heads, num_kv_heads)
+    if not 1 <= experts_per_token <= num_experts:
+        raise ModelError(f"experts_per_token={experts_per_token}: must be between 1 and num_experts={num_experts}")
+    tok = load_tokenizer(tokenizer)
+    if len(tok) > vocab_size:
+        raise ModelError(f"vocab_size={vocab_size} is smaller than the {tokenizer} tokenizer ({len(tok)} tokens)")
+    config = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        num_local_experts=num_experts,
+        num_experts_per_tok=experts_per_token,
+        router_aux_loss_coef=router_aux_loss_coef,
+        output_router_logits=False,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
+    model = MixtralForCausalLM(config)
+    _init_tiny_weights(model, seed=seed, std=config.initializer_range)
+    model = model.to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_mixtral_dir(**overrides: Any) -> Path:
+    """The cached tiny Mixtral for ``model.name_or_path: tiny-mixtral``, built on first use (as `tiny_model_dir`).
+
+    Args:
+        **overrides: any `build_tiny_mixtral` keyword.
+
+    Returns:
+        The model directory.
+    """
+    params = {**TINY_MIXTRAL_DEFAULTS, **overrides}
+    unknown = sorted(set(overrides) - set(TINY_MIXTRAL_DEFAULTS))
+    if unknown:
+        raise ModelError(f"tiny_mixtral_dir: unknown argument(s) {unknown}; known: {sorted(TINY_MIXTRAL_DEFAULTS)}")
+    root = Path(os.environ.get("MISTRAL_FAST_CACHE") or Path.home() / ".cache" / "mistral_fast")
+    final = root / f"tiny-mixtral-{params['tokenizer']}-{_tiny_cache_key({**params, 'mixtral': _TINY_MIXTRAL_FORMAT})}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        build_tiny_mixtral(tmp, **params)
+        with contextlib.suppress(OSError):
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "config.json").is_file():
+        raise ModelError(f"could not build the tiny Mixtral into {final}: check that the directory is writable")
+    log.info("built the tiny Mixtral model in %s", final)
+    return final

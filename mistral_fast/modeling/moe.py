@@ -1,0 +1,225 @@
+"""Mixture-of-experts surgery: Mixtral's fused experts stored as real NF4, one `Linear4bit` per matrix.
+
+transformers 5 keeps Mixtral's experts as two fused 3-D parameters per layer
+(``mlp.experts.gate_up_proj`` ``[E, 2·I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]``), and its
+bitsandbytes integration quantises only ``nn.Linear`` modules: loaded "in 4-bit", the experts (~45 B of
+Mixtral-8x7B's 46.7 B parameters) stay 16-bit. `quantize_experts` replaces each fused module by
+``_NF4Experts``: per expert three bitsandbytes ``Linear4bit`` (NF4, double quantisation, block 64), computing
+exactly what the fused module computes. They are named as a dense Mistral MLP's (``gate_proj``, ``up_proj``,
+``down_proj``; ``w1``, ``w3``, ``w2`` in Mixtral checkpoints), not ``w1``-``w3``: peft 0.21 rewrites those
+target names on a transformers-5 Mixtral into LoRA on the fused 16-bit parameters. LoRA then attaches to
+them as to any 4-bit linear layer (peft's ``lora.Linear4bit``), each expert has its own adapter, and the
+saved adapter's module paths map one to one onto the checkpoint's ``block_sparse_moe.experts.{e}.w{1,2,3}``
+tensors (`CHECKPOINT_NAMES`), which the streamed merge and llama.cpp read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from mistral_fast.constants import NF4_BLOCK
+
+if TYPE_CHECKING:
+    import torch
+
+# One expert's linear layers in our 4-bit model, and their names in Mixtral checkpoints.
+EXPERT_LINEARS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+CHECKPOINT_NAMES: dict[str, str] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _experts_class() -> type:
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    return MixtralExperts
+
+
+def is_moe_model(model: Any) -> bool:
+    """True when the model has fused Mixtral experts or our NF4 replacement of them."""
+    kinds = (_experts_class(), _nf4_experts_class())
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def _nf4_linear(weight: torch.Tensor, *, compute_dtype: torch.dtype, quant: dict[str, Any]) -> Any:
+    """A bias-free `Linear4bit` holding `weight` quantised (on the weight's own device)."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=quant.get("double_quant", True),
+        quant_type=quant.get("quant_type", "nf4"),
+        quant_storage=quant.get("quant_storage", _uint8()),
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight.detach().contiguous(),
+        requires_grad=False,
+        blocksize=NF4_BLOCK,
+        compress_statistics=quant.get("double_quant", True),
+        quant_type=quant.get("quant_type", "nf4"),
+        quant_storage=quant.get("quant_storage", _uint8()),
+        module=layer,
+    )
+    return layer.to(weight.device)  # Params4bit quantises on its first move (bitsandbytes' own path)
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def _expert_module(gate: Any, up: Any, down: Any) -> Any:
+    import torch
+
+    expert = torch.nn.Module()
+    expert.gate_proj, expert.up_proj, expert.down_proj = gate, up, down
+    return expert
+
+
+_CLASS: list[type] = []
+
+
+def _nf4_experts_class() -> type:
+    if _CLASS:
+        return _CLASS[0]
+    import torch
+
+    class _NF4Experts(torch.nn.ModuleList):
+        """Mixtral's experts as ``[e].gate_proj / up_proj / down_proj`` 4-bit linears; forward = `MixtralExperts`'s.
+
+        A ModuleList, so module paths are ``mlp.experts.{e}.gate_proj``: the checkpoint's
+        ``block_sparse_moe.experts.{e}.w1`` with the layer renamed as transformers renames it.
+
+        Attributes:
+            num_experts: E.
+            act_fn: the activation of the fused module it replaces (SiLU).
+        """
+
+        def __init__(self, experts: list[Any], act_fn: Any) -> None:
+            super().__init__(experts)
+            self.num_experts = len(experts)
+            # Not registered as a child: a ModuleList's length and indices must be the experts only.
+            object.__setattr__(self, "act_fn", act_fn)
+
+        def forward(
+            self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        ) -> torch.Tensor:
+            # Same routing arithmetic as transformers' MixtralExperts (eager path): tokens grouped by
+            # expert, each expert's SwiGLU output scaled by its router weight and summed in place.
+            final = torch.zeros_like(hidden_states)
+            with torch.no_grad():
+                mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+                hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+            for row in hit:
+                e = int(row[0])
+                top_k_pos, token_idx = torch.where(mask[e])
+                state = hidden_states[token_idx]
+                expert = self[e]
+                out = expert.down_proj(self.act_fn(expert.gate_proj(state)) * expert.up_proj(state))
+                out = out * top_k_weights[token_idx, top_k_pos, None]
+                final.index_add_(0, token_idx, out.to(final.dtype))
+            return final
+
+    # Not a subclass of MixtralExperts on purpose: transformers' experts-implementation dispatch and peft's
+    # target_parameters both key on that class and would reach for the fused parameters that are gone.
+    _CLASS.append(_NF4Experts)
+    return _NF4Experts
+
+
+def quantize_experts(model: Any, *, compute_dtype: torch.dtype, quant: dict[str, Any] | None = None) -> int:
+    """Replace every fused `MixtralExperts` of `model` by NF4 per-expert linears, layer by layer.
+
+    Each layer's 16-bit fused tensors are released as soon as its experts are quantised, so the extra
+    memory is one layer's experts at a time on top of what loading already held.
+
+    Args:
+        model: a transformers Mixtral (any wrapper; modules are found by class).
+        compute_dtype: dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``).
+        quant: ``quant_type`` (``"nf4"``), ``double_quant`` (True), ``quant_storage`` (``torch.uint8``;
+            the compute dtype under FSDP, which shards one float dtype).
+
+    Returns:
+        The number of expert matrices quantised (layers x experts x 3).
+    """
+    quant = quant or {}
+    fused = _experts_class()
+    cls = _nf4_experts_class()
+    count = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, fused):
+                continue
+            inter = child.intermediate_dim
+            experts = []
+            for e in range(child.num_experts):
+                gate_up, down = child.gate_up_proj[e], child.down_proj[e]
+                # gate_up_proj's rows are [gate; up]: MixtralExperts chunks its output in two, gate first
+                experts.append(
+                    _expert_module(
+                        _nf4_linear(gate_up[:inter], compute_dtype=compute_dtype, quant=quant),
+                        _nf4_linear(gate_up[inter:], compute_dtype=compute_dtype, quant=quant),
+                        _nf4_linear(down, compute_dtype=compute_dtype, quant=quant),
+                    )
+                )
+                count += 3
+            setattr(parent, child_name, cls(experts, child.act_fn))
+            del child  # the fused 16-bit tensors go with the last reference
+    return count
+
+
+def expert_weight_bytes(model: Any) -> dict[str, int]:
+    """Bytes held by expert weights: packed 4-bit data, quantisation state, and any 16/32-bit tensors.
+
+    Returns:
+        ``{"packed": …, "state": …, "dense": …, "params": …}``; ``params`` is the number of weights
+        the experts represent (for bits-per-weight figures).
+    """
+    fused = _experts_class()
+    cls = _nf4_experts_class()
+    packed = state = dense = params = 0
+    for module in model.modules():
+        if isinstance(module, fused):
+            for p in (module.gate_up_proj, module.down_proj):
+                dense += p.numel() * p.element_size()
+                params += p.numel()
+        elif isinstance(module, cls):
+            for expert in module:
+                for name in EXPERT_LINEARS:
+                    layer = getattr(expert, name)
+                    layer = getattr(layer, "base_layer", layer)  # under a peft LoRA wrapper
+                    w = layer.weight
+                    packed += w.numel() * w.element_size()
+                    params += layer.in_features * layer.out_features
+                    qs = w.quant_state
+                    state += qs.absmax.numel() * qs.absmax.element_size()
+                    if qs.state2 is not None:  # double quantisation: 8-bit absmax + fp32 second-level constants
+                        state += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+                        state += qs.state2.code.numel() * qs.state2.code.element_size()
+    return {"packed": packed, "state": state, "dense": dense, "params": params}
+
+
+def checkpoint_weight_name(module_weight: str) -> str:
+    """The checkpoint tensor behind one of our module weights (identity for everything but Mixtral experts).
+
+    ``model.layers.3.mlp.experts.5.up_proj.weight`` → ``model.layers.3.block_sparse_moe.experts.5.w3.weight``
+    (Mixtral's checkpoint layout, which transformers fuses on load and writes back on save). Torch-free.
+    """
+    match = _EXPERT_MODULE.search(module_weight)
+    if match is None:
+        return module_weight
+    start, end = match.span()
+    name = CHECKPOINT_NAMES[match["proj"]]
+    return f"{module_weight[:start]}.block_sparse_moe.experts.{match['e']}.{name}.weight{module_weight[end:]}"
+
+
+def is_router_weight(checkpoint_name: str) -> bool:
+    """Mixtral's router (``block_sparse_moe.gate``): 2-D but never a 4-bit layer (not an ``nn.Linear``)."""
+    return checkpoint_name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))
+
+
+_EXPERT_MODULE = re.compile(r"\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
