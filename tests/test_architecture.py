@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("families",),
     ("config",),
     ("distributed",),
+    ("tekken",),
     ("tokenizer",),
     ("data",),
     ("dataset",),
