@@ -164,6 +164,10 @@ FAMILIES: tuple[Family, ...] = (
 """Every generation mistral_fast supports; the first is the default (and the tiny model's)."""
 
 DEFAULT = FAMILIES[0]
+TINY_MODELS: Mapping[str, str] = MappingProxyType(
+    {"tiny": "mistral-7b-v0.3", "tiny-nemo": "mistral-nemo", "tiny-small": "mistral-small-24b"}
+)
+"""``model.name_or_path`` values of the tiny local models (`mistral_fast.modeling.tiny`) → their row's name."""
 TOKENIZER_VERSIONS: tuple[str, ...] = tuple(dict.fromkeys(f.tokenizer for f in FAMILIES))
 
 
@@ -197,8 +201,8 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
     Raises:
         ModelError: neither the name nor the config matches a row, naming what was found.
     """
-    if name_or_path == "tiny":
-        return DEFAULT
+    if name_or_path in TINY_MODELS:
+        return family_named(TINY_MODELS[name_or_path])
     for family in FAMILIES:
         if name_or_path.lower() in {n.lower() for n in family.hub_names}:
             return family

@@ -112,7 +112,7 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_fast.constants import IGNORE_INDEX
 from mistral_fast.errors import TokenizerError
-from mistral_fast.families import family_for_tokenizer, tokenizer_version
+from mistral_fast.families import TINY_MODELS, family_for_tokenizer, tokenizer_version
 from mistral_fast.tekken import (
     BUILTIN_FILE,
     CHAT_TEMPLATE_V7,
@@ -330,7 +330,7 @@ def tokenizer_for(model: ModelConfig, path: str | None = None) -> PreTrainedToke
         model: the run's ``model`` config section.
         path: the resolved model directory, when the caller has it (else ``model.name_or_path``).
     """
-    if model.tokenizer != "model" or model.name_or_path == "tiny":  # the tiny model carries our own tokenizer
+    if model.tokenizer != "model" or model.name_or_path in TINY_MODELS:  # tiny models carry our own tokenizer
         return load_tokenizer(tokenizer_version(model))
     return load_tokenizer(tokenizer_version(model), path=path or model.name_or_path)
 
