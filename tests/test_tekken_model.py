@@ -3,7 +3,11 @@ hidden/heads (as in Nemo and Small 3), QLoRA training and evaluation on the hf b
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +79,44 @@ def test_a_tokenizer_of_another_generation_is_refused(tmp_path):
     cfg = load_config("smoke-nemo", [*BASE, "model.tokenizer=v3", f"train.output_dir={tmp_path}"])
     with pytest.raises(ModelError, match=r"model.tokenizer='v3' has 32768 ids but 'tiny-nemo' has 131072"):
         load_model(cfg)
+
+
+UNSLOTH_SCRIPT = """
+import json
+import torch
+from mistral_fast.config import RunConfig
+from mistral_fast.modeling import load_model
+cfg = RunConfig().with_overrides({"model.name_or_path": "tiny-nemo", "model.tokenizer": "v3-tekken",
+                                  "model.backend": "unsloth", "lora.dropout": 0.0, "lora.rank": 8})
+loaded = load_model(cfg)
+model = loaded.model
+model.train()
+params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+optimizer = torch.optim.SGD(params.values(), lr=1.0)
+tokens = torch.randint(1000, 131072, (2, 64), generator=torch.Generator().manual_seed(0))
+for _ in range(2):  # lora_B starts at 0: lora_A gets a gradient once B has moved
+    optimizer.zero_grad()
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    optimizer.step()
+dead = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum()]
+print("UNSLOTH_RESULT " + json.dumps({"backend": loaded.backend, "loss": out.loss.item(), "dead": dead,
+                                      "lora": len(params), "head_dim": model.config.head_dim}))
+"""
+
+
+@pytest.mark.unsloth
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+def test_unsloth_backend_trains_the_tiny_nemo(tmp_path):
+    """Unsloth's CPU fallback (its own process: importing it patches transformers in place)."""
+    env = {**os.environ, "MISTRAL_FAST_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", UNSLOTH_SCRIPT], capture_output=True, text=True, env=env, cwd=repo, timeout=600
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("UNSLOTH_RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(lines[-1].removeprefix("UNSLOTH_RESULT "))
+    assert result["backend"] == "unsloth" and result["head_dim"] == 16
+    assert result["lora"] == 2 * 14 and result["dead"] == []
+    assert 0 < result["loss"] < 30
