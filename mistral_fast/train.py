@@ -212,8 +212,10 @@ def _trainer_class(loaded: LoadedModel) -> type:
 
     TRL 1.15 computes every loss through its fused LM head, a Triton kernel: on a CPU it fails
     ("0 active drivers") when triton is installed and cannot run when it is not. Without CUDA we
-    compute the standard causal-LM loss from the model's logits instead (transformers' own
-    `Trainer.compute_loss`). Unsloth's CPU backend reroutes the fused head itself.
+    compute the same causal-LM loss in chunks of tokens (`mistral_fast.modeling.chunked_loss`: never the
+    full batch x seq x vocab logits, 2 GiB per 4k tokens with tekken's vocabulary); calls that want the
+    outputs (logits) get transformers' own `Trainer.compute_loss`. Unsloth's CPU backend reroutes the
+    fused head itself.
     """
     import torch
     from transformers import Trainer
@@ -222,9 +224,16 @@ def _trainer_class(loaded: LoadedModel) -> type:
     if torch.cuda.is_available() or loaded.backend == "unsloth":
         return SFTTrainer
 
+    from mistral_fast.modeling.chunked_loss import model_loss
+
     class CpuSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs or inputs.get("labels") is None:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = model_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages gradients
+            return loss
 
     return CpuSFTTrainer
 
