@@ -173,9 +173,10 @@ from mistral_fast.config import RunConfig
 from mistral_fast.modeling import build_tiny_model
 path, sizes, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 batch, seq = map(int, sys.argv[4:6])
+chunked = overrides.pop("chunked", False)
 build_tiny_model(path, **sizes)
 cfg = RunConfig().with_overrides({"model.name_or_path": path, "model.backend": "hf", **overrides})
-print("RESULT", json.dumps(measure_cpu_training(cfg, batch_size=batch, seq_len=seq)))
+print("RESULT", json.dumps(measure_cpu_training(cfg, batch_size=batch, seq_len=seq, chunked=chunked)))
 """
 
 STEP_TOLERANCE = 0.10  # activations + logits + gradients: measured/estimated within ±10% (seen: 0.96-0.98)
@@ -193,6 +194,13 @@ CASES = {
         512,
     ),
     "lora16-512x4": (_SMALL, {"train.gradient_checkpointing": False, "model.load_in_4bit": False}, 2, 256),
+    # the chunked loss (what training uses) on the tekken vocabulary, where the plain loss's logits dominate
+    "qlora-512x4-tekken-chunked": (
+        {**_SMALL, "vocab_size": 131072, "tokenizer": "v3-tekken"},
+        {"train.gradient_checkpointing": False, "model.tokenizer": "v3-tekken", "chunked": True},
+        2,
+        256,
+    ),
 }
 
 
@@ -214,6 +222,8 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
+    overrides = dict(overrides)
+    chunked = overrides.pop("chunked", False)  # the harness's loss, not a config field
     cfg = RunConfig().with_overrides(
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
@@ -223,6 +233,7 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
         model_config=read_model_config(str(tmp_path / "model")),
         on_gpu=False,
         compute_dtype=measured["compute_dtype"],
+        chunked_loss=chunked,
     )
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]  # LoRA count is exact
