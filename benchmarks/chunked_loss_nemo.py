@@ -104,7 +104,8 @@ def main() -> None:
     plain, chunked = results["plain"], results["chunked"]
     print(
         f"step peak: chunked {chunked['step_peak_gib']} GiB vs plain {plain['step_peak_gib']} GiB "
-        f"= {chunked['step_peak_gib'] / plain['step_peak_gib']:.2f}x; loss {chunked['loss']:.6f} vs {plain['loss']:.6f}; "
+        f"= {chunked['step_peak_gib'] / plain['step_peak_gib']:.2f}x; "
+        f"loss {chunked['loss']:.6f} vs {plain['loss']:.6f}; "
         f"LoRA grad norm {chunked['lora_grad_norm']:.6g} vs {plain['lora_grad_norm']:.6g}"
     )
 

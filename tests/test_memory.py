@@ -259,3 +259,14 @@ def test_double_quant_and_world_size():
     assert saved == pytest.approx(linear * (4 / 64 - 1 / 64 - 4 / (64 * 256)), rel=1e-3)  # ~0.37 bit/param
     two = estimate_memory(cfg, model_config=MISTRAL_7B, world_size=2)
     assert two.total == dq.total and two.plan.effective_batch == 2 * dq.plan.effective_batch
+
+
+@pytest.mark.parametrize(
+    ("preset", "gpu", "at_most_gib"),
+    [("nemo-t4", "t4", 13.5), ("small24b-l4", "l4", 20.0), ("small24b-a100", "a100-40gb", 26.0)],
+)
+def test_tekken_presets_fit_their_gpu(preset, gpu, at_most_gib):
+    """Nemo on a T4 and Small 24B on an L4 / A100-40GB, from the built-in shapes (no hub)."""
+    est = estimate_memory(load_config(preset), gpu=gpu)
+    assert est.fits and est.total <= at_most_gib * GiB, est.table()
+    assert est.details["loss_peak_bytes"] < 0.1 * est.details["logits_bytes_per_token"] * est.plan.tokens
