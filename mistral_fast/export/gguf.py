@@ -239,7 +239,62 @@ def _add_metadata(writer: Any, config: dict[str, Any], qtype: str, name: str) ->
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _tekken_json(tok_dir: Path) -> dict[str, Any] | None:
+    """The ``tokenizer.json`` of a tekken (byte-level BPE) tokenizer in `tok_dir`, else None (SentencePiece)."""
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    decoder = data.get("decoder") or {}
+    return data if data.get("model", {}).get("type") == "BPE" and decoder.get("type") == "ByteLevel" else None
+
+
+def _add_tekken_tokenizer(writer: Any, tok_dir: Path, data: dict[str, Any], vocab_size: int) -> None:
+    """Tekken (Nemo, Small 3) as llama.cpp's ``gpt2`` BPE with its ``tekken`` pre-tokenizer, like its converter.
+
+    Tokens in id order in the byte-to-unicode alphabet of ``tokenizer.json``, the merges in priority order,
+    control tokens (ids 0-999) as CONTROL, the rest NORMAL, rows past the tokenizer UNUSED ``[PAD{i}]``.
+    llama.cpp applies the tekken split regex itself for pre-tokenizer ``tekken``.
+    """
+    import gguf
+
+    by_id = {i: s for s, i in data["model"]["vocab"].items()}
+    control = {t["id"]: t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    by_id.update(control)
+    if len(by_id) > vocab_size:
+        raise ModelError(f"{tok_dir}/tokenizer.json: {len(by_id)} tokens but the model's vocab_size is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL))
+        else:  # embedding rows past the tokenizer: never produced
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    ids = {content: i for i, content in control.items()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids["<s>"])
+    writer.add_eos_token_id(ids["</s>"])
+    writer.add_unk_token_id(ids["<unk>"])
+    if "<pad>" in ids:
+        writer.add_pad_token_id(ids["<pad>"])
+    writer.add_add_bos_token(True)  # Mistral prompts start with one BOS
+    writer.add_add_eos_token(False)
+    template = _chat_template(tok_dir)
+    if template:
+        writer.add_chat_template(template)
+
+
 def _add_tokenizer(writer: Any, model_dir: Path, sp_model: Path, vocab_size: int) -> None:
+    tekken = _tekken_json(model_dir)
+    if tekken is not None:  # Nemo / Small 3: byte-level BPE, no SentencePiece model
+        _add_tekken_tokenizer(writer, model_dir, tekken, vocab_size)
+        return
     tokens, scores, types, proto = _vocab(sp_model, vocab_size)
     spec = proto.trainer_spec
     writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece (SPM) tokenizer
