@@ -110,3 +110,12 @@ def test_llama_cpp_tokenises_like_mistral_common(exported):
         got = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert got == reference_chat_ids(chat, version, add_generation_prompt=True), chat
     assert np.array_equal(llm.tokenize(b"", add_bos=True), [1])
+
+
+def test_modelfile_template_follows_the_format(exported):
+    from mistral_fast.export import write_modelfile
+
+    version, _, ours = exported
+    text = write_modelfile(ours).read_text()
+    assert ("[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]" in text) == (version == "v7-tekken")
+    assert "[INST]" in text and 'PARAMETER stop "</s>"' in text

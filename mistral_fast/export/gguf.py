@@ -540,6 +540,26 @@ OLLAMA_TEMPLATE = """\
 {{- end }}"""
 
 
+# Mistral Small 3 (v7, tekken): the system prompt first as [SYSTEM_PROMPT]…[/SYSTEM_PROMPT], then the turns as
+# in v3 (tekken encodes text as it is: no space prefix anywhere). Chosen for a GGUF whose embedded template
+# is our v7 one (`_gguf_is_v7`).
+OLLAMA_TEMPLATE_V7 = """\
+{{- if .System }}[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]{{ end }}
+{{- range $i, $m := .Messages }}
+{{- if eq $m.Role "user" }}[INST]{{ $m.Content }}[/INST]
+{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>
+{{- end }}
+{{- end }}"""
+
+
+def _gguf_is_v7(gguf_path: Path) -> bool:
+    """Whether a GGUF carries the v7 (Mistral Small 3) chat template: its Modelfile then needs the v7 one."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    return field is not None and "[SYSTEM_PROMPT]" in str(field.contents())
+
+
 def write_modelfile(
     gguf_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None = None,
@@ -560,7 +580,8 @@ def write_modelfile(
     """
     gguf_path = Path(gguf_path)
     out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
-    lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    template = OLLAMA_TEMPLATE_V7 if _gguf_is_v7(gguf_path) else OLLAMA_TEMPLATE
+    lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}", f'TEMPLATE """{template}"""']
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += ['PARAMETER stop "</s>"', 'PARAMETER stop "[INST]"']  # EOS, and a runaway next user turn
