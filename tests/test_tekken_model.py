@@ -120,3 +120,15 @@ def test_unsloth_backend_trains_the_tiny_nemo(tmp_path):
     assert result["backend"] == "unsloth" and result["head_dim"] == 16
     assert result["lora"] == 2 * 14 and result["dead"] == []
     assert 0 < result["loss"] < 30
+
+
+def test_export_run_writes_a_tekken_gguf(trained):
+    """The run's exports end to end: merged checkpoint, one GGUF per type, Modelfile (no report: no llama.cpp)."""
+    from mistral_fast.export import export_run
+    from mistral_fast.export.gguf import _tekken_json
+
+    _, result = trained
+    exported = export_run(result.run_dir, merged=True, gguf=["q8_0"], report=False)
+    merged = Path(exported["merged"])
+    assert _tekken_json(merged) is not None and Path(exported["gguf"]["q8_0"]).stat().st_size > 0
+    assert Path(exported["modelfiles"]["q8_0"]).read_text().count("[INST]") >= 1
