@@ -90,6 +90,27 @@ _MISTRAL_7B_SHAPES: Mapping[str, Any] = MappingProxyType(
     }
 )
 
+# Mistral Nemo 12B (2407): head_dim 128 is not hidden/heads (5120/32 = 160), the tekken vocabulary.
+_NEMO_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {
+        "model_type": "mistral",
+        "hidden_size": 5120,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 1024000,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+    }
+)
+# Mistral Small 3 24B (2501): Nemo's attention shapes, a 32768-wide MLP and RoPE base 1e8, 32k context.
+_SMALL_24B_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {**_NEMO_SHAPES, "intermediate_size": 32768, "rope_theta": 1e8, "max_position_embeddings": 32768}
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -100,7 +121,8 @@ class Family:
         hub_names: known hub repositories of this generation (matched case-insensitively).
         architecture: ``config.json``'s ``architectures[0]`` (the transformers class).
         tokenizer_kind: ``"sentencepiece"`` (7B) or ``"tekken"`` (Nemo and later).
-        tokenizer: our exact built-in tokenizer's version (`mistral_fast.tokenizer.load_tokenizer`), which is
+        tokenizer: our exact built-in tokenizer's version, ``"v3"``, ``"v1"``, ``"v3-tekken"`` or ``"v7-tekken"``
+            (`mistral_fast.tokenizer.load_tokenizer`), which is
             also the chat-template version and the `mistral_common` reference version.
         vocab_size: the tokenizer's (and embedding's) number of ids.
         lora_targets: LoRA target sets by name (``"attention"``, ``"all-linear"``) → module names.
@@ -198,10 +220,47 @@ FAMILIES: tuple[Family, ...] = (
         experts_per_token=2,
         expert_targets=("gate_proj", "up_proj", "down_proj"),
     ),
+    Family(
+        name="mistral-nemo",
+        hub_names=(
+            "mistralai/Mistral-Nemo-Base-2407",
+            "mistralai/Mistral-Nemo-Instruct-2407",
+            "unsloth/Mistral-Nemo-Base-2407-bnb-4bit",
+            "unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit",
+        ),
+        architecture="MistralForCausalLM",
+        tokenizer_kind="tekken",
+        tokenizer="v3-tekken",
+        vocab_size=131072,
+        shapes=_NEMO_SHAPES,
+    ),
+    Family(
+        name="mistral-small-24b",
+        hub_names=(
+            "mistralai/Mistral-Small-24B-Base-2501",
+            "mistralai/Mistral-Small-24B-Instruct-2501",
+            "unsloth/Mistral-Small-24B-Base-2501-bnb-4bit",
+            "unsloth/Mistral-Small-24B-Instruct-2501-bnb-4bit",
+        ),
+        architecture="MistralForCausalLM",
+        tokenizer_kind="tekken",
+        tokenizer="v7-tekken",
+        vocab_size=131072,
+        shapes=_SMALL_24B_SHAPES,
+    ),
 )
 """Every generation mistral_fast supports; the first is the default (and the tiny model's)."""
 
 DEFAULT = FAMILIES[0]
+TINY_MODELS: Mapping[str, str] = MappingProxyType(
+    {
+        "tiny": "mistral-7b-v0.3",
+        "tiny-nemo": "mistral-nemo",
+        "tiny-small": "mistral-small-24b",
+        "tiny-mixtral": "mixtral-8x7b-v0.1",
+    }
+)
+"""``model.name_or_path`` values of the tiny local models (`mistral_fast.modeling.tiny`) → their row's name."""
 TOKENIZER_VERSIONS: tuple[str, ...] = tuple(dict.fromkeys(f.tokenizer for f in FAMILIES))
 
 
@@ -236,10 +295,8 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
     Raises:
         ModelError: neither the name nor the config matches a row, naming what was found.
     """
-    if name_or_path == "tiny":
-        return DEFAULT
-    if name_or_path == "tiny-mixtral":
-        return family_named("mixtral-8x7b-v0.1")
+    if name_or_path in TINY_MODELS:
+        return family_named(TINY_MODELS[name_or_path])
     for family in FAMILIES:
         if name_or_path.lower() in {n.lower() for n in family.hub_names}:
             return family
@@ -248,15 +305,43 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
         config = json.loads(local.read_text(encoding="utf-8"))
     if config is not None:
         architecture = (config.get("architectures") or [""])[0]
-        for family in FAMILIES:
-            if family.architecture == architecture and family.vocab_size == config.get("vocab_size"):
-                return family
+        if architecture in _VISION_ARCHITECTURES:
+            raise ModelError(
+                f"model.name_or_path={name_or_path!r}: {architecture} (Mistral Small 3.1/3.2) is a vision-language "
+                "model; mistral_fast trains text-only MistralForCausalLM checkpoints and refuses it rather than "
+                "train a wrapper it cannot export. Use mistralai/Mistral-Small-24B-Instruct-2501 (same language "
+                "model, text only), or extract the language model into a MistralForCausalLM checkpoint first"
+            )
+        candidates = [
+            f for f in FAMILIES if f.architecture == architecture and f.vocab_size == config.get("vocab_size")
+        ]
+        if candidates:
+            return _closest(candidates, config)
         raise ModelError(
             f"model.name_or_path={name_or_path!r}: {architecture or 'no architecture'} with vocab_size "
             f"{config.get('vocab_size')} is not a supported Mistral generation; supported: "
             + ", ".join(f"{f.name} ({f.architecture}, {f.vocab_size} ids)" for f in FAMILIES)
         )
     raise ModelError(f"model.name_or_path={name_or_path!r}: not a known model and no config.json to identify it")
+
+
+_VISION_ARCHITECTURES = ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+
+
+def _closest(candidates: list[Family], config: Mapping[str, Any]) -> Family:
+    """Among rows of one architecture and vocabulary (Nemo, Small 24B), the one whose shapes the config has.
+
+    Compared on the MLP width and the RoPE base (what tells Nemo from Small 24B); a config matching
+    neither (a tiny test model) gets the first row.
+    """
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")  # transformers 5
+    for family in candidates:
+        if family.shapes and (config.get("intermediate_size"), rope) == (
+            family.shapes.get("intermediate_size"),
+            family.shapes.get("rope_theta"),
+        ):
+            return family
+    return candidates[0]
 
 
 def known_config(name: str) -> dict[str, Any] | None:

@@ -181,6 +181,9 @@ class Plan:
     objective: str = "sft"  # sft | dpo | orpo (train.method)
     answer_len: int = 0  # dpo: longest answer in tokens (the LM head runs on answer positions only)
     fsdp: bool = False  # FSDP + QLoRA (FULL_SHARD): weights, adapters, gradients, optimizer state sharded
+    # the loss projects and scores a chunk of tokens at a time (TRL's fused head on CUDA, ours on CPU,
+    # Unsloth's fused cross-entropy): False for transformers' plain loss over the full logits
+    chunked_loss: bool = True
 
     @property
     def sequences(self) -> int:
@@ -413,6 +416,25 @@ def logits_peak_bytes(shapes: MistralShapes, tokens: int) -> int:
     return 3 * tokens * shapes.vocab * 4
 
 
+def chunked_loss_peak_bytes(shapes: MistralShapes, plan: Plan) -> int:
+    """The chunked loss's peak (`mistral_fast.modeling.chunked_loss`): no batch×seq×vocab tensor at all.
+
+    It keeps the gathered hidden states of the trained positions and, in the backward pass, their gradient
+    (tokens × hidden each, in the activation width), plus one chunk of `chunk_rows` × vocab fp32 logits,
+    recomputed in the backward pass and turned into their gradient in place (measured on CPU: one chunk,
+    tests/test_memory.py's tekken case; 64 MiB at any vocabulary).
+    """
+    from mistral_fast.modeling.chunked_loss import chunk_rows
+
+    hidden = 2 * plan.tokens * shapes.hidden * _activation_width(plan)
+    return hidden + min(plan.tokens, chunk_rows(shapes.vocab)) * shapes.vocab * 4
+
+
+def loss_peak_bytes(shapes: MistralShapes, plan: Plan) -> int:
+    """The loss's transient peak for the plan's loss: chunked (the default) or plain (full logits)."""
+    return chunked_loss_peak_bytes(shapes, plan) if plan.chunked_loss else logits_peak_bytes(shapes, plan.tokens)
+
+
 def activation_terms(shapes: MistralShapes, plan: Plan) -> dict[str, int]:
     """Saved activations over all layers, and the transient peak on top of them.
 
@@ -423,7 +445,9 @@ def activation_terms(shapes: MistralShapes, plan: Plan) -> dict[str, int]:
     """
     per_layer = activation_bytes_per_token_layer(shapes, plan) * plan.tokens
     final_norm = 3 * 4 * shapes.hidden * plan.tokens  # the final RMSNorm's fp32 input, product, output
-    logits = logits_peak_bytes(shapes, plan.scored_tokens)
+    # SFT: our chunked loss (or the plain one); DPO: TRL's fused head on the answers only; ORPO: a plain forward
+    sft = plan.objective == "sft"
+    logits = loss_peak_bytes(shapes, plan) if sft else logits_peak_bytes(shapes, plan.scored_tokens)
     if plan.gradient_checkpointing:
         saved = shapes.layers * _residual_width(plan) * shapes.hidden * plan.tokens + final_norm
         terms = {"activations (saved)": saved, "activations (transient peak)": max(logits, per_layer)}
@@ -505,6 +529,7 @@ def estimate_plan(shapes: MistralShapes, plan: Plan) -> MemoryEstimate:
         "lora_params": lora_parameters(shapes, plan.targets, plan.rank) if plan.method != "full" else 0,
         "activation_bytes_per_token_layer": activation_bytes_per_token_layer(shapes, plan),
         "logits_bytes_per_token": logits_peak_bytes(shapes, 1),
+        "loss_peak_bytes": loss_peak_bytes(shapes, plan),
         # weights, adapters, gradients and optimizer state per base parameter: the "16 bytes" of full AdamW
         "bytes_per_param_static": sum(list(breakdown.values())[:4]) / shapes.total_params,
     }
@@ -538,6 +563,7 @@ def plan_from_config(
     on_gpu: bool = True,
     compute_dtype: str | None = None,
     world_size: int = 1,
+    chunked_loss: bool = True,
 ) -> Plan:
     """The `Plan` a run config describes; ``auto`` choices resolved as the trainer resolves them.
 
@@ -572,6 +598,7 @@ def plan_from_config(
         world_size=world_size,
         objective=cfg.train.method,
         answer_len=cfg.train.max_answer_length if cfg.train.method == "dpo" else 0,
+        chunked_loss=chunked_loss,
     )
 
 
@@ -585,6 +612,7 @@ def estimate_memory(
     on_gpu: bool = True,
     compute_dtype: str | None = None,
     fsdp: bool = False,
+    chunked_loss: bool = True,
 ) -> MemoryEstimate:
     """Estimate the per-device peak memory of training `cfg`, and compare it with a GPU.
 
@@ -598,6 +626,8 @@ def estimate_memory(
         on_gpu: False for a CPU run (no CUDA context; ``optimizer: auto`` is then adamw_torch).
         compute_dtype: overrides ``model.compute_dtype`` (pass the one resolved on a CPU).
         fsdp: FSDP + QLoRA over ``world_size`` devices: the static memory is sharded (`_shard`).
+        chunked_loss: the loss is computed in chunks of tokens, as every training path of mistral_fast does;
+            False for transformers' plain loss over the full fp32 logits.
 
     Returns:
         A `MemoryEstimate`; with a `gpu`, its ``fits`` and ``suggestion`` are filled in.
@@ -607,7 +637,13 @@ def estimate_memory(
     """
     shapes = MistralShapes.from_config(model_config or model_config_for(cfg))
     plan = plan_from_config(
-        cfg, method=method, gpu=gpu, on_gpu=on_gpu, compute_dtype=compute_dtype, world_size=world_size
+        cfg,
+        method=method,
+        gpu=gpu,
+        on_gpu=on_gpu,
+        compute_dtype=compute_dtype,
+        world_size=world_size,
+        chunked_loss=chunked_loss,
     )
     if fsdp:
         plan = replace(plan, fsdp=True)

@@ -54,6 +54,20 @@ class RunResult:
         return "\n".join(lines)
 
 
+def _token_ids(data: Any) -> set[int]:
+    """Every token id in the prepared train and eval splits.
+
+    Read in batches from the Arrow-backed splits: the set grows to the vocabulary at most, never with the data.
+    """
+    ids: set[int] = set()
+    for split in (data.train, data.eval):
+        if split is not None:
+            for batch in split.iter(batch_size=4096):
+                for row in batch["input_ids"]:
+                    ids.update(row)
+    return ids
+
+
 def make_run_dir(run_dir: Path) -> Path:
     """Create the run directory, refusing a path that is (or lies under) a file, with the field to change.
 
@@ -91,6 +105,7 @@ def run(cfg: RunConfig) -> RunResult:
     from mistral_fast.distributed import is_main_process
     from mistral_fast.memory import preflight
     from mistral_fast.modeling import load_model, resolve_backend, validate_model_request
+    from mistral_fast.modeling.embeddings import check_untrained_tokens
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)  # path, architecture, LoRA targets: fails in a second, no weights loaded
@@ -104,6 +119,8 @@ def run(cfg: RunConfig) -> RunResult:
         cfg.save(run_dir / "run_config.yaml")
 
     loaded = load_model(cfg)
+    # Nemo base's control-token rows are untrained: stop before training on zeros (modeling/embeddings.py)
+    check_untrained_tokens(loaded.model, _token_ids(data), loaded.tokenizer)
 
     from mistral_fast.train import train  # after load_model: imports TRL, which unsloth patches
 

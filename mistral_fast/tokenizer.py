@@ -112,7 +112,16 @@ from typing import TYPE_CHECKING, Any
 
 from mistral_fast.constants import IGNORE_INDEX
 from mistral_fast.errors import TokenizerError
-from mistral_fast.families import family_for_tokenizer, tokenizer_version
+from mistral_fast.families import TINY_MODELS, family_for_tokenizer, tokenizer_version
+from mistral_fast.tekken import (
+    BUILTIN_FILE,
+    CHAT_TEMPLATE_V7,
+    TEKKEN_FILENAME,
+    is_tekken_version,
+    load_tekken,
+    tekken_reference,
+    tekken_special_strings,
+)
 
 if TYPE_CHECKING:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -125,6 +134,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAT_TEMPLATE_V1",
     "CHAT_TEMPLATE_V3",
+    "CHAT_TEMPLATE_V7",
     "DEFAULT_PROBES",
     "IGNORE_INDEX",
     "TokenizedExample",
@@ -316,13 +326,17 @@ class _Spec:
 _SPECS: dict[str, _Spec] = {
     "v3": _Spec("v3", "mistral_instruct_tokenizer_240216.model.v2", "[control_768]", CHAT_TEMPLATE_V3),
     "v1": _Spec("v1", "tokenizer.model.v1", "<unk>", CHAT_TEMPLATE_V1),
+    # tekken (mistral_fast.tekken): Nemo's vocabulary; v3 format (Nemo) and v7 format (Mistral Small 3.x)
+    "v3-tekken": _Spec("v3-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V3),
+    "v7-tekken": _Spec("v7-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V7),
 }
 
 
 def _spec(version: str) -> _Spec:
     if version not in _SPECS:
         raise TokenizerError(
-            f"tokenizer version {version!r} is not known; use 'v3' (Mistral-7B v0.3) or 'v1' (v0.1/v0.2)"
+            f"tokenizer version {version!r} is not known; use 'v3' (Mistral-7B v0.3), 'v1' (v0.1/v0.2), "
+            "'v3-tekken' (Mistral Nemo) or 'v7-tekken' (Mistral Small 3)"
         )
     return _SPECS[version]
 
@@ -336,7 +350,7 @@ def tokenizer_for(model: ModelConfig, path: str | None = None) -> PreTrainedToke
         model: the run's ``model`` config section.
         path: the resolved model directory, when the caller has it (else ``model.name_or_path``).
     """
-    if model.tokenizer != "model" or model.name_or_path == "tiny":  # the tiny model carries our own tokenizer
+    if model.tokenizer != "model" or model.name_or_path in TINY_MODELS:  # tiny models carry our own tokenizer
         return load_tokenizer(tokenizer_version(model))
     return load_tokenizer(tokenizer_version(model), path=path or model.name_or_path)
 
@@ -356,6 +370,8 @@ def sentencepiece_path(version: str = "v3") -> Path:
     """
     import mistral_common
 
+    if is_tekken_version(version):
+        raise TokenizerError(f"{version!r} is a tekken tokenizer, not SentencePiece: see mistral_fast.tekken")
     path = Path(mistral_common.__file__).parent / "data" / _spec(version).filename
     if not path.is_file():
         raise TokenizerError(f"{path} is missing; reinstall mistral-common (pip install 'mistral-common>=1.8')")
@@ -450,11 +466,14 @@ def load_tokenizer(version: str = "v3", path: str | Path | None = None) -> PreTr
     """Load the exact Mistral tokenizer with its chat template, built offline from `mistral_common`'s files.
 
     Args:
-        version: ``"v3"`` (Mistral-7B v0.3, 32,768 tokens) or ``"v1"`` (v0.1/v0.2, 32,000 tokens). With
+        version: ``"v3"`` (Mistral-7B v0.3, 32,768 tokens), ``"v1"`` (v0.1/v0.2, 32,000 tokens),
+            ``"v3-tekken"`` (Mistral Nemo, 131,072) or ``"v7-tekken"`` (Mistral Small 3.x, 131,072). With
             ``path``, the version the model's tokenizer is checked against (and whose template it gets).
-        path: a local directory or hub name of a real model: load that model's own tokenizer with
-            ``AutoTokenizer`` (``trust_remote_code=False``), give it our chat template if it has none, and
-            warn if it tokenises differently from `mistral_common`.
+        path: a local directory or hub name of a real model. A directory holding Mistral's ``tekken.json``
+            gets the exact tekken tokenizer built from that file (its ``config.version`` decides v3/v7);
+            otherwise that model's own tokenizer is loaded with ``AutoTokenizer``
+            (``trust_remote_code=False``), given our chat template if it has none, and checked against
+            `mistral_common` on `DEFAULT_PROBES`: a warning names the first probe that differs.
 
     Returns:
         A fresh `PreTrainedTokenizerFast` (safe to modify); BOS added, no EOS, pad token not EOS.
@@ -463,8 +482,17 @@ def load_tokenizer(version: str = "v3", path: str | Path | None = None) -> PreTr
         TokenizerError: unknown version, or ``path`` cannot be loaded.
     """
     spec = _spec(version)
+    if path is None and is_tekken_version(version):
+        tokenizer, _ = load_tekken(version)
+        tokenizer.chat_template = spec.chat_template
+        return tokenizer
     if path is None:
         return _wrap(_build_backend(version), version)
+    local = Path(path).expanduser()
+    if (local / TEKKEN_FILENAME).is_file() or (local.is_file() and local.name == TEKKEN_FILENAME):
+        tokenizer, found = load_tekken(None, local)  # the file's own config.version decides the format
+        tokenizer.chat_template = _spec(found).chat_template
+        return tokenizer
     from transformers import AutoTokenizer
 
     try:
@@ -478,10 +506,17 @@ def load_tokenizer(version: str = "v3", path: str | Path | None = None) -> PreTr
         tokenizer.chat_template = spec.chat_template
     differing = check_tokenizer(tokenizer, version)
     if differing:
+        first = differing[0]
+        expected = reference_tokenizer(version).instruct_tokenizer.tokenizer.encode(first, bos=True, eos=False)
+        got = list(tokenizer(first, split_special_tokens=True)["input_ids"])
+        pairs = enumerate(zip(got, expected, strict=False))
+        at = next((i for i, (a, b) in pairs if a != b), min(len(got), len(expected)))
         message = (
             f"the tokenizer of {str(path)!r} differs from mistral_common's {version} tokenizer on "
-            f"{len(differing)} of {len(DEFAULT_PROBES)} probe strings (first: {differing[0]!r}); "
-            f"use load_tokenizer({version!r}) without path for the exact one"
+            f"{len(differing)} of {len(DEFAULT_PROBES)} probe strings (first: {first!r}, ids "
+            f"{got[at : at + 4]} instead of {expected[at : at + 4]} at token {at}); a hub tokenizer.json of a "
+            "tekken model converted before transformers #42299 splits text with the wrong regex. Use "
+            f"load_tokenizer({version!r}) without path for the exact one"
         )
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
@@ -511,6 +546,8 @@ def reference_tokenizer(version: str = "v3", mode: str = "test") -> MistralToken
     from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 
     _spec(version)
+    if is_tekken_version(version):
+        return tekken_reference(version, mode)
     tokenizer_version = TokenizerVersion(version)
     # The v3 file is named "*.model.v2"; force the instruct version instead of parsing the suffix.
     text_tokenizer = SentencePieceTokenizer(sentencepiece_path(version), tokenizer_version=tokenizer_version)
@@ -603,6 +640,9 @@ DEFAULT_PROBES: tuple[str, ...] = (
     "rare bytes: \u200b\u00a0\u2028 \x7f \U0001d518 \U0001f9ec",
     "mixed 😀  中文  spaces\t\n end ",
     "URL https://example.com/path?q=1&r=2#frag",
+    # tekken's split regex keeps combining marks (\p{M}) inside words; Llama 3's, which hub tokenizer.json
+    # conversions of tekken carried before transformers #42299, cuts "हिन्दी" before each vowel sign
+    "हिन्दी भाषा, e\u0301te\u0301, CamelCase eBay it's 20240601",
 )
 """Strings `check_tokenizer` compares by default: the cases where SentencePiece ports usually go wrong."""
 
@@ -638,12 +678,14 @@ def check_tokenizer(
 # ------------------------------------------------------------------------------------------ validation
 
 
-_CONTROL_LIKE = re.compile(r"<unk>|</?s>|\[/?[A-Za-z0-9_]+\]")
+_CONTROL_LIKE = re.compile(r"<unk>|</?s>|<pad>|<SPECIAL_\d+>|\[/?[A-Za-z0-9_]+\]")
 
 
 @functools.cache
 def _special_strings(version: str) -> frozenset[str]:
     """The strings the fast tokenizer turns into special tokens (SentencePiece unknown + control pieces)."""
+    if is_tekken_version(version):
+        return tekken_special_strings(version)
     proto = _load_proto(sentencepiece_path(version))
     unknown_type, control_type = 2, 3
     return frozenset(p.piece for p in proto.pieces if p.type in (unknown_type, control_type))
@@ -697,6 +739,8 @@ def validate_conversation(
         role = _check_message(i, message)
         _check_content(i, role, message["content"], previous, len(messages), version, training=training)
         previous = role
+    if version == "v7-tekken":
+        _check_assistant_runs(messages)
     _check_ending(messages, add_generation_prompt, continue_final_message, training=training)
 
 
@@ -715,8 +759,9 @@ def _check_content(
             "messages[0]: the only message is an assistant message; a conversation must start with a user "
             "(or system) message"
         )
-    # mistral_common rejects only an empty assistant text; training data must have text in every turn
-    if (training and not content.strip()) or (role == "assistant" and not content):
+    # mistral_common rejects only an empty assistant text (v7: an empty run of them, `_check_assistant_runs`);
+    # training data must have text in every turn
+    if (training and not content.strip()) or (role == "assistant" and not content and version != "v7-tekken"):
         raise TokenizerError(f"messages[{i}] ({role}): empty content — remove the turn or fill it in")
     if training and role != "system":
         if previous is None and role != "user":
@@ -730,6 +775,21 @@ def _check_content(
             "the chat template turns into that control token while mistral_common encodes it as text "
             "— remove or alter it (e.g. insert a space)"
         )
+
+
+def _check_assistant_runs(messages: Sequence[Mapping[str, Any]]) -> None:
+    """v7: consecutive assistant messages are joined before mistral_common checks them, so only a run is empty."""
+    start = None
+    for i, message in enumerate([*messages, {"role": None, "content": ""}]):
+        if message["role"] == "assistant" and start is None:
+            start = i
+        elif message["role"] != "assistant" and start is not None:
+            if not any(m["content"] for m in messages[start:i]):
+                raise TokenizerError(
+                    f"messages[{start}] (assistant): empty content (messages {start}-{i - 1} are all empty) "
+                    "— remove the turn or fill it in"
+                )
+            start = None
 
 
 def _check_ending(

@@ -250,8 +250,10 @@ def _trainer_class(loaded: LoadedModel) -> type:
 
     TRL 1.15 computes every loss through its fused LM head, a Triton kernel: on a CPU it fails
     ("0 active drivers") when triton is installed and cannot run when it is not. Without CUDA we
-    compute the standard causal-LM loss from the model's logits instead (transformers' own
-    `Trainer.compute_loss`). Unsloth's CPU backend reroutes the fused head itself.
+    compute the same causal-LM loss in chunks of tokens (`mistral_fast.modeling.chunked_loss`: never the
+    full batch x seq x vocab logits, 2 GiB per 4k tokens with tekken's vocabulary); calls that want the
+    outputs (logits) get transformers' own `Trainer.compute_loss`. Unsloth's CPU backend reroutes the
+    fused head itself.
     """
     import torch
     from transformers import Trainer
@@ -260,20 +262,32 @@ def _trainer_class(loaded: LoadedModel) -> type:
     if torch.cuda.is_available() or loaded.backend == "unsloth":
         return SFTTrainer
 
+    from mistral_fast.modeling.chunked_loss import model_loss
+
     class CpuSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-            aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
-            if aux is not None and self.aux_loss_enabled:
-                # Mixtral: the model added coef x aux to its loss. As TRL's own path: the aux loss is a
-                # per-micro-batch mean, so with the token-normalised loss (num_items_in_batch) it is averaged
-                # over the accumulation steps; and it is logged on its own (aux_loss in metrics.jsonl).
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                if model.training and steps > 1:
-                    loss = loss - self.router_aux_loss_coef * aux * (1 - 1 / steps)
-                mode = "train" if model.training else "eval"
-                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
-            return (loss, outputs) if return_outputs else loss
+            if getattr(self, "aux_loss_enabled", False):
+                # Mixtral with its router's aux loss: that loss comes from the model's own forward (full
+                # logits; a Mixtral's vocabulary is 32k). Every other model: the chunked loss below.
+                loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+                aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
+                if aux is not None and self.aux_loss_enabled:
+                    # Mixtral: the model added coef x aux to its loss. As TRL's own path: the aux loss is a
+                    # per-micro-batch mean, so with the token-normalised loss (num_items_in_batch) it is averaged
+                    # over the accumulation steps; and it is logged on its own (aux_loss in metrics.jsonl).
+                    steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                    if model.training and steps > 1:
+                        loss = loss - self.router_aux_loss_coef * aux * (1 - 1 / steps)
+                    mode = "train" if model.training else "eval"
+                    gathered = self.accelerator.gather_for_metrics(aux.detach())
+                    self._metrics[mode]["aux_loss"].append(gathered.mean().item())
+                return (loss, outputs) if return_outputs else loss
+            if return_outputs or inputs.get("labels") is None:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = model_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages gradients
+            return loss
 
     return CpuSFTTrainer
 

@@ -44,23 +44,31 @@ def _tensor_bytes(model: Any) -> int:
     return sum(storages.values())
 
 
-def _training_step(model: Any, batch_size: int, seq_len: int) -> Any:
-    """A closure running one forward/backward/AdamW step on fixed random tokens, as the Trainer does."""
+def _training_step(model: Any, batch_size: int, seq_len: int, chunked: bool = False) -> Any:
+    """A closure running one forward/backward/AdamW step on fixed random tokens, as the Trainer does.
+
+    ``chunked``: the loss of `mistral_fast.modeling.chunked_loss` (the CPU trainer's), else the model's own.
+    """
     import torch
+
+    from mistral_fast.modeling.chunked_loss import model_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, 32000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:
         # The output (and its logits) is dropped before backward, as in Trainer.training_step.
-        model(input_ids=ids, labels=ids).loss.backward()
+        if chunked:
+            model_loss(model, {"input_ids": ids, "labels": ids}).backward()
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # what the Trainer does between steps
 
     return step
 
 
-def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int) -> dict[str, Any]:
+def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int, chunked: bool = False) -> dict[str, Any]:
     """Peak RSS of real training steps on CPU, split like the estimate (Linux only).
 
     Loads the model with `mistral_fast.modeling.load_model` (libraries imported first, so their code
@@ -90,7 +98,7 @@ def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int) -> di
     gc.collect()
     after_load = _proc_status("VmRSS")
     model = loaded.model
-    step = _training_step(model, batch_size, seq_len)
+    step = _training_step(model, batch_size, seq_len, chunked)
     step()
     gc.collect()
     before_step = _proc_status("VmRSS")

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("families",),
     ("config",),
     ("distributed",),
+    ("tekken",),
     ("tokenizer",),
     ("data",),
     ("dataset", "preference"),

@@ -17,13 +17,16 @@ from mistral_fast.families import (
     known_config,
     tokenizer_version,
 )
-from mistral_fast.tokenizer import load_tokenizer, sentencepiece_path
+from mistral_fast.tokenizer import load_tokenizer, reference_tokenizer, sentencepiece_path
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_each_row_matches_mistral_common(family) -> None:
     """The vocabulary size a row states is the size of mistral_common's tokenizer of that version."""
-    reference = MistralTokenizer.from_file(str(sentencepiece_path(family.tokenizer)))
+    if family.tokenizer_kind == "tekken":  # mistral_common's Nemo file, as MistralTokenizer.from_file loads it
+        reference = reference_tokenizer(family.tokenizer)
+    else:
+        reference = MistralTokenizer.from_file(str(sentencepiece_path(family.tokenizer)))
     assert reference.instruct_tokenizer.tokenizer.n_words == family.vocab_size
     assert len(load_tokenizer(family.tokenizer)) == family.vocab_size
 
@@ -60,3 +63,25 @@ def test_known_configs_are_the_public_7b_shapes() -> None:
     assert v3["vocab_size"] == 32768 and v1["vocab_size"] == 32000
     assert v3["hidden_size"] == 4096 and v3["num_key_value_heads"] == 8 and v3["intermediate_size"] == 14336
     assert known_config("someone/unknown-model") is None
+
+
+def test_tekken_rows_nemo_and_small() -> None:
+    """Nemo and Small 24B: same architecture and vocabulary, told apart by name or by MLP width and RoPE base."""
+    nemo = known_config("mistralai/Mistral-Nemo-Instruct-2407")
+    small = known_config("mistralai/Mistral-Small-24B-Base-2501")
+    assert nemo["head_dim"] == 128 != nemo["hidden_size"] // nemo["num_attention_heads"]  # decoupled head_dim
+    assert (nemo["intermediate_size"], nemo["rope_theta"], nemo["vocab_size"]) == (14336, 1e6, 131072)
+    assert (small["intermediate_size"], small["rope_theta"], small["num_hidden_layers"]) == (32768, 1e8, 40)
+    assert family_for_model("mistralai/Mistral-Nemo-Base-2407").tokenizer == "v3-tekken"
+    assert family_for_model("/models/small", small).tokenizer == "v7-tekken"
+    assert family_for_model("/models/nemo", nemo).tokenizer == "v3-tekken"
+    small_v5 = {k: v for k, v in small.items() if k != "rope_theta"} | {"rope_parameters": {"rope_theta": 1e8}}
+    assert family_for_model("/models/small", small_v5).tokenizer == "v7-tekken"  # transformers 5's config.json
+    small_model = ModelConfig(tokenizer="model", name_or_path="mistralai/Mistral-Small-24B-Instruct-2501")
+    assert tokenizer_version(small_model) == "v7-tekken"
+
+
+def test_mistral3_vision_models_are_refused_clearly() -> None:
+    config = {"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"vocab_size": 131072}}
+    with pytest.raises(ModelError, match=r"Mistral3ForConditionalGeneration .*vision-language.*Mistral-Small-24B"):
+        family_for_model("/models/small-3.1", config)

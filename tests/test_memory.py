@@ -173,9 +173,10 @@ from mistral_fast.config import RunConfig
 from mistral_fast.modeling import build_tiny_model
 path, sizes, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 batch, seq = map(int, sys.argv[4:6])
+chunked = overrides.pop("chunked", False)
 build_tiny_model(path, **sizes)
 cfg = RunConfig().with_overrides({"model.name_or_path": path, "model.backend": "hf", **overrides})
-print("RESULT", json.dumps(measure_cpu_training(cfg, batch_size=batch, seq_len=seq)))
+print("RESULT", json.dumps(measure_cpu_training(cfg, batch_size=batch, seq_len=seq, chunked=chunked)))
 """
 
 STEP_TOLERANCE = 0.10  # activations + logits + gradients: measured/estimated within ±10% (seen: 0.96-0.98)
@@ -193,6 +194,13 @@ CASES = {
         512,
     ),
     "lora16-512x4": (_SMALL, {"train.gradient_checkpointing": False, "model.load_in_4bit": False}, 2, 256),
+    # the chunked loss (what training uses) on the tekken vocabulary, where the plain loss's logits dominate
+    "qlora-512x4-tekken-chunked": (
+        {**_SMALL, "vocab_size": 131072, "tokenizer": "v3-tekken"},
+        {"train.gradient_checkpointing": False, "model.tokenizer": "v3-tekken", "chunked": True},
+        2,
+        256,
+    ),
 }
 
 
@@ -214,6 +222,8 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
+    overrides = dict(overrides)
+    chunked = overrides.pop("chunked", False)  # the harness's loss, not a config field
     cfg = RunConfig().with_overrides(
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
@@ -223,6 +233,7 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
         model_config=read_model_config(str(tmp_path / "model")),
         on_gpu=False,
         compute_dtype=measured["compute_dtype"],
+        chunked_loss=chunked,
     )
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]  # LoRA count is exact
@@ -289,3 +300,14 @@ def test_estimate_matches_the_real_trainer_step(tmp_path, case):
     assert measured["optimizer_state_tensors"] == 2 * measured["trainable_tensors"]  # exp_avg, exp_avg_sq
     assert measured["steps"] == 3 and measured["trainable_params"] == est.details["trainable_params"]
     assert measured["step_peak"] == pytest.approx(step, rel=STEP_TOLERANCE), (measured, b)
+
+
+@pytest.mark.parametrize(
+    ("preset", "gpu", "at_most_gib"),
+    [("nemo-t4", "t4", 13.5), ("small24b-l4", "l4", 20.0), ("small24b-a100", "a100-40gb", 26.0)],
+)
+def test_tekken_presets_fit_their_gpu(preset, gpu, at_most_gib):
+    """Nemo on a T4 and Small 24B on an L4 / A100-40GB, from the built-in shapes (no hub)."""
+    est = estimate_memory(load_config(preset), gpu=gpu)
+    assert est.fits and est.total <= at_most_gib * GiB, est.table()
+    assert est.details["loss_peak_bytes"] < 0.1 * est.details["logits_bytes_per_token"] * est.plan.tokens

@@ -358,7 +358,62 @@ def _special_tokens(
     return ids, flags
 
 
+def _tekken_json(tok_dir: Path) -> dict[str, Any] | None:
+    """The ``tokenizer.json`` of a tekken (byte-level BPE) tokenizer in `tok_dir`, else None (SentencePiece)."""
+    path = tok_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    decoder = data.get("decoder") or {}
+    return data if data.get("model", {}).get("type") == "BPE" and decoder.get("type") == "ByteLevel" else None
+
+
+def _add_tekken_tokenizer(writer: Any, tok_dir: Path, data: dict[str, Any], vocab_size: int) -> None:
+    """Tekken (Nemo, Small 3) as llama.cpp's ``gpt2`` BPE with its ``tekken`` pre-tokenizer, like its converter.
+
+    Tokens in id order in the byte-to-unicode alphabet of ``tokenizer.json``, the merges in priority order,
+    control tokens (ids 0-999) as CONTROL, the rest NORMAL, rows past the tokenizer UNUSED ``[PAD{i}]``.
+    llama.cpp applies the tekken split regex itself for pre-tokenizer ``tekken``.
+    """
+    import gguf
+
+    by_id = {i: s for s, i in data["model"]["vocab"].items()}
+    control = {t["id"]: t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    by_id.update(control)
+    if len(by_id) > vocab_size:
+        raise ModelError(f"{tok_dir}/tokenizer.json: {len(by_id)} tokens but the model's vocab_size is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL))
+        else:  # embedding rows past the tokenizer: never produced
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    ids = {content: i for i, content in control.items()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids["<s>"])
+    writer.add_eos_token_id(ids["</s>"])
+    writer.add_unk_token_id(ids["<unk>"])
+    if "<pad>" in ids:
+        writer.add_pad_token_id(ids["<pad>"])
+    writer.add_add_bos_token(True)  # Mistral prompts start with one BOS
+    writer.add_add_eos_token(False)
+    template = _chat_template(tok_dir)
+    if template:
+        writer.add_chat_template(template)
+
+
 def _add_tokenizer(writer: Any, tok_dir: Path, sp_model: Path, config: dict[str, Any]) -> None:
+    tekken = _tekken_json(tok_dir)
+    if tekken is not None:  # Nemo / Small 3: byte-level BPE, no SentencePiece model
+        _add_tekken_tokenizer(writer, tok_dir, tekken, config["vocab_size"])
+        return
     tokens, scores, types, proto = _vocab(sp_model, config["vocab_size"])
     writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece (SPM) tokenizer
     writer.add_tokenizer_pre("default")
@@ -631,6 +686,26 @@ OLLAMA_TEMPLATE = """\
 {{- end }}"""
 
 
+# Mistral Small 3 (v7, tekken): the system prompt first as [SYSTEM_PROMPT]…[/SYSTEM_PROMPT], then the turns as
+# in v3 (tekken encodes text as it is: no space prefix anywhere). Chosen for a GGUF whose embedded template
+# is our v7 one (`_gguf_is_v7`).
+OLLAMA_TEMPLATE_V7 = """\
+{{- if .System }}[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]{{ end }}
+{{- range $i, $m := .Messages }}
+{{- if eq $m.Role "user" }}[INST]{{ $m.Content }}[/INST]
+{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>
+{{- end }}
+{{- end }}"""
+
+
+def _gguf_is_v7(gguf_path: Path) -> bool:
+    """Whether a GGUF carries the v7 (Mistral Small 3) chat template: its Modelfile then needs the v7 one."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    return field is not None and "[SYSTEM_PROMPT]" in str(field.contents())
+
+
 def write_modelfile(
     gguf_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None = None,
@@ -654,10 +729,11 @@ def write_modelfile(
     """
     gguf_path = Path(gguf_path)
     out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
+    template = OLLAMA_TEMPLATE_V7 if _gguf_is_v7(gguf_path) else OLLAMA_TEMPLATE
     lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}"]
     if adapter is not None:
         lines.append(f"ADAPTER ./{os.path.relpath(adapter, out.parent)}")
-    lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
+    lines.append(f'TEMPLATE """{template}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += ['PARAMETER stop "</s>"', 'PARAMETER stop "[INST]"']  # EOS, and a runaway next user turn

@@ -86,7 +86,7 @@ def resolve_source(run_or_adapter_dir: str | os.PathLike[str]) -> MergeSource:
     Raises:
         ModelError: no adapter there, or the base model cannot be found.
     """
-    from mistral_fast.families import tokenizer_version
+    from mistral_fast.families import TINY_MODELS, tokenizer_version
     from mistral_fast.modeling import resolve_model_path
     from mistral_fast.rundir import RunDir
 
@@ -98,7 +98,8 @@ def resolve_source(run_or_adapter_dir: str | os.PathLike[str]) -> MergeSource:
         dtype = run.trained_compute_dtype()
         quant = {"quant_type": model.quant_type, "double_quant": model.double_quant, "dtype": dtype}
     base_path = _local_checkpoint(resolve_model_path(model.name_or_path))
-    version = "model" if model.tokenizer == "model" and model.name_or_path != "tiny" else tokenizer_version(model)
+    own = model.tokenizer == "model" and model.name_or_path not in TINY_MODELS
+    version = "model" if own else tokenizer_version(model)
     prequantized = prequant.quantization(base_path) is not None
     return MergeSource(run.adapter_dir, base_path, quant, version, prequantized)
 

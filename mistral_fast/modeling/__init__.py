@@ -24,10 +24,11 @@ from mistral_fast.modeling.checks import (
 from mistral_fast.modeling.loading import LoadedModel, load_model
 from mistral_fast.modeling.policy import cpu_has_native_bf16, resolve_backend, resolve_compute_dtype
 from mistral_fast.modeling.surgery import cast_trainable_to_fp32, disable_cpu_weight_repacking, model_info
-from mistral_fast.modeling.tiny import TINY_DEFAULTS, build_tiny_model, tiny_model_dir
+from mistral_fast.modeling.tiny import TINY_DEFAULTS, TINY_VARIANTS, build_tiny_model, tiny_model_dir
 
 __all__ = [
     "TINY_DEFAULTS",
+    "TINY_VARIANTS",
     "LoadedModel",
     "build_tiny_model",
     "cast_trainable_to_fp32",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.errors import ModelError
-from mistral_fast.modeling.tiny import tiny_mixtral_dir, tiny_model_dir
+from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mixtral_dir, tiny_model_dir
 
 if TYPE_CHECKING:
     from mistral_fast.config import RunConfig
@@ -39,10 +39,10 @@ def resolve_model_path(name_or_path: str) -> str:
         ModelError: a local-looking path that does not exist or has no config.json, or a hub name
             that cannot be reached (not cached while ``HF_HUB_OFFLINE=1``, unknown repository, …).
     """
-    if name_or_path == "tiny":
-        return str(tiny_model_dir())
     if name_or_path == "tiny-mixtral":
         return str(tiny_mixtral_dir())
+    if name_or_path in TINY_VARIANTS:
+        return str(tiny_model_dir(**TINY_VARIANTS[name_or_path]))
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -97,6 +97,7 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
         model = _load_unsloth(cfg, path, dtype, tokenizer, for_training=for_training)
     else:
         model = _load_hf(cfg, path, dtype, for_training=for_training)
+    _check_vocabulary(model, tokenizer, cfg)
     _align_special_tokens(model, tokenizer)
     info = model_info(model)
     info["load_seconds"] = round(time.perf_counter() - start, 3)
@@ -320,6 +321,22 @@ def _share_tokenizer_with_unsloth(model: Any, tokenizer: PreTrainedTokenizerFast
     for inner in (model, base, getattr(base, "model", None)):
         if inner is not None and hasattr(inner, "_saved_temp_tokenizer"):
             inner._saved_temp_tokenizer = tokenizer
+
+
+# Checkpoints may pad their embedding to a round number of rows; a tokenizer of another generation is off by
+# ~100k rows (tekken 131,072 vs SentencePiece 32,768), which nothing would notice until the outputs are garbage.
+_VOCAB_PADDING = 1024
+
+
+def _check_vocabulary(model: Any, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig) -> None:
+    """Refuse a tokenizer that does not belong to the model (``model.tokenizer: v3`` on a tekken model)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if not len(tokenizer) <= rows <= len(tokenizer) + _VOCAB_PADDING:
+        raise ModelError(
+            f"model.tokenizer={cfg.model.tokenizer!r} has {len(tokenizer)} ids but {cfg.model.name_or_path!r} has "
+            f"{rows} embedding rows: the tokenizer is of another Mistral generation. Set model.tokenizer to the "
+            "model's (v3/v1: Mistral-7B, v3-tekken: Nemo, v7-tekken: Small 3) or to 'model'"
+        )
 
 
 def _align_special_tokens(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:

@@ -42,7 +42,29 @@ TINY_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "dtype": "bfloat16",  # what Mistral checkpoints ship in
     "tokenizer": "v3",
+    "head_dim": None,  # None: hidden_size / num_heads (Mistral-7B); Nemo and Small 3 decouple it
 }
+# The tekken generations in small: the real 131,072-id tekken vocabulary, no sliding window, and a head_dim
+# that is not hidden/heads (Nemo: 128 with 5120/32 = 160; here 16 with 128/4 = 32), the shape that breaks
+# code assuming hidden_size == num_heads * head_dim. q/o projections are 64 wide: 4-bit blocks stay in rows.
+TINY_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "tiny-nemo": {
+        "tokenizer": "v3-tekken",
+        "vocab_size": 131072,
+        "head_dim": 16,
+        "sliding_window": None,
+        "rope_theta": 1e6,
+    },
+    "tiny-small": {
+        "tokenizer": "v7-tekken",
+        "vocab_size": 131072,
+        "head_dim": 16,
+        "sliding_window": None,
+        "rope_theta": 1e8,
+    },
+}
+"""``model.name_or_path`` of each tiny model → its `build_tiny_model` arguments (rows: `families.TINY_MODELS`)."""
 # Bump when build_tiny_model changes what it writes: the cache key includes it.
 _TINY_FORMAT = 2
 _TINY_FINAL_NORM = 8.0
@@ -63,6 +85,7 @@ def build_tiny_model(
     seed: int = TINY_DEFAULTS["seed"],
     dtype: str = TINY_DEFAULTS["dtype"],
     tokenizer: str = TINY_DEFAULTS["tokenizer"],
+    head_dim: int | None = TINY_DEFAULTS["head_dim"],
 ) -> Path:
     """Write a small random `MistralForCausalLM` with the real tokenizer to `path`.
 
@@ -84,6 +107,7 @@ def build_tiny_model(
         seed: weight seed.
         dtype: storage dtype of the weights (``"bfloat16"``, ``"float16"`` or ``"float32"``).
         tokenizer: tokenizer version passed to `mistral_fast.tokenizer.load_tokenizer`.
+        head_dim: attention head width; None for ``hidden_size / num_heads``.
 
     Returns:
         The directory: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
@@ -108,7 +132,7 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+        head_dim=head_dim or hidden_size // num_heads,
         hidden_act="silu",
         max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
@@ -207,11 +231,16 @@ def tiny_model_dir(**overrides: Any) -> Path:
 def _tiny_cache_key(params: dict[str, Any]) -> str:
     import transformers
 
+    if params.get("head_dim") is None:  # the default: keep the cache keys of models built before it existed
+        params = {k: v for k, v in params.items() if k != "head_dim"}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(f"format={_TINY_FORMAT};transformers={transformers.__version__}".encode())
     tokenizer_src = Path(__file__).resolve().parent.parent / "tokenizer.py"
     if tokenizer_src.is_file():  # a tokenizer fix must not leave a stale copy in the cache
         digest.update(tokenizer_src.read_bytes())
+    tekken_src = tokenizer_src.with_name("tekken.py")
+    if params.get("tokenizer", "").endswith("-tekken") and tekken_src.is_file():
+        digest.update(tekken_src.read_bytes())
     return digest.hexdigest()[:12]
 
 
