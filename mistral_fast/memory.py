@@ -27,7 +27,7 @@ from mistral_fast.config import RunConfig
 from mistral_fast.constants import NF4_BLOCK
 from mistral_fast.errors import ConfigError
 from mistral_fast.families import known_config
-from mistral_fast.policies import BF16_CAPABILITY, auto_compute_dtype, resolve_optimizer
+from mistral_fast.policies import BF16_CAPABILITY, auto_compute_dtype, resolve_optimizer, uses_chunked_loss
 
 GiB = 2**30
 MiB = 2**20
@@ -563,7 +563,7 @@ def plan_from_config(
     on_gpu: bool = True,
     compute_dtype: str | None = None,
     world_size: int = 1,
-    chunked_loss: bool = True,
+    chunked_loss: bool | None = None,
 ) -> Plan:
     """The `Plan` a run config describes; ``auto`` choices resolved as the trainer resolves them.
 
@@ -598,7 +598,7 @@ def plan_from_config(
         world_size=world_size,
         objective=cfg.train.method,
         answer_len=cfg.train.max_answer_length if cfg.train.method == "dpo" else 0,
-        chunked_loss=chunked_loss,
+        chunked_loss=on_gpu if chunked_loss is None else chunked_loss,  # estimate_memory resolves it by vocabulary
     )
 
 
@@ -612,7 +612,7 @@ def estimate_memory(
     on_gpu: bool = True,
     compute_dtype: str | None = None,
     fsdp: bool = False,
-    chunked_loss: bool = True,
+    chunked_loss: bool | None = None,
 ) -> MemoryEstimate:
     """Estimate the per-device peak memory of training `cfg`, and compare it with a GPU.
 
@@ -626,8 +626,8 @@ def estimate_memory(
         on_gpu: False for a CPU run (no CUDA context; ``optimizer: auto`` is then adamw_torch).
         compute_dtype: overrides ``model.compute_dtype`` (pass the one resolved on a CPU).
         fsdp: FSDP + QLoRA over ``world_size`` devices: the static memory is sharded (`_shard`).
-        chunked_loss: the loss is computed in chunks of tokens, as every training path of mistral_fast does;
-            False for transformers' plain loss over the full fp32 logits.
+        chunked_loss: the loss is computed in chunks of tokens; False for transformers' plain loss over the full
+            fp32 logits; None: what training does (`policies.uses_chunked_loss`: on a GPU, or a large vocabulary).
 
     Returns:
         A `MemoryEstimate`; with a `gpu`, its ``fits`` and ``suggestion`` are filled in.
@@ -636,6 +636,8 @@ def estimate_memory(
         ConfigError: an unknown GPU, method or LoRA target.
     """
     shapes = MistralShapes.from_config(model_config or model_config_for(cfg))
+    if chunked_loss is None:
+        chunked_loss = uses_chunked_loss(vocab_size=shapes.vocab, on_cuda=on_gpu)
     plan = plan_from_config(
         cfg,
         method=method,

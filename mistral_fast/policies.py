@@ -45,3 +45,17 @@ def auto_compute_dtype(*, cuda_capability: tuple[int, int] | None, cpu_native_bf
     if cpu_native_bf16:
         return "bfloat16", "CPU has native bf16 (AVX512-BF16/AMX): 4-bit matmuls ~4x faster than fp32"
     return "float32", "CPU has no native bf16 (torch would emulate it), so float32"
+
+
+CHUNKED_LOSS_MIN_VOCAB = 65536
+"""From this vocabulary size the CPU trainer computes its loss in chunks (tekken's 131,072 ids: full fp32
+logits are 2 GiB per 4k tokens and dominate the step); below it transformers' plain loss, whose peak the
+estimator was validated against on 32k-vocabulary models (tests/test_memory.py)."""
+
+
+def uses_chunked_loss(*, vocab_size: int, on_cuda: bool) -> bool:
+    """Whether training computes the loss without materialising full logits (what the estimator must model).
+
+    On CUDA TRL's fused LM head always does; on a CPU our chunked loss does for large vocabularies.
+    """
+    return on_cuda or vocab_size >= CHUNKED_LOSS_MIN_VOCAB

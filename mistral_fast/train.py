@@ -31,7 +31,7 @@ from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, world_size
 from mistral_fast.errors import ConfigError
 from mistral_fast.pause import pause_point
-from mistral_fast.policies import resolve_optimizer
+from mistral_fast.policies import resolve_optimizer, uses_chunked_loss
 
 if TYPE_CHECKING:
     from mistral_fast.dataset import PreparedData
@@ -266,9 +266,12 @@ def _trainer_class(loaded: LoadedModel) -> type:
 
     class CpuSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if getattr(self, "aux_loss_enabled", False):
-                # Mixtral with its router's aux loss: that loss comes from the model's own forward (full
-                # logits; a Mixtral's vocabulary is 32k). Every other model: the chunked loss below.
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+            # The plain loss: Mixtral's router aux loss comes from the model's own forward; 32k vocabularies are
+            # what the memory estimate models so (policies.uses_chunked_loss); and under DDP the forward must go
+            # through the wrapper (its gradient sync), which the chunked loss's direct decoder call would skip.
+            plain = getattr(self, "aux_loss_enabled", False) or self.accelerator.num_processes > 1
+            if plain or not uses_chunked_loss(vocab_size=vocab, on_cuda=False):
                 loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
                 aux = outputs.get("aux_loss") if isinstance(outputs, dict) else getattr(outputs, "aux_loss", None)
                 if aux is not None and self.aux_loss_enabled:

@@ -166,3 +166,17 @@ def go_executable() -> str:
     if go is None:
         _need("Go is not installed (Debian/Ubuntu: apt-get install -y golang-go): needed to render Ollama templates")
     return go
+
+
+def write_minimal_gguf(path: Path, chat_template: str | None = None) -> Path:
+    """A real GGUF file holding only metadata (no tensors): enough for what reads a GGUF's keys (Modelfiles)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

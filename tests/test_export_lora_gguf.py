@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_module
+from conftest import require_module, write_minimal_gguf
 from test_export_llama_cpp import gguf_fields, gguf_tensors, run_converter
 
 from mistral_fast.errors import ModelError
@@ -85,10 +85,8 @@ def test_llama_cpp_base_plus_adapter_gives_the_merged_gguf_logits(run_dir: Path,
 
 
 def test_modelfile_with_adapter(run_dir: Path, tmp_path: Path) -> None:
-    base = tmp_path / "base-f16.gguf"
-    base.touch()
-    adapter = tmp_path / "adapter-f16.gguf"
-    adapter.touch()
+    base = write_minimal_gguf(tmp_path / "base-f16.gguf")
+    adapter = write_minimal_gguf(tmp_path / "adapter-f16.gguf")
     text = write_modelfile(base, tmp_path / "adapter.Modelfile", adapter=adapter).read_text()
     assert text.splitlines()[:2] == ["FROM ./base-f16.gguf", "ADAPTER ./adapter-f16.gguf"]
     assert "TEMPLATE" in text

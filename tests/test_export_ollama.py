@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_module
+from conftest import require_module, write_minimal_gguf
 
 from mistral_fast.export import export_gguf, write_modelfile
 from mistral_fast.export.gguf import OLLAMA_TEMPLATE
@@ -71,9 +71,7 @@ def _messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _template_of_modelfile(tmp_path: Path) -> str:
-    gguf = tmp_path / "m.gguf"
-    gguf.touch()
-    text = write_modelfile(gguf).read_text()
+    text = write_modelfile(write_minimal_gguf(tmp_path / "m.gguf")).read_text()
     return text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
 
 

@@ -702,7 +702,10 @@ def _gguf_is_v7(gguf_path: Path) -> bool:
     """Whether a GGUF carries the v7 (Mistral Small 3) chat template: its Modelfile then needs the v7 one."""
     import gguf
 
-    field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    try:
+        field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    except (ValueError, OSError) as err:  # empty, truncated or not a GGUF at all
+        raise ModelError(f"{gguf_path}: not a readable GGUF file ({err}); give the .gguf that export wrote") from None
     return field is not None and "[SYSTEM_PROMPT]" in str(field.contents())
 
 
