@@ -99,21 +99,7 @@ def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int, chunk
     after_load = _proc_status("VmRSS")
     model = loaded.model
     step = _training_step(model, batch_size, seq_len, chunked)
-    step()
-    gc.collect()
-    before_step = _proc_status("VmRSS")
-    _reset_peak_rss()
-    step()
-    peak = _proc_status("VmHWM")
-    return {
-        "weights_exact": _tensor_bytes(model),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "weights_rss": after_load - before_load,
-        "optimizer_rss": before_step - after_load,
-        "step_peak": peak - before_step,
-        "total_peak": peak - before_load,
-        "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
-    }
+    return _measure_steps(step, loaded, before_load, after_load)
 
 
 def measure_cpu_preference(cfg: RunConfig, *, batch_size: int, prompt_len: int, answer_len: int) -> dict[str, Any]:
@@ -171,6 +157,15 @@ def measure_cpu_preference(cfg: RunConfig, *, batch_size: int, prompt_len: int, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return _measure_steps(step, loaded, before_load, after_load)
+
+
+def _measure_steps(step: Any, loaded: Any, before_load: int, after_load: int) -> dict[str, Any]:
+    """A warm-up step (optimizer state, one-off allocations), then the peak RSS of a second one, split like the
+    estimate: what `measure_cpu_training` and `measure_cpu_preference` both report."""
+    import gc
+
+    model = loaded.model
     step()
     gc.collect()
     before_step = _proc_status("VmRSS")
