@@ -210,21 +210,27 @@ def tiny_model_dir(**overrides: Any) -> Path:
     unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
     if unknown:
         raise ModelError(f"tiny_model_dir: unknown argument(s) {unknown}; known: {sorted(TINY_DEFAULTS)}")
+    name = f"tiny-mistral-{params['tokenizer']}-{_tiny_cache_key(params)}"
+    return _cached_build(name, lambda tmp: build_tiny_model(tmp, **params), "tiny model")
+
+
+def _cached_build(name: str, build: Any, what: str) -> Path:
+    """``$MISTRAL_FAST_CACHE/name``, built by ``build(tmp)`` into a temporary directory renamed into place."""
     root = Path(os.environ.get("MISTRAL_FAST_CACHE") or Path.home() / ".cache" / "mistral_fast")
-    final = root / f"tiny-mistral-{params['tokenizer']}-{_tiny_cache_key(params)}"
+    final = root / name
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_tiny_model(tmp, **params)
+        build(tmp)
         with contextlib.suppress(OSError):  # another process won the race: its copy is identical
             tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not (final / "config.json").is_file():
-        raise ModelError(f"could not build the tiny model into {final}: check that the directory is writable")
-    log.info("built the tiny Mistral model in %s", final)
+        raise ModelError(f"could not build the {what} into {final}: check that the directory is writable")
+    log.info("built the %s in %s", what, final)
     return final
 
 
@@ -375,19 +381,5 @@ def tiny_mixtral_dir(**overrides: Any) -> Path:
     unknown = sorted(set(overrides) - set(TINY_MIXTRAL_DEFAULTS))
     if unknown:
         raise ModelError(f"tiny_mixtral_dir: unknown argument(s) {unknown}; known: {sorted(TINY_MIXTRAL_DEFAULTS)}")
-    root = Path(os.environ.get("MISTRAL_FAST_CACHE") or Path.home() / ".cache" / "mistral_fast")
-    final = root / f"tiny-mixtral-{params['tokenizer']}-{_tiny_cache_key({**params, 'mixtral': _TINY_MIXTRAL_FORMAT})}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        build_tiny_mixtral(tmp, **params)
-        with contextlib.suppress(OSError):
-            tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not (final / "config.json").is_file():
-        raise ModelError(f"could not build the tiny Mixtral into {final}: check that the directory is writable")
-    log.info("built the tiny Mixtral model in %s", final)
-    return final
+    name = f"tiny-mixtral-{params['tokenizer']}-{_tiny_cache_key({**params, 'mixtral': _TINY_MIXTRAL_FORMAT})}"
+    return _cached_build(name, lambda tmp: build_tiny_mixtral(tmp, **params), "tiny Mixtral")
