@@ -112,6 +112,32 @@ def test_gguf_equals_llama_cpp_converter(llama_cpp_source: Path, merged_dir: Pat
     assert got_kv.get("tokenizer.ggml.add_space_prefix", (True,))[0] is True
 
 
+@pytest.mark.slow
+def test_large_tensors_read_by_row_ranges_still_equal_the_converter(
+    llama_cpp_source: Path, merged_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Past `LARGE_TENSOR_BYTES` (a 131k vocabulary's embeddings and lm_head) a tensor is read row range by
+    row range as it is encoded; with the limit at 0 every matrix goes that way, and the GGUF of a merged
+    checkpoint must still hold the converter's bytes, the one-pass export the bytes it writes otherwise."""
+    from test_export_merge import make_adapter_run
+
+    import mistral_fast.export.merge as merge_module
+    from mistral_fast.export import export_merged_gguf
+
+    theirs = tmp_path / "converter-q8_0.gguf"
+    run_converter(
+        llama_cpp_source, "convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(theirs), "--outtype", "q8_0"]
+    )
+    make_adapter_run(tmp_path / "run")
+    one_pass_whole = export_merged_gguf(tmp_path / "run", tmp_path / "one-pass-whole.gguf", "q8_0")
+    monkeypatch.setattr(merge_module, "LARGE_TENSOR_BYTES", 0)
+    ours = export_gguf(merged_dir, tmp_path / "ours-q8_0.gguf", "q8_0")
+    one_pass = export_merged_gguf(tmp_path / "run", tmp_path / "one-pass.gguf", "q8_0")
+    reference = gguf_tensors(theirs)
+    assert gguf_tensors(ours) == reference
+    assert gguf_tensors(one_pass) == gguf_tensors(one_pass_whole)
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 _PIECES = (

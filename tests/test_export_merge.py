@@ -271,3 +271,25 @@ def test_nan_in_a_quantised_weight_is_named() -> None:
     quant = {"quant_type": "nf4", "double_quant": True, "dtype": "bfloat16"}
     with pytest.raises(ModelError, match=r"model-00002\.safetensors: q_proj\.weight holds NaN or inf"):
         RowMerge(weight, quant=quant, name="model-00002.safetensors: q_proj.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_file_rows_reads_the_row_ranges_safetensors_holds(tmp_path: Path, dtype: torch.dtype) -> None:
+    """`FileRows` (large tensors read by row ranges) against safetensors' own reader, tensor after tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mistral_fast.export.merge import FileRows
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=gen), "b.weight": torch.randn(300, 64, generator=gen)}
+    tensors |= {"c.weight": torch.randn(3, 4, 8, generator=gen)}
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        for name in tensors:
+            expected = f.get_tensor(name)
+            rows = FileRows(tmp_path / "m.safetensors", name)
+            assert (rows.shape, rows.ndim, rows.dtype) == (expected.shape, expected.ndim, expected.dtype)
+            for start, end in ((0, 1), (2, 3), (1, expected.shape[0]), (0, expected.shape[0]), (2, 2)):
+                assert torch.equal(rows[start:end], expected[start:end]), (name, start, end)
+            assert torch.equal(rows.read(), expected)

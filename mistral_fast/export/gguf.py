@@ -26,7 +26,7 @@ from mistral_fast.constants import GGUF_TYPES, KQUANT_TYPES
 from mistral_fast.errors import ModelError
 from mistral_fast.export import kernels, prequant
 from mistral_fast.export.kernels import RowMerge
-from mistral_fast.export.merge import checkpoint_files, read_ahead, read_tensor
+from mistral_fast.export.merge import FileRows, checkpoint_files, read_ahead, read_tensor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -519,6 +519,8 @@ def export_merged_gguf(
 
     def merged(spec: _Tensor, weight: torch.Tensor) -> RowMerge:
         nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
+        if nf4 is not None and isinstance(weight, FileRows):
+            weight = weight.read()  # the NF4 round trip works on the whole tensor
         return RowMerge(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype, f"{spec.source.name}: {spec.hf_name}")
 
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
@@ -588,9 +590,12 @@ def _write_gguf(
 
 
 def _read_spec(spec: _Tensor) -> Any:
-    """A tensor's checkpoint data: one tensor, or a stacked tensor's experts in order."""
+    """A tensor's checkpoint data: one tensor, a stacked tensor's experts in order, or for a large tensor
+    (the embeddings and lm_head of a 131k vocabulary) a `FileRows` read as it is encoded."""
     if spec.parts:
         return [read_tensor(file, name) for file, name in spec.parts]
+    if FileRows.fits(spec.source, spec.hf_name):
+        return FileRows(spec.source, spec.hf_name)
     return read_tensor(spec.source, spec.hf_name)
 
 

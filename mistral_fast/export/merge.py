@@ -245,6 +245,70 @@ def read_tensor(file: Path, name: str) -> torch.Tensor:
     return prequant.read_dequantized(file.parent, name, tensor)
 
 
+# Tensors above this size (the 131k-row embeddings and lm_head of tekken models: 1.3 GB each at 12B) are
+# read by row ranges as they are encoded (`FileRows`) instead of whole and ahead of time.
+LARGE_TENSOR_BYTES = 256 * 2**20
+_FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+class FileRows:
+    """A float tensor of a safetensors file, read by row ranges (``rows[start:end]``) with plain reads.
+
+    Why: a 131k-vocabulary model's embeddings and lm_head are 1.3 GB each at 12B. Read whole (as
+    `read_ahead` reads every tensor), next to their encoded output and the tensor read ahead, they took
+    the one-pass export of a Nemo-12B shape past 2 GiB. Row ranges read with ``readinto`` (no memory
+    map, whose touched pages would stay in the process) hold only the range being encoded. Has the
+    ``shape``/``ndim``/``dtype`` and row slicing that `RowMerge` uses on a weight it does not quantise.
+    """
+
+    def __init__(self, file: Path, name: str) -> None:
+        import torch
+
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(size))[name]
+        self.file, self.name = file, name
+        self.shape = torch.Size(info["shape"])
+        self.ndim = len(self.shape)
+        self.dtype = getattr(torch, _FLOAT_DTYPES[info["dtype"]])
+        self._offset = 8 + size + info["data_offsets"][0]
+        self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    @classmethod
+    def fits(cls, file: Path, name: str) -> bool:
+        """Whether the tensor is large, 2-D or more, and stored as a plain float (not a 4-bit weight)."""
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            part = f.get_slice(name)
+            dtype, shape = part.get_dtype(), part.get_shape()
+        if dtype not in _FLOAT_DTYPES or len(shape) < 2:
+            return False
+        return math.prod(shape) * {"BF16": 2, "F16": 2, "F32": 4}[dtype] > LARGE_TENSOR_BYTES
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        import torch
+
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"{self.name}: FileRows reads contiguous row ranges only")
+        out = torch.empty((max(stop - start, 0), *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(out.view(torch.uint8).numpy().reshape(-1))
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self._offset + start * self._row_bytes)
+            done = 0
+            while done < len(view):  # one read() may return less than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ModelError(f"{self.file}: {self.name} is truncated (the file ends inside it)")
+                done += got
+        return out
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor (for the merges that need it whole: the NF4 round trip)."""
+        return self[:]
+
+
 def read_ahead(items: Sequence[T], read: Callable[[T], Any]) -> Iterator[tuple[T, Any]]:
     """``(item, read(item))`` in order, while a thread already reads the next item.
 
