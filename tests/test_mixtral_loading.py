@@ -107,6 +107,75 @@ def test_streamed_mixtral_equals_fused_then_quantized(mixtral_dir: Path, monkeyp
     assert torch.equal(out_s.loss, out_r.loss)
 
 
+def copy_with_layout(src: Path, dst: Path, layout: str) -> Path:
+    """The same weights re-saved: ``sharded`` (transformers' save_pretrained, per-expert names, several files)
+    or ``fused`` (the transformers-5 module state dict written as is: ``mlp.experts.gate_up_proj`` …)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    if layout == "sharded":
+        model.save_pretrained(dst, max_shard_size="2MB")
+    else:
+        dst.mkdir(parents=True)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, dst / "model.safetensors", {"format": "pt"})
+        shutil.copy(src / "config.json", dst)
+        shutil.copy(src / "generation_config.json", dst)
+    for name in src.iterdir():
+        if name.name.startswith("tokenizer") or name.suffix == ".jinja":
+            shutil.copy(name, dst)
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["sharded", "fused"])
+def test_other_checkpoint_layouts_load_the_same_model(mixtral_dir: Path, tmp_path: Path, layout: str) -> None:
+    """Sharded per-expert checkpoints stream too; a checkpoint with fused experts takes the former path. Both give
+    the tiny Mixtral's model exactly."""
+    from safetensors import safe_open
+
+    other = copy_with_layout(mixtral_dir, tmp_path / layout, layout)
+    if layout == "sharded":
+        assert len(list(other.glob("model-*.safetensors"))) > 1
+    else:
+        with safe_open(str(other / "model.safetensors"), "pt") as handle:
+            keys = set(handle.keys())
+        assert "model.layers.0.mlp.experts.gate_up_proj" in keys
+    assert loading._streams_experts(str(mixtral_dir)) is True
+    assert loading._streams_experts(str(other)) is (layout == "sharded")
+    cfg = make_cfg(mixtral_dir, **{"model.compute_dtype": "bfloat16"})
+    expected = load_model(cfg, for_training=False)
+    got = load_model(make_cfg(other, **{"model.compute_dtype": "bfloat16"}), for_training=False)
+    assert_same_model(got.model, expected.model)
+
+
+def test_streamed_loader_refuses_a_checkpoint_without_per_expert_tensors(mixtral_dir: Path, tmp_path: Path) -> None:
+    """A hub name is taken to have the per-expert layout (nothing local to read): if it has not, no random experts."""
+    from mistral_fast.errors import ModelError
+
+    fused = copy_with_layout(mixtral_dir, tmp_path / "fused", "fused")
+    cfg = make_cfg(fused, **{"model.compute_dtype": "bfloat16"})
+    bnb_config = loading._bnb_config(cfg, torch.bfloat16)
+    kwargs = {"dtype": torch.bfloat16, "use_safetensors": True, "quantization_config": bnb_config}
+    with pytest.raises(ModelError, match=r"no tensor for 24 expert weights .*block_sparse_moe\.experts\.E\.w1"):
+        loading._load_moe_streamed(str(fused), cfg, kwargs)
+
+
+def test_fsdp_quant_storage_is_the_compute_dtype_on_both_paths(mixtral_dir: Path, monkeypatch) -> None:
+    """Under FSDP every 4-bit weight (experts included) is stored as the compute dtype, as _bnb_config asks."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = make_cfg(mixtral_dir, **{"model.compute_dtype": "bfloat16"})
+    streamed, reference = load_both(cfg, monkeypatch, for_training=False)
+    assert_same_model(streamed.model, reference.model)
+    layers = [m for m in streamed.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * (4 * 3 + 4)  # experts and attention
+    assert {m.weight.dtype for m in layers} == {torch.bfloat16}
+
+
 # ------------------------------------------------------------------------------------ memory
 
 _MEASURE_LOAD = """
