@@ -249,8 +249,9 @@ def _load_moe_streamed(path: str, cfg: RunConfig, kwargs: dict[str, Any]) -> Any
         raise ModelError(
             f"model.name_or_path={cfg.model.name_or_path!r}: the checkpoint has no tensor for {len(missing)} expert "
             f"weights (first: {missing[0]}); expected Mixtral's per-expert names "
-            "(model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight). Re-save the model with transformers' "
-            "save_pretrained, which writes that layout"
+            "(model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight). Download it and set model.name_or_path "
+            "to the local directory: a local checkpoint with fused experts is recognised and loaded whole, then "
+            "quantised (all layers' 16-bit experts on the load device while loading)"
         )
     count = sum(1 for name, _ in model.named_modules() if ".experts." in name and name.endswith(_EXPERT_SUFFIXES))
     log.info(
@@ -263,7 +264,10 @@ _EXPERT_SUFFIXES = (".gate_proj", ".up_proj", ".down_proj")
 
 
 def _quantize_moe_experts(model: Any, cfg: RunConfig, dtype: torch.dtype) -> None:
-    """Mixtral: store the fused experts transformers leaves 16-bit as per-expert NF4 linears (modeling/moe.py)."""
+    """A Mixtral loaded with fused experts: store them as per-expert NF4 linears (modeling/moe.py); dense: nothing.
+
+    Reached for a checkpoint that stores the experts fused, so the model has held every layer's 16-bit experts.
+    """
     from mistral_fast.distributed import using_fsdp
     from mistral_fast.modeling.moe import is_moe_model, quantize_experts
 

@@ -11,6 +11,11 @@ target names on a transformers-5 Mixtral into LoRA on the fused 16-bit parameter
 them as to any 4-bit linear layer (peft's ``lora.Linear4bit``), each expert has its own adapter, and the
 saved adapter's module paths map one to one onto the checkpoint's ``block_sparse_moe.experts.{e}.w{1,2,3}``
 tensors (`CHECKPOINT_NAMES`), which the streamed merge and llama.cpp read.
+
+Loading builds that layout directly: `load_nf4_experts` runs transformers' ``from_pretrained`` on
+`streamed_mixtral_class`, whose experts are per-expert linears from construction, so bitsandbytes quantises
+each expert matrix as the checkpoint is read and no layer's fused 16-bit experts ever exist.
+`quantize_experts` converts a model that has them (a checkpoint that stores its experts fused).
 """
 
 from __future__ import annotations
@@ -134,8 +139,10 @@ def _nf4_experts_class() -> type:
 def quantize_experts(model: Any, *, compute_dtype: torch.dtype, quant: dict[str, Any] | None = None) -> int:
     """Replace every fused `MixtralExperts` of `model` by NF4 per-expert linears, layer by layer.
 
-    Each layer's 16-bit fused tensors are released as soon as its experts are quantised, so the extra
-    memory is one layer's experts at a time on top of what loading already held.
+    Each layer's 16-bit fused tensors are released as soon as its experts are quantised, but the model
+    already held every layer's (loading put them there): `load_nf4_experts` avoids that for checkpoints in
+    Mixtral's per-expert layout and gives the same model. This remains the path for a model loaded with
+    fused experts.
 
     Args:
         model: a transformers Mixtral (any wrapper; modules are found by class).
