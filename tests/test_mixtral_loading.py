@@ -163,6 +163,28 @@ def test_streamed_loader_refuses_a_checkpoint_without_per_expert_tensors(mixtral
         loading._load_moe_streamed(str(fused), cfg, kwargs)
 
 
+def test_streamed_model_saves_with_mixtral_checkpoint_names(mixtral_dir: Path, tmp_path: Path) -> None:
+    """save_pretrained of the 4-bit model: transformers reverts the recorded renamings (Mixtral's names, the
+    architecture transformers' own), as the load_nf4_experts docstring promises."""
+    from safetensors import safe_open
+
+    from mistral_fast.modeling.moe import load_nf4_experts
+
+    cfg = make_cfg(mixtral_dir, **{"model.compute_dtype": "bfloat16"})
+    model, info = load_nf4_experts(
+        str(mixtral_dir), dtype=torch.bfloat16, quantization_config=loading._bnb_config(cfg, torch.bfloat16)
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys  # packed NF4 under the checkpoint name
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight.absmax" in keys
+    assert "model.layers.1.block_sparse_moe.gate.weight" in keys
+    assert not any(".mlp." in k or "gate_proj" in k for k in keys)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
 def test_fsdp_quant_storage_is_the_compute_dtype_on_both_paths(mixtral_dir: Path, monkeypatch) -> None:
     """Under FSDP every 4-bit weight (experts included) is stored as the compute dtype, as _bnb_config asks."""
     import bitsandbytes as bnb
