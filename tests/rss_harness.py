@@ -181,3 +181,36 @@ def _measure_steps(step: Any, loaded: Any, before_load: int, after_load: int) ->
         "total_peak": peak - before_load,
         "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
     }
+
+
+def measure_cpu_load(cfg: RunConfig, *, for_training: bool = False) -> dict[str, Any]:
+    """Peak RSS of `mistral_fast.modeling.load_model` alone (Linux; run as `measure_cpu_training` says).
+
+    RSS counts the checkpoint's pages that safetensors maps and reads (clean file pages, ``RssFile``) as well
+    as anonymous memory (the tensors, ``RssAnon``); both are returned after the load.
+
+    Returns:
+        Bytes over the RSS before loading: ``peak`` (VmHWM during the load), ``end`` (RSS once loaded),
+        ``anon_end`` and ``file_end`` (its anonymous and file-backed parts), ``weights_exact`` (tensor
+        storage of the loaded model).
+    """
+    import gc
+
+    import bitsandbytes  # noqa: F401 - imported before the baseline, like the others
+    import peft  # noqa: F401
+
+    from mistral_fast.modeling import load_model, validate_model_request
+
+    validate_model_request(cfg)
+    gc.collect()
+    before = {k: _proc_status(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+    _reset_peak_rss()
+    loaded = load_model(cfg, for_training=for_training)
+    gc.collect()
+    return {
+        "peak": _proc_status("VmHWM") - before["VmRSS"],
+        "end": _proc_status("VmRSS") - before["VmRSS"],
+        "anon_end": _proc_status("RssAnon") - before["RssAnon"],
+        "file_end": _proc_status("RssFile") - before["RssFile"],
+        "weights_exact": _tensor_bytes(loaded.model),
+    }

@@ -157,9 +157,12 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
         # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU. Under FSDP
         # the wrapper places the shards itself (cpu_ram_efficient_loading), so no device_map.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if cfg.model.load_in_4bit:
-        _quantize_moe_experts(model, cfg, dtype)
+    if cfg.model.load_in_4bit and _streams_experts(path):
+        model = _load_moe_streamed(path, cfg, kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if cfg.model.load_in_4bit:
+            _quantize_moe_experts(model, cfg, dtype)  # a Mixtral with fused experts in its checkpoint
     disable_cpu_weight_repacking(model)
     gc = for_training and cfg.train.gradient_checkpointing
     if for_training and cfg.model.load_in_4bit and not fsdp:
@@ -198,8 +201,73 @@ def _is_moe_checkpoint(path: str) -> bool:
     return bool(read_model_config(path).get("num_local_experts"))
 
 
+def _checkpoint_keys(path: str) -> list[str] | None:
+    """Tensor names of a local safetensors checkpoint (index or single-file header); None when not local."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    directory = Path(path)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    single = directory / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), "pt") as handle:  # reads the header only
+            return list(handle.keys())
+    return None
+
+
+def _streams_experts(path: str) -> bool:
+    """A Mixtral whose checkpoint has one tensor per expert matrix: loaded by `_load_moe_streamed`.
+
+    A hub name (no local files to read) counts as one: every Mixtral on the hub has that layout, and
+    `_load_moe_streamed` refuses a checkpoint whose experts it did not find.
+    """
+    if not _is_moe_checkpoint(path):
+        return False
+    from mistral_fast.modeling.moe import has_per_expert_checkpoint
+
+    keys = _checkpoint_keys(path)
+    return keys is None or has_per_expert_checkpoint(keys)
+
+
+def _load_moe_streamed(path: str, cfg: RunConfig, kwargs: dict[str, Any]) -> Any:
+    """Mixtral in 4-bit with each expert matrix quantised as it is read (modeling/moe.py's streamed class).
+
+    transformers' `from_pretrained` with its bitsandbytes quantizer, on a Mixtral class whose experts are
+    per-expert linears from construction: no layer's fused 16-bit experts ever exist, so the load device
+    (and the host) hold the 4-bit model plus one 16-bit matrix at a time instead of every layer's 16-bit
+    experts (~87 GiB for 8x7B). Same settings and result as from_pretrained + `quantize_experts`.
+    """
+    from mistral_fast.modeling.moe import load_nf4_experts
+
+    model, info = load_nf4_experts(path, **kwargs)
+    missing = sorted(k for k in info.get("missing_keys", ()) if ".experts." in k)
+    if missing:
+        raise ModelError(
+            f"model.name_or_path={cfg.model.name_or_path!r}: the checkpoint has no tensor for {len(missing)} expert "
+            f"weights (first: {missing[0]}); expected Mixtral's per-expert names "
+            "(model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight). Download it and set model.name_or_path "
+            "to the local directory: a local checkpoint with fused experts is recognised and loaded whole, then "
+            "quantised (all layers' 16-bit experts on the load device while loading)"
+        )
+    count = sum(1 for name, _ in model.named_modules() if ".experts." in name and name.endswith(_EXPERT_SUFFIXES))
+    log.info(
+        "Mixtral: %d expert matrices quantised to %s one at a time while loading", count, cfg.model.quant_type.upper()
+    )
+    return model
+
+
+_EXPERT_SUFFIXES = (".gate_proj", ".up_proj", ".down_proj")
+
+
 def _quantize_moe_experts(model: Any, cfg: RunConfig, dtype: torch.dtype) -> None:
-    """Mixtral: store the fused experts transformers leaves 16-bit as per-expert NF4 linears (modeling/moe.py)."""
+    """A Mixtral loaded with fused experts: store them as per-expert NF4 linears (modeling/moe.py); dense: nothing.
+
+    Reached for a checkpoint that stores the experts fused, so the model has held every layer's 16-bit experts.
+    """
     from mistral_fast.distributed import using_fsdp
     from mistral_fast.modeling.moe import is_moe_model, quantize_experts
 

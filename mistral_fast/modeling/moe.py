@@ -11,6 +11,11 @@ target names on a transformers-5 Mixtral into LoRA on the fused 16-bit parameter
 them as to any 4-bit linear layer (peft's ``lora.Linear4bit``), each expert has its own adapter, and the
 saved adapter's module paths map one to one onto the checkpoint's ``block_sparse_moe.experts.{e}.w{1,2,3}``
 tensors (`CHECKPOINT_NAMES`), which the streamed merge and llama.cpp read.
+
+Loading builds that layout directly: `load_nf4_experts` runs transformers' ``from_pretrained`` on
+`streamed_mixtral_class`, whose experts are per-expert linears from construction, so bitsandbytes quantises
+each expert matrix as the checkpoint is read and no layer's fused 16-bit experts ever exist.
+`quantize_experts` converts a model that has them (a checkpoint that stores its experts fused).
 """
 
 from __future__ import annotations
@@ -134,8 +139,10 @@ def _nf4_experts_class() -> type:
 def quantize_experts(model: Any, *, compute_dtype: torch.dtype, quant: dict[str, Any] | None = None) -> int:
     """Replace every fused `MixtralExperts` of `model` by NF4 per-expert linears, layer by layer.
 
-    Each layer's 16-bit fused tensors are released as soon as its experts are quantised, so the extra
-    memory is one layer's experts at a time on top of what loading already held.
+    Each layer's 16-bit fused tensors are released as soon as its experts are quantised, but the model
+    already held every layer's (loading put them there): `load_nf4_experts` avoids that for checkpoints in
+    Mixtral's per-expert layout and gives the same model. This remains the path for a model loaded with
+    fused experts.
 
     Args:
         model: a transformers Mixtral (any wrapper; modules are found by class).
@@ -170,6 +177,120 @@ def quantize_experts(model: Any, *, compute_dtype: torch.dtype, quant: dict[str,
             setattr(parent, child_name, cls(experts, child.act_fn))
             del child  # the fused 16-bit tensors go with the last reference
     return count
+
+
+_STREAMED: list[type] = []
+
+
+def _split_fused_experts(model: Any) -> None:
+    """Replace every fused `MixtralExperts` by ``_NF4Experts`` of empty per-expert ``nn.Linear`` (same device).
+
+    Called while the model is built, before any weight exists (on the meta device inside ``from_pretrained``):
+    transformers' bitsandbytes integration then turns these ``nn.Linear`` into ``Linear4bit`` as it does
+    attention's, and its loader quantises each expert matrix as it is read from the checkpoint.
+    """
+    import torch
+
+    fused = _experts_class()
+    cls = _nf4_experts_class()
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, fused):
+                continue
+            num, hidden, inter = child.num_experts, child.hidden_dim, child.intermediate_dim
+            spec = {"bias": False, "device": child.down_proj.device, "dtype": child.down_proj.dtype}
+            experts = [
+                _expert_module(
+                    torch.nn.Linear(hidden, inter, **spec),
+                    torch.nn.Linear(hidden, inter, **spec),
+                    torch.nn.Linear(inter, hidden, **spec),
+                )
+                for _ in range(num)
+            ]
+            setattr(parent, child_name, cls(experts, child.act_fn))
+
+
+def expert_checkpoint_renamings() -> list[Any]:
+    """transformers `WeightRenaming`s from Mixtral's checkpoint names onto ``_NF4Experts``'s module paths.
+
+    ``block_sparse_moe.experts.{e}.w1/w3/w2.weight`` → ``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``
+    (`CHECKPOINT_NAMES`) and the router ``block_sparse_moe.gate`` → ``mlp.gate``, as transformers' own
+    Mixtral mapping renames it. One checkpoint tensor per module weight: no fusing converter, so the loader
+    reads, quantises and places each expert matrix alone. Reversible, so ``save_pretrained`` writes the
+    checkpoint's names back.
+    """
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [WeightRenaming(r"\.block_sparse_moe\.", ".mlp.")]
+    for ours, theirs in CHECKPOINT_NAMES.items():
+        renamings.append(WeightRenaming(rf"\.experts\.(\d+)\.{theirs}\.", rf".experts.\1.{ours}."))
+    return renamings
+
+
+def streamed_mixtral_class() -> type:
+    """`MixtralForCausalLM` built with per-expert linears, for ``from_pretrained(..., quantization_config=4-bit)``.
+
+    transformers 5 loads Mixtral's experts into two fused 16-bit parameters per layer, which bitsandbytes
+    does not quantise: loading "in 4-bit" holds every layer's 16-bit experts on the load device (~87 GiB
+    for 8x7B) before `quantize_experts` can shrink them. This subclass splits the experts into
+    ``_NF4Experts`` of ``nn.Linear`` in ``__init__`` (on the meta device there), and registers
+    `expert_checkpoint_renamings` as its checkpoint mapping (transformers looks mappings up by class name
+    before ``model_type``). ``from_pretrained`` then goes through transformers' own machinery unchanged:
+    ``replace_with_bnb_linear`` makes every expert linear a ``Linear4bit`` with the ``BitsAndBytesConfig``'s
+    settings (quant type, double quantisation, ``quant_storage``), and the loader, which reads tensors one by
+    one when it quantises on the fly, builds each expert's ``Params4bit`` on the load device straight from its
+    checkpoint tensor. Peak memory is the 4-bit model plus one 16-bit matrix; the result equals
+    from_pretrained + `quantize_experts` bit for bit.
+
+    Only for checkpoints in Mixtral's per-expert layout (`CHECKPOINT_NAMES`), which every Mixtral on the hub
+    uses and transformers' ``save_pretrained`` writes.
+    """
+    if _STREAMED:
+        return _STREAMED[0]
+    from transformers import MixtralForCausalLM
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+
+    class MixtralNF4ExpertsForCausalLM(MixtralForCausalLM):
+        """transformers' Mixtral with its experts as ``_NF4Experts`` (per-expert linears) from construction."""
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            _split_fused_experts(self)
+
+    # The name ends in ForCausalLM: PreTrainedModel derives its loss_type from the class name.
+    register_checkpoint_conversion_mapping(
+        MixtralNF4ExpertsForCausalLM.__name__, expert_checkpoint_renamings(), overwrite=True
+    )
+    _STREAMED.append(MixtralNF4ExpertsForCausalLM)
+    return MixtralNF4ExpertsForCausalLM
+
+
+def load_nf4_experts(path: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``from_pretrained`` through `streamed_mixtral_class`; the model is then a plain `MixtralForCausalLM`.
+
+    The subclass only matters while the model is built and loaded. Afterwards the instance's class is set
+    back to transformers' own, so it is the same object as the former path makes: ``type(model)``,
+    ``save_pretrained``'s ``architectures`` and class-name lookups (peft, the Trainer) see
+    ``MixtralForCausalLM``. Saving keeps working: transformers reverts the renamings the loader recorded on the
+    instance (``_weight_conversions``), not the class's.
+
+    Args:
+        path: a Mixtral checkpoint in the per-expert layout (`has_per_expert_checkpoint`).
+        **kwargs: ``from_pretrained`` arguments (``quantization_config``, ``dtype``, ``device_map``, …).
+
+    Returns:
+        The model and transformers' loading info (``missing_keys``, ``unexpected_keys``, …).
+    """
+    from transformers import MixtralForCausalLM
+
+    model, info = streamed_mixtral_class().from_pretrained(path, output_loading_info=True, **kwargs)
+    model.__class__ = MixtralForCausalLM  # the subclass adds no state: only __init__ differs
+    return model, info
+
+
+def has_per_expert_checkpoint(keys: Any) -> bool:
+    """True when checkpoint tensor names are Mixtral's per-expert ones (``…experts.{e}.w1.weight``). Torch-free."""
+    return any(_CHECKPOINT_EXPERT.search(key) for key in keys)
 
 
 def expert_weight_bytes(model: Any) -> dict[str, int]:
@@ -222,4 +343,5 @@ def is_router_weight(checkpoint_name: str) -> bool:
     return checkpoint_name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))
 
 
+_CHECKPOINT_EXPERT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
 _EXPERT_MODULE = re.compile(r"\.mlp\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
