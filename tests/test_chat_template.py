@@ -9,7 +9,15 @@ import jinja2
 import pytest
 
 from mistral_fast.errors import TokenizerError
-from mistral_fast.tokenizer import load_tokenizer, reference_chat_ids, reference_tokenizer, validate_conversation
+from mistral_fast.tokenizer import (
+    CHAT_TEMPLATE_V1,
+    CHAT_TEMPLATE_V3,
+    CHAT_TEMPLATE_V7,
+    load_tokenizer,
+    reference_chat_ids,
+    reference_tokenizer,
+    validate_conversation,
+)
 
 # Message texts: plain, leading/trailing whitespace, trailing spaces (right-stripped in v3), newlines,
 # unicode and byte-fallback characters, code.
@@ -306,6 +314,8 @@ def test_continue_tag_is_the_one_transformers_uses():
 
     from transformers.utils import chat_template_utils
 
-    from mistral_fast.tokenizer import _CONTINUE_TAG
+    from mistral_fast.tekken import _CONTINUE_TAG
 
     assert f'"{_CONTINUE_TAG}"' in inspect.getsource(chat_template_utils.render_jinja_template)
+    for template in (CHAT_TEMPLATE_V1, CHAT_TEMPLATE_V3, CHAT_TEMPLATE_V7):  # each template cuts at that tag
+        assert f"{{%- set tag = '{_CONTINUE_TAG}' -%}}" in template
