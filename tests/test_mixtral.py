@@ -263,21 +263,10 @@ def test_unsloth_backend_is_refused_for_mixtral_before_importing_it(mixtral_dir:
 def adapter_run(tmp_path_factory: pytest.TempPathFactory, mixtral_dir: Path):
     """A Mixtral run directory as training leaves it, with a random non-zero B on every LoRA matrix (each
     expert's different), so a merge that dropped, swapped or mis-scaled any expert's update would show."""
-    from mistral_fast.config import load_config
+    from test_export_merge import make_adapter_run
 
     run_dir = tmp_path_factory.mktemp("mixtral-run")
-    cfg = load_config("mixtral-smoke", [f"train.output_dir={run_dir}", f"model.name_or_path={mixtral_dir}"])
-    loaded = load_model(cfg, for_training=False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    loaded.model.save_pretrained(run_dir / "adapter")
-    loaded.tokenizer.save_pretrained(run_dir / "adapter")
-    cfg.save(run_dir / "run_config.yaml")
-    extra = {"compute_dtype": str(loaded.compute_dtype).removeprefix("torch.")}
-    (run_dir / "result.json").write_text(json.dumps({"train": {"extra": extra}}))
+    loaded = make_adapter_run(run_dir, preset="mixtral-smoke", extra=(f"model.name_or_path={mixtral_dir}",))
     return run_dir, loaded
 
 
