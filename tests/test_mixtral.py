@@ -352,34 +352,15 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
 ) -> None:
     """Stacked ffn_{gate,up,down}_exps + ffn_gate_inp, every tensor's bytes and every metadata key, as the converter."""
     pytest.importorskip("llama_cpp")
-    from test_export_llama_cpp import DIFFERS_BY_DESIGN, gguf_fields, gguf_tensors, run_converter
+    from test_export_llama_cpp import assert_equals_converter
 
-    from mistral_fast.export import export_gguf
-
-    theirs = tmp_path / f"converter-{qtype}.gguf"
-    run_converter(
-        llama_cpp_source,
-        "convert_hf_to_gguf.py",
-        [str(merged_mixtral), "--outfile", str(theirs), "--outtype", qtype, "--model-name", "merged"],
-    )
-    ours = export_gguf(merged_mixtral, tmp_path / f"ours-{qtype}.gguf", qtype, name="merged")
-    reference, got = gguf_tensors(theirs), gguf_tensors(ours)
-    assert sorted(got) == sorted(reference)
+    reference, reference_kv, _ = assert_equals_converter(llama_cpp_source, merged_mixtral, tmp_path, qtype)
     h, i = TINY_MIXTRAL_DEFAULTS["hidden_size"], TINY_MIXTRAL_DEFAULTS["intermediate_size"]
     for layer in range(LAYERS):  # llama.cpp's stacked layout (GGUF shapes are innermost first)
         assert reference[f"blk.{layer}.ffn_gate_exps.weight"][1] == (h, i, E)
         assert reference[f"blk.{layer}.ffn_down_exps.weight"][1] == (i, h, E)
         assert reference[f"blk.{layer}.ffn_gate_inp.weight"][:2] == ("F32", (h, E))
-    for name, (kind, shape, data) in reference.items():
-        assert got[name][:2] == (kind, shape), name
-        assert got[name][2] == data, f"{name}: tensor bytes differ from llama.cpp's converter"
-    reference_kv, got_kv = gguf_fields(theirs), gguf_fields(ours)
     assert reference_kv["llama.expert_count"][0] == E and reference_kv["llama.expert_used_count"][0] == 2
-    missing = sorted(set(reference_kv) - set(got_kv))
-    assert not missing, f"keys llama.cpp's converter writes and we do not: {missing}"
-    for key, (value, types) in reference_kv.items():
-        if key not in DIFFERS_BY_DESIGN:
-            assert got_kv[key] == (value, types), key
 
 
 @pytest.mark.slow
