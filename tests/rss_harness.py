@@ -6,9 +6,36 @@ torch-free `mistral_fast.memory`.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 from mistral_fast.config import RunConfig
+
+STEP_PARTS = ("activations", "gradients", "workspace")
+"""The estimate's breakdown keys (prefixes) that a measured step's peak is compared with."""
+
+
+def measure_in_fresh_process(argv: list[str], *, timeout: int = 600) -> dict[str, Any]:
+    """Run ``python *argv`` (a script that prints ``RESULT {json}``) in a fresh process set up for RSS
+    measurement, and return its figures.
+
+    glibc maps large blocks on their own and returns them on free (``MALLOC_MMAP_THRESHOLD_=65536``): RSS
+    then follows the tensors. One thread, offline.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def step_estimate(breakdown: Mapping[str, int], parts: tuple[str, ...] = STEP_PARTS) -> int:
+    """The estimated bytes of one training step: the breakdown entries starting with one of `parts`."""
+    return sum(v for k, v in breakdown.items() if k.startswith(parts))
 
 
 def proc_status(field_name: str) -> int:

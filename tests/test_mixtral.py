@@ -473,22 +473,15 @@ MOE_CASES = {
 def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
     """All experts resident in NF4, activations of the top-k experts per token, router logits: against peak RSS
     of real steps (tests/rss_harness.py, as tests/test_memory.py does for dense models; same tolerances)."""
-    import os
-    import subprocess
-    import sys
+    from rss_harness import measure_in_fresh_process, step_estimate
 
     from mistral_fast.memory import estimate_memory
     from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = MOE_CASES[case]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     tests = Path(__file__).resolve().parent
     args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq), str(tests)]
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE_MOE, *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    measured = measure_in_fresh_process(["-c", _MEASURE_MOE, *args])
     cfg = RunConfig().with_overrides(
         {"model.name_or_path": str(tmp_path / "model"), "model.tokenizer": "v1", **overrides}
     )
@@ -498,7 +491,7 @@ def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> No
         compute_dtype=measured["compute_dtype"],
     )  # fmt: skip
     b = est.breakdown
-    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    step = step_estimate(b)
     weights = b["weights"] + b["LoRA weights (fp32)"]
     mib = 2**20
     print(
