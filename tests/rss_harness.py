@@ -33,6 +33,21 @@ def measure_in_fresh_process(argv: list[str], *, timeout: int = 600) -> dict[str
     return json.loads(line.removeprefix("RESULT "))
 
 
+def estimate_measured(cfg: RunConfig, measured: Mapping[str, Any], **kwargs: Any) -> Any:
+    """The memory estimate of a measured CPU run: `cfg` on its model's own ``config.json``, off the GPU, in
+    the compute dtype the loader chose (``measured["compute_dtype"]``); `kwargs`: more `estimate_memory` options."""
+    from mistral_fast.memory import estimate_memory
+    from mistral_fast.modeling import read_model_config
+
+    return estimate_memory(
+        cfg,
+        model_config=read_model_config(cfg.model.name_or_path),
+        on_gpu=False,
+        compute_dtype=measured["compute_dtype"],
+        **kwargs,
+    )
+
+
 def step_estimate(breakdown: Mapping[str, int], parts: tuple[str, ...] = STEP_PARTS) -> int:
     """The estimated bytes of one training step: the breakdown entries starting with one of `parts`."""
     return sum(v for k, v in breakdown.items() if k.startswith(parts))

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from rss_harness import measure_in_fresh_process, step_estimate
+from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig, load_config
 from mistral_fast.errors import ConfigError
@@ -213,7 +213,6 @@ def _measure(tmp_path, sizes, overrides, batch, seq):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_matches_measured_cpu_peak(tmp_path, case):
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
@@ -223,13 +222,7 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
     cfg = cfg.with_overrides({"train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg,
-        model_config=read_model_config(str(tmp_path / "model")),
-        on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-        chunked_loss=chunked,
-    )
+    est = estimate_measured(cfg, measured, chunked_loss=chunked)
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]  # LoRA count is exact
     assert measured["weights_exact"] == pytest.approx(b["weights"] + b["LoRA weights (fp32)"], rel=0.01)
@@ -268,7 +261,6 @@ TRAINER_CASES = {k: CASES[k] for k in ("qlora-512x4", "qlora-512x4-checkpointing
 def test_estimate_matches_the_real_trainer_step(tmp_path, case):
     from pathlib import Path
 
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = TRAINER_CASES[case]
     harness = Path(__file__).parent / "trainer_step_memory.py"
@@ -278,10 +270,7 @@ def test_estimate_matches_the_real_trainer_step(tmp_path, case):
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
     cfg = cfg.with_overrides({"train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )  # fmt: skip
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
     step = step_estimate(b)
     ratio = measured["step_peak"] / step

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from rss_harness import STEP_PARTS, measure_in_fresh_process, step_estimate
+from rss_harness import STEP_PARTS, estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig
 from mistral_fast.memory import estimate_memory
@@ -72,7 +72,6 @@ CASES = {
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
-    from mistral_fast.modeling import read_model_config
 
     overrides, (batch, prompt, answer) = CASES[case]
     args = [
@@ -92,12 +91,7 @@ def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str
             "train.max_answer_length": answer,
         }
     )
-    est = estimate_memory(
-        cfg,
-        model_config=read_model_config(str(tmp_path / "model")),
-        on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]
     step = step_estimate(b, (*STEP_PARTS, "reference"))  # and DPO's reference pass

@@ -473,10 +473,8 @@ MOE_CASES = {
 def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
     """All experts resident in NF4, activations of the top-k experts per token, router logits: against peak RSS
     of real steps (tests/rss_harness.py, as tests/test_memory.py does for dense models; same tolerances)."""
-    from rss_harness import measure_in_fresh_process, step_estimate
+    from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
-    from mistral_fast.memory import estimate_memory
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = MOE_CASES[case]
     tests = Path(__file__).resolve().parent
@@ -486,10 +484,7 @@ def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> No
         {"model.name_or_path": str(tmp_path / "model"), "model.tokenizer": "v1", **overrides}
     )
     cfg = cfg.with_overrides({"model.max_seq_length": seq, "train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )  # fmt: skip
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
     step = step_estimate(b)
     weights = b["weights"] + b["LoRA weights (fp32)"]
