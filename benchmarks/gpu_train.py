@@ -28,7 +28,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mistral_fast.config import RunConfig
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 # Mistral-7B v0.3's shape (no sliding window in v0.3); vocab 32768 and RoPE θ 1e6 are build_tiny_model's defaults.
@@ -45,25 +50,56 @@ def build(out: Path) -> None:
         build_tiny_model(out, **MISTRAL_7B, dtype="bfloat16")  # ~29 GB of host RAM while it builds
 
 
+def _config(backend: str, model_dir: Path, seq_len: int, overrides: dict | None = None) -> RunConfig:
+    """The run config both objectives load the checkpoint with: 4-bit NF4 + LoRA (r 16, α 32, all-linear,
+    no dropout) on `backend`; `overrides`: the objective's own keys."""
+    from mistral_fast.config import RunConfig
+
+    base = {
+        "model.name_or_path": str(model_dir),
+        "model.backend": backend,
+        "model.max_seq_length": seq_len,
+        "lora.rank": 16,
+        "lora.alpha": 32,
+        "lora.dropout": 0.0,
+        "lora.targets": "all-linear",
+    }
+    return RunConfig().with_overrides({**base, **(overrides or {})})
+
+
+def _seconds_per_step(step: Callable[[], None], steps: int) -> float:
+    """Mean wall time of `steps` calls of `step`, after one untimed warm-up (kernels compile, allocator settles)."""
+    import torch
+
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _figures(seconds: float, steps: int, seq_len: int, batch: int) -> dict:
+    """The figures both objectives report after their own: peak VRAM, step time and the run's shape."""
+    import torch
+
+    return {
+        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "step_s": round(seconds, 3),
+        "steps": steps,
+        "seq_len": seq_len,
+        "batch": batch,
+    }
+
+
 def measure(backend: str, model_dir: Path, steps: int, seq_len: int, batch: int) -> dict:
     """One backend: load, warm up one step, time `steps` steps."""
     import torch
 
-    from mistral_fast.config import RunConfig
     from mistral_fast.modeling import load_model
 
-    cfg = RunConfig().with_overrides(
-        {
-            "model.name_or_path": str(model_dir),
-            "model.backend": backend,
-            "model.max_seq_length": seq_len,
-            "lora.rank": 16,
-            "lora.alpha": 32,
-            "lora.dropout": 0.0,
-            "lora.targets": "all-linear",
-        }
-    )
-    loaded = load_model(cfg)
+    loaded = load_model(_config(backend, model_dir, seq_len))
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -76,13 +112,7 @@ def measure(backend: str, model_dir: Path, steps: int, seq_len: int, batch: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: kernels compile, allocator settles
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = _seconds_per_step(step, steps)
     tokens_per_s = batch * seq_len / seconds
     n_params = 7.25e9  # Mistral-7B v0.3 (4-bit parameters count packed in numel(), so not counted here)
     name = torch.cuda.get_device_name()
@@ -91,12 +121,8 @@ def measure(backend: str, model_dir: Path, steps: int, seq_len: int, batch: int)
         "backend": loaded.backend,
         "device": name,
         "tokens_per_s": round(tokens_per_s, 1),
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu": round(4 * n_params * tokens_per_s / (peak * 1e12), 4) if peak else None,
-        "step_s": round(seconds, 3),
-        "steps": steps,
-        "seq_len": seq_len,
-        "batch": batch,
+        **_figures(seconds, steps, seq_len, batch),
     }
 
 
@@ -107,23 +133,11 @@ def measure_dpo(backend: str, model_dir: Path, steps: int, seq_len: int, batch: 
     import torch
     from datasets import Dataset
 
-    from mistral_fast.config import RunConfig
     from mistral_fast.modeling import cast_trainable_to_fp32, load_model
     from mistral_fast.train_preference import build_preference_config, drop_fresh_reference_adapter, trainer_class
 
-    cfg = RunConfig().with_overrides(
-        {
-            "model.name_or_path": str(model_dir),
-            "model.backend": backend,
-            "model.max_seq_length": seq_len,
-            "lora.rank": 16,
-            "lora.alpha": 32,
-            "lora.dropout": 0.0,
-            "train.method": "dpo",
-            "train.per_device_batch_size": batch,
-            "train.max_answer_length": seq_len // 4,
-        }
-    )
+    dpo = {"train.method": "dpo", "train.per_device_batch_size": batch, "train.max_answer_length": seq_len // 4}
+    cfg = _config(backend, model_dir, seq_len, dpo)
     loaded = load_model(cfg)
     prompt, answer = seq_len - seq_len // 4, seq_len // 4
 
@@ -153,24 +167,14 @@ def measure_dpo(backend: str, model_dir: Path, steps: int, seq_len: int, batch: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = _seconds_per_step(step, steps)
     return {
         "backend": loaded.backend,
         "objective": "dpo",
         "device": torch.cuda.get_device_name(),
         "dpo_steps_per_s": round(1 / seconds, 3),
         "pairs_per_s": round(batch / seconds, 2),
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "step_s": round(seconds, 3),
-        "steps": steps,
-        "seq_len": seq_len,
-        "batch": batch,
+        **_figures(seconds, steps, seq_len, batch),
     }
 
 

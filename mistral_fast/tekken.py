@@ -57,9 +57,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_FILE",
     "CHAT_TEMPLATE_V7",
+    "INSTRUCT_TURNS",
     "TEKKEN_FILENAME",
     "TEKKEN_VERSIONS",
     "TekkenVocab",
+    "chat_template_prelude",
     "is_tekken_version",
     "load_tekken",
     "read_tekken",
@@ -341,21 +343,22 @@ def tekken_reference(version: str, mode: str = "test", path: str | None = None) 
 
 # ------------------------------------------------------------------------------------------ chat template
 
-# The v7 format (mistral_common 1.13's InstructTokenizerV7 + InstructRequestNormalizerV7): system messages
-# are kept in place (empty ones too, text unchanged) as [SYSTEM_PROMPT]…[/SYSTEM_PROMPT]; runs of user
-# messages are joined with "\n\n" (empty ones skipped), likewise assistant runs, and only a whole assistant
-# run must have text (v3 refuses every empty assistant message); no empty user message is inserted before a
-# leading assistant message; assistant text is right-stripped of spaces and closed by </s>.
-# The acceptance rules and messages are those of the v3 template (tokenizer._TEMPLATE_HEAD).
-CHAT_TEMPLATE_V7 = """\
-{#- Mistral instruct v7 (tekken) chat format, token-for-token identical to mistral_common 1.13's
-    encode_chat_completion (built by mistral_fast.tekken; see its module docstring). -#}
-{%- set tag = 'CONTINUE_FINAL_MESSAGE_TAG ' -%}
-{%- set where = 'mistral_fast v7-tekken chat template: ' -%}
+# transformers appends this to the final message for continue_final_message and cuts the render there
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+# What every Mistral chat template we build shares (v1 and v3 in mistral_fast.tokenizer, v7 here): mistral_common's
+# acceptance rules with their messages, the continue_final_message tag, and the grouping of consecutive user /
+# assistant messages into turns (``ns.items``), the last one flushed. Only {{ }} output, all tags
+# whitespace-trimmed, so a template renders exactly what its format-specific rendering part emits.
+_PRELUDE = """\
+{#- Mistral instruct __TITLE__ chat format, token-for-token identical to mistral_common 1.13's
+    encode_chat_completion (built by mistral_fast.__BUILDER__; see its module docstring). -#}
+{%- set tag = '__TAG__' -%}
+{%- set where = 'mistral_fast __LABEL__ chat template: ' -%}
 {%- if messages | length == 0 -%}
   {{- raise_exception(where ~ 'the conversation is empty; give at least one user message.') -}}
 {%- endif -%}
-{%- set ns = namespace(items=[], role=none, parts=[], previous=none, continuing=false) -%}
+{%- set ns = namespace(items=[], __SYSTEM_LIST__role=none, parts=[], previous=none, continuing=false) -%}
 {%- for message in messages -%}
   {%- set at = where ~ 'message ' ~ loop.index0 -%}
   {%- if message is not mapping or message['role'] is not defined -%}
@@ -384,13 +387,12 @@ CHAT_TEMPLATE_V7 = """\
   {%- if role == 'system' -%}
     {%- if ns.previous == 'assistant' -%}
       {{- raise_exception(at ~ ' is a system message directly after an assistant message, which Mistral '
-          ~ '(mistral_common) rejects; move it before the assistant message or to the start.') -}}
+          ~ '(mistral_common) rejects; __SYSTEM_ADVICE__') -}}
     {%- endif -%}
-    {%- if ns.role is not none -%}
+__SYSTEM_ASIDE__    {%- if ns.role is not none -%}
       {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
     {%- endif -%}
-    {%- set ns.items = ns.items + [{'role': 'system', 'content': text}] -%}
-    {%- set ns.role = none -%}
+__SYSTEM_IN_PLACE__    {%- set ns.role = none -%}
     {%- set ns.parts = [] -%}
   {%- else -%}
     {%- if role == 'assistant' -%}
@@ -398,7 +400,7 @@ CHAT_TEMPLATE_V7 = """\
         {{- raise_exception(at ~ ' is the only message and is an assistant message; a conversation must '
             ~ 'start with a user (or system) message.') -}}
       {%- endif -%}
-      {%- if loop.last and add_generation_prompt -%}
+__EMPTY_ASSISTANT__      {%- if loop.last and add_generation_prompt -%}
         {{- raise_exception(at ~ ' is a final assistant message but add_generation_prompt=True asks for a '
             ~ 'new one; drop the last message, or use continue_final_message=True to continue it.') -}}
       {%- endif -%}
@@ -417,6 +419,87 @@ CHAT_TEMPLATE_V7 = """\
 {%- if ns.role is not none -%}
   {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
 {%- endif -%}
+"""
+
+# The two ways a format treats system messages (the only thing the prelude's rules differ on).
+_SYSTEM_FILLS: dict[bool, dict[str, str]] = {
+    # v1/v3: system texts are set aside (the rendering part puts them in front of a user message), and every
+    # assistant message must have text
+    False: {
+        "__SYSTEM_LIST__": "system=[], ",
+        "__SYSTEM_ADVICE__": "move it to the start of the conversation (it is used as the system '\n"
+        "          ~ 'prompt wherever it stands).",
+        "__SYSTEM_ASIDE__": "    {%- if text -%}{%- set ns.system = ns.system + [text] -%}{%- endif -%}\n",
+        "__SYSTEM_IN_PLACE__": "",
+        "__EMPTY_ASSISTANT__": "      {%- if not text -%}\n"
+        "        {{- raise_exception(at ~ ' is an assistant message with empty content; "
+        "give it text or drop it.') -}}\n"
+        "      {%- endif -%}\n",
+    },
+    # v7: each system message stays a turn where it stands (empty ones too); only a whole assistant turn must
+    # have text, which the rendering part checks on ns.items
+    True: {
+        "__SYSTEM_LIST__": "",
+        "__SYSTEM_ADVICE__": "move it before the assistant message or to the start.",
+        "__SYSTEM_ASIDE__": "",
+        "__SYSTEM_IN_PLACE__": "    {%- set ns.items = ns.items + [{'role': 'system', 'content': text}] -%}\n",
+        "__EMPTY_ASSISTANT__": "",
+    },
+}
+
+
+def chat_template_prelude(label: str, *, title: str, builder: str, system_in_place: bool) -> str:
+    """The first part of a Mistral chat template: validation, normalisation and grouping into turns.
+
+    It defines ``tag`` (transformers' continue_final_message tag), ``where`` (the prefix of every error) and
+    ``ns``: ``ns.items`` (the turns, ``{"role", "content"}``, consecutive user or assistant messages joined by
+    a blank line, empty ones skipped), ``ns.continuing`` (the last assistant turn is to be continued) and, for
+    ``system_in_place=False``, ``ns.system`` (the non-empty system texts, in order). The format's rendering
+    part follows it.
+
+    Args:
+        label: the version in error messages (``"v3"``, ``"v7-tekken"``).
+        title: the version in the template's heading comment (``"v3"``, ``"v7 (tekken)"``).
+        builder: the module that assembles the template (``"tokenizer"``, ``"tekken"``).
+        system_in_place: True (v7): each system message stays a turn in ``ns.items`` and only whole
+            assistant turns must have text (the rendering part checks that); False (v1, v3): system texts go
+            to ``ns.system`` and every assistant message must have text.
+
+    Returns:
+        The Jinja text, ending at a line break.
+    """
+    text = _PRELUDE.replace("__TITLE__", title).replace("__BUILDER__", builder).replace("__LABEL__", label)
+    text = text.replace("__TAG__", _CONTINUE_TAG)
+    for slot, fill in _SYSTEM_FILLS[system_in_place].items():
+        text = text.replace(slot, fill)
+    return text
+
+
+INSTRUCT_TURNS = """\
+    {{- '[INST]' ~ content ~ '[/INST]' -}}
+  {%- elif loop.last and ns.continuing -%}
+    {{- content.rstrip(' ') ~ tag -}}
+  {%- else -%}
+    {%- generation -%}{{- content.rstrip(' ') ~ '</s>' -}}{%- endgeneration -%}
+  {%- endif -%}
+{%- endfor -%}
+"""
+"""How v3 and v7 render a user turn and an assistant turn (the end of their chat templates).
+
+It continues the ``if``/``elif item['role'] == 'user'`` line of the loop over ``ns.items``: ``[INST]text[/INST]``
+for a user turn; for an assistant turn its text right-stripped of spaces and closed by ``</s>`` (marked as the
+assistant's for the loss mask), or by the continue tag when the last turn is continued.
+"""
+
+
+# The v7 format (mistral_common 1.13's InstructTokenizerV7 + InstructRequestNormalizerV7): system messages
+# are kept in place (empty ones too, text unchanged) as [SYSTEM_PROMPT]…[/SYSTEM_PROMPT]; runs of user
+# messages are joined with "\n\n" (empty ones skipped), likewise assistant runs, and only a whole assistant
+# run must have text (v3 refuses every empty assistant message); no empty user message is inserted before a
+# leading assistant message; assistant text is right-stripped of spaces and closed by </s>.
+CHAT_TEMPLATE_V7 = (
+    chat_template_prelude("v7-tekken", title="v7 (tekken)", builder="tekken", system_in_place=True)
+    + """\
 {%- for item in ns.items if item['role'] == 'assistant' and not item['content'] -%}
   {{- raise_exception(where ~ 'message ' ~ loop.index0 ~ ': an assistant turn (consecutive assistant messages '
       ~ 'joined) has empty content; give it text or drop it.') -}}
@@ -427,12 +510,7 @@ CHAT_TEMPLATE_V7 = """\
   {%- if item['role'] == 'system' -%}
     {{- '[SYSTEM_PROMPT]' ~ content ~ '[/SYSTEM_PROMPT]' -}}
   {%- elif item['role'] == 'user' -%}
-    {{- '[INST]' ~ content ~ '[/INST]' -}}
-  {%- elif loop.last and ns.continuing -%}
-    {{- content.rstrip(' ') ~ tag -}}
-  {%- else -%}
-    {%- generation -%}{{- content.rstrip(' ') ~ '</s>' -}}{%- endgeneration -%}
-  {%- endif -%}
-{%- endfor -%}
 """
+    + INSTRUCT_TURNS
+)
 """Jinja chat template of Mistral Small 3.x (v7 instruct, tekken), token-exact with `mistral_common`."""

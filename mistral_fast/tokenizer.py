@@ -116,7 +116,9 @@ from mistral_fast.families import TINY_MODELS, family_for_tokenizer, tokenizer_v
 from mistral_fast.tekken import (
     BUILTIN_FILE,
     CHAT_TEMPLATE_V7,
+    INSTRUCT_TURNS,
     TEKKEN_FILENAME,
+    chat_template_prelude,
     is_tekken_version,
     load_tekken,
     tekken_reference,
@@ -156,87 +158,12 @@ logger = logging.getLogger(__name__)
 
 _SPACE = "▁"  # SentencePiece's whitespace symbol (U+2581)
 _ROLES = ("system", "user", "assistant")
-# transformers appends this to the final message for continue_final_message and cuts the render there
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 # ----------------------------------------------------------------------------------------- chat templates
 
-# Shared Jinja body: validation + mistral_common's normalisation, then version-specific rendering. Only
-# {{ }} output, all tags whitespace-trimmed, so the rendered text is exactly what the rendering parts emit.
-_TEMPLATE_HEAD = """\
-{#- Mistral instruct __VERSION__ chat format, token-for-token identical to mistral_common 1.13's
-    encode_chat_completion (built by mistral_fast.tokenizer; see its module docstring). -#}
-{%- set tag = '__TAG__' -%}
-{%- set where = 'mistral_fast __VERSION__ chat template: ' -%}
-{%- if messages | length == 0 -%}
-  {{- raise_exception(where ~ 'the conversation is empty; give at least one user message.') -}}
-{%- endif -%}
-{%- set ns = namespace(items=[], system=[], role=none, parts=[], previous=none, continuing=false) -%}
-{%- for message in messages -%}
-  {%- set at = where ~ 'message ' ~ loop.index0 -%}
-  {%- if message is not mapping or message['role'] is not defined -%}
-    {{- raise_exception(at ~ ' is not a {"role": ..., "content": ...} mapping.') -}}
-  {%- endif -%}
-  {%- set role = message['role'] -%}
-  {%- if role not in ['system', 'user', 'assistant'] -%}
-    {{- raise_exception(at ~ ' has role ' ~ role ~ '; only system, user and assistant are supported '
-        ~ '(tool calls are not). Drop or convert that message.') -}}
-  {%- endif -%}
-  {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
-    {{- raise_exception(at ~ ' has tool_calls, which this template does not support; '
-        ~ 'put the call in the content as text or drop the message.') -}}
-  {%- endif -%}
-  {%- if message['content'] is not defined or message['content'] is not string -%}
-    {{- raise_exception(at ~ ' (' ~ role ~ ') has no text content; content must be a string.') -}}
-  {%- endif -%}
-  {%- set content = message['content'] -%}
-  {%- set continues = loop.last and content.endswith(tag) -%}
-  {%- if continues and role != 'assistant' -%}
-    {{- raise_exception(at ~ ' is the last message and has role ' ~ role ~ '; continue_final_message '
-        ~ 'needs a final assistant message to continue. Add one or use add_generation_prompt.') -}}
-  {%- endif -%}
-  {%- set text = content[:(content | length) - (tag | length)] if continues else content -%}
-  {%- if continues -%}{%- set ns.continuing = true -%}{%- endif -%}
-  {%- if role == 'system' -%}
-    {%- if ns.previous == 'assistant' -%}
-      {{- raise_exception(at ~ ' is a system message directly after an assistant message, which Mistral '
-          ~ '(mistral_common) rejects; move it to the start of the conversation (it is used as the system '
-          ~ 'prompt wherever it stands).') -}}
-    {%- endif -%}
-    {%- if text -%}{%- set ns.system = ns.system + [text] -%}{%- endif -%}
-    {%- if ns.role is not none -%}
-      {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
-    {%- endif -%}
-    {%- set ns.role = none -%}
-    {%- set ns.parts = [] -%}
-  {%- else -%}
-    {%- if role == 'assistant' -%}
-      {%- if messages | length == 1 -%}
-        {{- raise_exception(at ~ ' is the only message and is an assistant message; a conversation must '
-            ~ 'start with a user (or system) message.') -}}
-      {%- endif -%}
-      {%- if not text -%}
-        {{- raise_exception(at ~ ' is an assistant message with empty content; give it text or drop it.') -}}
-      {%- endif -%}
-      {%- if loop.last and add_generation_prompt -%}
-        {{- raise_exception(at ~ ' is a final assistant message but add_generation_prompt=True asks for a '
-            ~ 'new one; drop the last message, or use continue_final_message=True to continue it.') -}}
-      {%- endif -%}
-    {%- endif -%}
-    {%- if role != ns.role -%}
-      {%- if ns.role is not none -%}
-        {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
-      {%- endif -%}
-      {%- set ns.role = role -%}
-      {%- set ns.parts = [] -%}
-    {%- endif -%}
-    {%- if text -%}{%- set ns.parts = ns.parts + [text] -%}{%- endif -%}
-  {%- endif -%}
-  {%- set ns.previous = role -%}
-{%- endfor -%}
-{%- if ns.role is not none -%}
-  {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
-{%- endif -%}
+# The v1/v3 rendering: all system texts joined in front of one user message (the first for v1, the last for v3),
+# an empty user turn inserted before a leading assistant turn. Follows tekken.chat_template_prelude.
+_SYSTEM_PROMPT_HEAD = """\
 {%- if ns.items | length == 0 or ns.items[0]['role'] != 'user' -%}
   {%- set ns.items = [{'role': 'user', 'content': ''}] + ns.items -%}
 {%- endif -%}
@@ -255,22 +182,18 @@ _TEMPLATE_HEAD = """\
 """
 
 CHAT_TEMPLATE_V3 = (
-    _TEMPLATE_HEAD.replace("__VERSION__", "v3").replace("__SYSTEM_IN_LAST__", "true").replace("__TAG__", _CONTINUE_TAG)
+    chat_template_prelude("v3", title="v3", builder="tokenizer", system_in_place=False)
+    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "true")
     + """\
   {%- if item['role'] == 'user' -%}
-    {{- '[INST]' ~ content ~ '[/INST]' -}}
-  {%- elif loop.last and ns.continuing -%}
-    {{- content.rstrip(' ') ~ tag -}}
-  {%- else -%}
-    {%- generation -%}{{- content.rstrip(' ') ~ '</s>' -}}{%- endgeneration -%}
-  {%- endif -%}
-{%- endfor -%}
 """
+    + INSTRUCT_TURNS
 )
 """Jinja chat template of Mistral-7B-Instruct-v0.3, token-exact with `mistral_common` (v3 instruct)."""
 
 CHAT_TEMPLATE_V1 = (
-    _TEMPLATE_HEAD.replace("__VERSION__", "v1").replace("__SYSTEM_IN_LAST__", "false").replace("__TAG__", _CONTINUE_TAG)
+    chat_template_prelude("v1", title="v1", builder="tokenizer", system_in_place=False)
+    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "false")
     + """\
   {%- if item['role'] == 'user' -%}
     {#- each [INST] block is its own SentencePiece chunk: after a user block it starts with a space -#}

@@ -295,17 +295,11 @@ def _trainer_class(loaded: LoadedModel) -> type:
     return CpuSFTTrainer
 
 
-def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResult:
-    """Fine-tune the LoRA adapter of `loaded` on `data`; write the run directory; return the figures.
+def _start_run(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run directory (created) and the checkpoint ``train.resume`` continues from: SFT's and preference's.
 
-    With ``train.resume`` it continues from the last complete checkpoint in the run directory (a
-    checkpoint caught mid-save is skipped). Only the main process writes files.
+    None: a fresh start, whose metrics history is cleared.
     """
-    import torch
-
-    from mistral_fast.modeling import cast_trainable_to_fp32
-
-    check_packing(cfg, loaded)
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None
@@ -313,6 +307,37 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
         log.info("train.resume: no complete checkpoint in %s, starting from scratch", run_dir / "checkpoints")
     if resume is None:  # a fresh run starts a fresh history
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return run_dir, resume
+
+
+def _timed_train(trainer: Any, resume: Path | None, evaluate: bool) -> tuple[Any, float, float | None]:
+    """Run `trainer` (from `resume`, or from scratch), timed, the CUDA peak counter reset first; then evaluate.
+
+    Returns:
+        The Trainer's train output, the training seconds, and the eval loss (None without an eval set).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the result's peak memory is the training's own
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    return output, seconds, eval_loss
+
+
+def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResult:
+    """Fine-tune the LoRA adapter of `loaded` on `data`; write the run directory; return the figures.
+
+    With ``train.resume`` it continues from the last complete checkpoint in the run directory (a
+    checkpoint caught mid-save is skipped). Only the main process writes files.
+    """
+
+    from mistral_fast.modeling import cast_trainable_to_fp32
+
+    check_packing(cfg, loaded)
+    run_dir, resume = _start_run(cfg)
     steps = StepsRunCallback()
     trainer = _trainer_class(loaded)(
         model=loaded.model,
@@ -324,12 +349,7 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
     )
     if not using_fsdp():
         cast_trainable_to_fp32(trainer.model)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    output, seconds, eval_loss = _timed_train(trainer, resume, data.eval is not None)
     _router_logits_off(trainer.model)
     digest = adapter_digest(trainer.model)
     if world_size() > 1:  # every rank says what it holds: after DDP all ranks must hold the same adapter

@@ -22,7 +22,6 @@ COMPLETE markers, resume, ``metrics.jsonl`` (with ``rewards/chosen``, ``rewards/
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +32,9 @@ from mistral_fast.train import (
     TrainResult,
     _callbacks,
     _result,
+    _start_run,
+    _timed_train,
     adapter_digest,
-    last_complete_checkpoint,
     plot_loss_curve,
 )
 
@@ -227,15 +227,9 @@ def train_preference(cfg: RunConfig, loaded: LoadedModel, data: PreferenceData) 
 
     ``train.resume`` continues from the last complete checkpoint, as for SFT.
     """
-    import torch
-
     from mistral_fast.modeling import cast_trainable_to_fp32
 
-    run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = last_complete_checkpoint(run_dir / "checkpoints") if cfg.train.resume else None
-    if resume is None:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir, resume = _start_run(cfg)
     loaded.tokenizer.padding_side = "right"  # trl #1217: Mistral DPO with left padding trained on garbage
     trainer = trainer_class(cfg.train.method, loaded)(
         model=loaded.model,
@@ -251,12 +245,7 @@ def train_preference(cfg: RunConfig, loaded: LoadedModel, data: PreferenceData) 
         cast_trainable_to_fp32(trainer.model)
     if cfg.train.method == "dpo" and cfg.model.adapter:
         restore_start_adapter(trainer.model)  # after the fp32 cast: the start adapter exactly, not bf16-rounded
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
+    output, seconds, eval_loss = _timed_train(trainer, resume, data.eval is not None)
     adapter_dir = run_dir / "adapter"
     if trainer.is_world_process_zero():
         # only the trained adapter: a `ref` copy is the reference, not part of the result

@@ -6,12 +6,55 @@ torch-free `mistral_fast.memory`.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 from mistral_fast.config import RunConfig
 
+STEP_PARTS = ("activations", "gradients", "workspace")
+"""The estimate's breakdown keys (prefixes) that a measured step's peak is compared with."""
 
-def _proc_status(field_name: str) -> int:
+
+def measure_in_fresh_process(argv: list[str], *, timeout: int = 600) -> dict[str, Any]:
+    """Run ``python *argv`` (a script that prints ``RESULT {json}``) in a fresh process set up for RSS
+    measurement, and return its figures.
+
+    glibc maps large blocks on their own and returns them on free (``MALLOC_MMAP_THRESHOLD_=65536``): RSS
+    then follows the tensors. One thread, offline.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def estimate_measured(cfg: RunConfig, measured: Mapping[str, Any], **kwargs: Any) -> Any:
+    """The memory estimate of a measured CPU run: `cfg` on its model's own ``config.json``, off the GPU, in
+    the compute dtype the loader chose (``measured["compute_dtype"]``); `kwargs`: more `estimate_memory` options."""
+    from mistral_fast.memory import estimate_memory
+    from mistral_fast.modeling import read_model_config
+
+    return estimate_memory(
+        cfg,
+        model_config=read_model_config(cfg.model.name_or_path),
+        on_gpu=False,
+        compute_dtype=measured["compute_dtype"],
+        **kwargs,
+    )
+
+
+def step_estimate(breakdown: Mapping[str, int], parts: tuple[str, ...] = STEP_PARTS) -> int:
+    """The estimated bytes of one training step: the breakdown entries starting with one of `parts`."""
+    return sum(v for k, v in breakdown.items() if k.startswith(parts))
+
+
+def proc_status(field_name: str) -> int:
+    """A memory field of this process's ``/proc/self/status`` in bytes (``VmRSS``: the RSS, ``VmHWM``: its peak)."""
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
             if line.startswith(field_name + ":"):
@@ -19,7 +62,8 @@ def _proc_status(field_name: str) -> int:
     raise OSError(f"/proc/self/status has no {field_name}")
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS, so the next peak is a step's own."""
     # Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")
@@ -68,6 +112,27 @@ def _training_step(model: Any, batch_size: int, seq_len: int, chunked: bool = Fa
     return step
 
 
+def _load_counted(cfg: RunConfig) -> tuple[Any, int, int]:
+    """`load_model(cfg)` and the RSS before and after it, library code imported first so it is not counted.
+
+    Returns:
+        The loaded model and the RSS (bytes) before and after loading, each after a garbage collection.
+    """
+    import gc
+
+    import bitsandbytes  # noqa: F401 - imported before the baseline, like the others
+    import peft  # noqa: F401
+
+    from mistral_fast.modeling import load_model, validate_model_request
+
+    validate_model_request(cfg)  # imports transformers' model code and loads the tokenizer machinery
+    gc.collect()
+    before_load = proc_status("VmRSS")
+    loaded = load_model(cfg)
+    gc.collect()
+    return loaded, before_load, proc_status("VmRSS")
+
+
 def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int, chunked: bool = False) -> dict[str, Any]:
     """Peak RSS of real training steps on CPU, split like the estimate (Linux only).
 
@@ -84,21 +149,8 @@ def measure_cpu_training(cfg: RunConfig, *, batch_size: int, seq_len: int, chunk
         second step over the RSS before it), ``total_peak`` (peak over the RSS before loading); and
         ``trainable_params`` (a count) and the ``compute_dtype`` the loader chose.
     """
-    import gc
-
-    import bitsandbytes  # noqa: F401 - imported before the baseline, like the others
-    import peft  # noqa: F401
-
-    from mistral_fast.modeling import load_model, validate_model_request
-
-    validate_model_request(cfg)  # imports transformers' model code and loads the tokenizer machinery
-    gc.collect()
-    before_load = _proc_status("VmRSS")
-    loaded = load_model(cfg)
-    gc.collect()
-    after_load = _proc_status("VmRSS")
-    model = loaded.model
-    step = _training_step(model, batch_size, seq_len, chunked)
+    loaded, before_load, after_load = _load_counted(cfg)
+    step = _training_step(loaded.model, batch_size, seq_len, chunked)
     return _measure_steps(step, loaded, before_load, after_load)
 
 
@@ -109,19 +161,14 @@ def measure_cpu_preference(cfg: RunConfig, *, batch_size: int, prompt_len: int, 
     given lengths); a step is its own ``compute_loss`` (for DPO: the policy forward on chosen + rejected,
     then the reference forward with the adapter off, without gradients), backward and an AdamW step.
     """
-    import gc
     import tempfile
     from pathlib import Path
 
-    import bitsandbytes  # noqa: F401
-    import peft  # noqa: F401
     import torch
     from datasets import Dataset
 
-    from mistral_fast.modeling import load_model, validate_model_request
     from mistral_fast.train_preference import build_preference_config, drop_fresh_reference_adapter, trainer_class
 
-    validate_model_request(cfg)
     gen = torch.Generator().manual_seed(0)
 
     def ids(n: int) -> list[int]:
@@ -131,11 +178,7 @@ def measure_cpu_preference(cfg: RunConfig, *, batch_size: int, prompt_len: int, 
         {"prompt_ids": [1, *ids(prompt_len - 1)], "chosen_ids": ids(answer_len), "rejected_ids": ids(answer_len)}
         for _ in range(batch_size)
     ]
-    gc.collect()
-    before_load = _proc_status("VmRSS")
-    loaded = load_model(cfg)
-    gc.collect()
-    after_load = _proc_status("VmRSS")
+    loaded, before_load, after_load = _load_counted(cfg)
     model = loaded.model
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_class(cfg.train.method, loaded)(
@@ -168,10 +211,10 @@ def _measure_steps(step: Any, loaded: Any, before_load: int, after_load: int) ->
     model = loaded.model
     step()
     gc.collect()
-    before_step = _proc_status("VmRSS")
-    _reset_peak_rss()
+    before_step = proc_status("VmRSS")
+    reset_peak_rss()
     step()
-    peak = _proc_status("VmHWM")
+    peak = proc_status("VmHWM")
     return {
         "weights_exact": _tensor_bytes(model),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import TYPE_CHECKING
 
 import jinja2
 import pytest
 
 from mistral_fast.errors import TokenizerError
-from mistral_fast.tokenizer import load_tokenizer, reference_chat_ids, reference_tokenizer, validate_conversation
+from mistral_fast.tekken import TEKKEN_VERSIONS
+from mistral_fast.tokenizer import (
+    CHAT_TEMPLATE_V1,
+    CHAT_TEMPLATE_V3,
+    CHAT_TEMPLATE_V7,
+    load_tokenizer,
+    reference_chat_ids,
+    reference_tokenizer,
+    validate_conversation,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # Message texts: plain, leading/trailing whitespace, trailing spaces (right-stripped in v3), newlines,
 # unicode and byte-fallback characters, code.
@@ -140,7 +153,8 @@ def expected_mask(conversation: list[dict[str, str]], version: str) -> tuple[lis
     """Ids and assistant mask computed from mistral_common alone, message by message.
 
     The request is normalised by mistral_common, each normalised message is encoded by its instruct
-    tokenizer; assistant messages (their text and their `</s>`) are marked.
+    tokenizer; assistant messages (their text and their `</s>`) are marked. Every version: a tekken one is
+    normalised as the instruct version it stands for, and v7 keeps system messages in place.
     """
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.normalize import get_normalizer
@@ -149,15 +163,18 @@ def expected_mask(conversation: list[dict[str, str]], version: str) -> tuple[lis
 
     classes = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
     request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in conversation])
-    instruct = get_normalizer(TokenizerVersion(version)).from_chat_completion_request(request)
+    instruct_version = TokenizerVersion(TEKKEN_VERSIONS.get(version, version))
+    instruct = get_normalizer(instruct_version).from_chat_completion_request(request)
     encoder = reference_tokenizer(version, "finetuning").instruct_tokenizer
-    users = [i for i, m in enumerate(instruct.messages) if isinstance(m, UserMessage)]
+    users = [i for i, m in enumerate(instruct.messages) if isinstance(m, UserMessage)] or [-1]  # v7: maybe none
     ids, mask = [encoder.tokenizer.bos_id], [0]
     for i, message in enumerate(instruct.messages):
         if isinstance(message, UserMessage):
             new, _, _ = encoder.encode_user_message(
                 message, None, i == users[-1], i == users[0], system_prompt=instruct.system_prompt
             )
+        elif isinstance(message, SystemMessage):  # only v7 keeps them (v1/v3 fold them into system_prompt)
+            new, _ = encoder.encode_system_message(message)
         else:
             new = encoder.encode_assistant_message(message, is_before_last_user_message=i < users[-1])
         ids += new
@@ -203,15 +220,20 @@ REJECTED = [
 ]
 
 
-@pytest.mark.parametrize("version", ["v3", "v1"])
-@pytest.mark.parametrize(("conversation", "kwargs"), REJECTED)
-def test_rejected_conversations(version, conversation, kwargs, toks):
+def check_rejected(tok: PreTrainedTokenizerFast, version: str, conversation: list, kwargs: dict) -> None:
+    """mistral_common, `tok`'s template and the validator all reject `conversation`, naming the message."""
     with pytest.raises(TokenizerError):
         reference_chat_ids(conversation, version, **kwargs)
     with pytest.raises((jinja2.TemplateError, ValueError), match=r"message \d|empty"):
-        toks[version].apply_chat_template(conversation, return_dict=False, **kwargs)
+        tok.apply_chat_template(conversation, return_dict=False, **kwargs)
     with pytest.raises(TokenizerError, match=r"messages\[\d\]|empty conversation"):
         validate_conversation(conversation, version, **kwargs)
+
+
+@pytest.mark.parametrize("version", ["v3", "v1"])
+@pytest.mark.parametrize(("conversation", "kwargs"), REJECTED)
+def test_rejected_conversations(version, conversation, kwargs, toks):
+    check_rejected(toks[version], version, conversation, kwargs)
 
 
 @pytest.mark.parametrize(
@@ -255,12 +277,11 @@ def test_decoding_a_chat(toks):
     assert toks["v3"].decode(ids, skip_special_tokens=True) == "  What is 2 + 2?   4"
 
 
-@pytest.mark.parametrize("version", ["v3", "v1"])
-def test_every_role_sequence_agrees_with_mistral_common(version, toks):
-    """All 363 role sequences of 1-5 messages x {plain, generation prompt, continuation}: the same ids (and
-    assistant masks), or rejected by mistral_common, the template and the validator alike."""
+def check_every_role_sequence(tok: PreTrainedTokenizerFast, version: str, texts: list[str]) -> None:
+    """All 363 role sequences of 1-5 messages x {plain, generation prompt, continuation}, texts drawn from
+    `texts`: `tok`'s template gives mistral_common's ids (and assistant masks), or mistral_common, the
+    template and the validator all reject the conversation."""
     rng = random.Random(version)
-    texts = [*_USER, *_ASSISTANT, *_SYSTEM, "", " ", "x  ", "\n", "\nnewline first", "😀 emoji first", "\U0001d518"]
     outcomes = {"accepted": 0, "rejected": 0}
     for length in range(1, 6):
         for roles in itertools.product(["system", "user", "assistant"], repeat=length):
@@ -275,7 +296,7 @@ def test_every_role_sequence_agrees_with_mistral_common(version, toks):
                 except TokenizerError:
                     expected = None
                 try:
-                    ours = toks[version].apply_chat_template(conversation, return_dict=False, **kwargs)
+                    ours = tok.apply_chat_template(conversation, return_dict=False, **kwargs)
                 except (jinja2.TemplateError, ValueError):
                     ours = None
                 try:
@@ -285,12 +306,18 @@ def test_every_role_sequence_agrees_with_mistral_common(version, toks):
                     valid = False
                 assert (ours, valid) == (expected, expected is not None), (mode, conversation)
                 if valid and mode == "plain" and roles[-1] == "assistant":
-                    out = toks[version].apply_chat_template(
+                    out = tok.apply_chat_template(
                         conversation, return_dict=True, return_assistant_tokens_mask=True
                     )
                     assert list(out["assistant_masks"]) == expected_mask(conversation, version)[1], conversation
                 outcomes["accepted" if valid else "rejected"] += 1
     assert outcomes["accepted"] > 300 and outcomes["rejected"] > 300
+
+
+@pytest.mark.parametrize("version", ["v3", "v1"])
+def test_every_role_sequence_agrees_with_mistral_common(version, toks):
+    texts = [*_USER, *_ASSISTANT, *_SYSTEM, "", " ", "x  ", "\n", "\nnewline first", "😀 emoji first", "\U0001d518"]
+    check_every_role_sequence(toks[version], version, texts)
 
 
 def test_validator_checks_every_control_token_string():
@@ -306,6 +333,8 @@ def test_continue_tag_is_the_one_transformers_uses():
 
     from transformers.utils import chat_template_utils
 
-    from mistral_fast.tokenizer import _CONTINUE_TAG
+    from mistral_fast.tekken import _CONTINUE_TAG
 
     assert f'"{_CONTINUE_TAG}"' in inspect.getsource(chat_template_utils.render_jinja_template)
+    for template in (CHAT_TEMPLATE_V1, CHAT_TEMPLATE_V3, CHAT_TEMPLATE_V7):  # each template cuts at that tag
+        assert f"{{%- set tag = '{_CONTINUE_TAG}' -%}}" in template

@@ -212,7 +212,7 @@ def test_a_failed_build_leaves_no_entry(tmp_path, tok) -> None:
 
 
 @pytest.mark.slow
-def test_a_sweeps_second_variation_reuses_the_first_ones_prepared_data(tmp_path, own_cache) -> None:
+def test_a_sweeps_second_variation_reuses_the_first_ones_prepared_data(tmp_path, own_cache, monkeypatch) -> None:
     from mistral_fast.runner import run_sweep
 
     fast = {"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2, "data.max_examples": 24}
@@ -225,12 +225,8 @@ def test_a_sweeps_second_variation_reuses_the_first_ones_prepared_data(tmp_path,
     }
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump(spec))
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        rows, _ = run_sweep(sweep)  # the kernels inherit MISTRAL_FAST_CACHE
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # restored after the test
+    rows, _ = run_sweep(sweep)  # the kernels inherit MISTRAL_FAST_CACHE
     assert [r["status"] for r in rows] == ["done", "done"]
     assert len(entries()) == 1, "both variations share one prepared data set"
     notebooks = [

@@ -76,33 +76,41 @@ def ours_f16(merged_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 DIFFERS_BY_DESIGN = {"tokenizer.chat_template"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "bf16"])
-def test_gguf_equals_llama_cpp_converter(llama_cpp_source: Path, merged_dir: Path, tmp_path: Path, qtype: str) -> None:
-    """Every tensor (name, type, shape, bytes) and every metadata key the converter writes, same value and type."""
-    theirs = tmp_path / f"converter-{qtype}.gguf"
+def assert_equals_converter(source: Path, merged: Path, out_dir: Path, qtype: str) -> tuple[dict, dict, dict]:
+    """Convert `merged` with llama.cpp's convert_hf_to_gguf.py and with `export_gguf` at `qtype`: every tensor
+    (name, type, shape, bytes) and every metadata key the converter writes, same value and type (but
+    DIFFERS_BY_DESIGN). Returns the converter's tensors, its metadata and ours, for the caller's own checks."""
+    theirs = out_dir / f"converter-{qtype}.gguf"
     run_converter(
-        llama_cpp_source,
+        source,
         "convert_hf_to_gguf.py",
-        [str(merged_dir), "--outfile", str(theirs), "--outtype", qtype, "--model-name", "merged"],
+        [str(merged), "--outfile", str(theirs), "--outtype", qtype, "--model-name", "merged"],
     )
-    ours = export_gguf(merged_dir, tmp_path / f"ours-{qtype}.gguf", qtype, name="merged")
+    ours = export_gguf(merged, out_dir / f"ours-{qtype}.gguf", qtype, name="merged")
 
     reference, got = gguf_tensors(theirs), gguf_tensors(ours)
     # Same tensors; the order is ours by design (embeddings, blocks, output: one order whatever the sharding),
     # the converter's follows the checkpoint's storage order. llama.cpp looks tensors up by name.
-    assert len(reference) == 21 and sorted(got) == sorted(reference)
+    assert sorted(got) == sorted(reference)
     for name, (kind, shape, data) in reference.items():
         assert got[name][:2] == (kind, shape), name
         assert got[name][2] == data, f"{name}: tensor bytes differ from llama.cpp's converter"
 
     reference_kv, got_kv = gguf_fields(theirs), gguf_fields(ours)
-    assert len(reference_kv) >= 28
     missing = sorted(set(reference_kv) - set(got_kv))
     assert not missing, f"keys llama.cpp's converter writes and we do not: {missing}"
     for key, (value, types) in reference_kv.items():
         if key not in DIFFERS_BY_DESIGN:
             assert got_kv[key] == (value, types), key
+    return reference, reference_kv, got_kv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "bf16"])
+def test_gguf_equals_llama_cpp_converter(llama_cpp_source: Path, merged_dir: Path, tmp_path: Path, qtype: str) -> None:
+    """Every tensor (name, type, shape, bytes) and every metadata key the converter writes, same value and type."""
+    reference, reference_kv, got_kv = assert_equals_converter(llama_cpp_source, merged_dir, tmp_path, qtype)
+    assert len(reference) == 21 and len(reference_kv) >= 28
     template = reference_kv["tokenizer.chat_template"][0]
     assert "{%- generation -%}" in template  # the checkpoint's training template ...
     assert got_kv["tokenizer.chat_template"][0] == inference_template(template)  # ... without its marks

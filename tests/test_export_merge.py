@@ -18,18 +18,23 @@ PROMPT = "Convert 3 miles to kilometres, please. The answer is"
 
 
 def make_adapter_run(
-    run_dir: Path, targets: str = "all-linear", compute_dtype: str = "auto", extra: tuple[str, ...] = ()
+    run_dir: Path,
+    targets: str = "all-linear",
+    compute_dtype: str = "auto",
+    extra: tuple[str, ...] = (),
+    preset: str = "smoke",
 ) -> mf.LoadedModel:
     """A run directory as training leaves it: 4-bit base + LoRA with non-zero B, adapter saved.
 
-    Random B instead of training keeps this fast; every LoRA matrix is non-zero, so a merge that
-    skipped or mis-scaled any of them would show. ``extra``: more config overrides (e.g. the base model).
+    Random B instead of training keeps this fast; every LoRA matrix is non-zero (each Mixtral expert's
+    different), so a merge that skipped, swapped or mis-scaled any of them would show. ``extra``: more config
+    overrides (e.g. the base model); ``preset``: the config preset (``mixtral-smoke`` for the tiny Mixtral).
     """
     from mistral_fast.modeling import load_model
 
     overrides = [f"train.output_dir={run_dir}", f"lora.targets={targets}", f"model.compute_dtype={compute_dtype}"]
     overrides += list(extra)
-    cfg = mf.load_config("smoke", overrides)
+    cfg = mf.load_config(preset, overrides)
     loaded = load_model(cfg, for_training=False)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

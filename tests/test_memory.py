@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig, load_config
 from mistral_fast.errors import ConfigError
@@ -205,20 +205,14 @@ CASES = {
 
 
 def _measure(tmp_path, sizes, overrides, batch, seq):
-    # glibc maps large blocks separately and returns them on free: RSS then follows the tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq), str(TESTS)]
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return measure_in_fresh_process(["-c", _MEASURE, *args], timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_matches_measured_cpu_peak(tmp_path, case):
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
@@ -228,17 +222,11 @@ def test_estimate_matches_measured_cpu_peak(tmp_path, case):
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
     cfg = cfg.with_overrides({"train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg,
-        model_config=read_model_config(str(tmp_path / "model")),
-        on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-        chunked_loss=chunked,
-    )
+    est = estimate_measured(cfg, measured, chunked_loss=chunked)
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]  # LoRA count is exact
     assert measured["weights_exact"] == pytest.approx(b["weights"] + b["LoRA weights (fp32)"], rel=0.01)
-    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    step = step_estimate(b)
     assert measured["step_peak"] == pytest.approx(step, rel=STEP_TOLERANCE), (measured, b)
     assert measured["total_peak"] == pytest.approx(est.total, rel=TOTAL_TOLERANCE), (measured, b)
     assert step > 150 * 2**20  # large enough for RSS to resolve it
@@ -273,25 +261,18 @@ TRAINER_CASES = {k: CASES[k] for k in ("qlora-512x4", "qlora-512x4-checkpointing
 def test_estimate_matches_the_real_trainer_step(tmp_path, case):
     from pathlib import Path
 
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = TRAINER_CASES[case]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     harness = Path(__file__).parent / "trainer_step_memory.py"
     args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq)]
-    out = subprocess.run([sys.executable, str(harness), *args], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    measured = measure_in_fresh_process([str(harness), *args])
     cfg = RunConfig().with_overrides(
         {"model.name_or_path": str(tmp_path / "model"), **overrides, "model.max_seq_length": seq}
     )
     cfg = cfg.with_overrides({"train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )  # fmt: skip
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
-    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    step = step_estimate(b)
     ratio = measured["step_peak"] / step
     print(f"\n{case}: trainer step {measured['step_peak'] / 2**20:.1f} MiB, estimated {step / 2**20:.1f} ({ratio:.3f})")
     # the optimizer the Trainer ran is the one the estimate assumed, with its state (2 moments per LoRA matrix)

@@ -4,12 +4,11 @@ checked against the peak RSS of real preference-trainer steps on CPU, as tests/t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rss_harness import STEP_PARTS, estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig
 from mistral_fast.memory import estimate_memory
@@ -73,10 +72,8 @@ CASES = {
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
-    from mistral_fast.modeling import read_model_config
 
     overrides, (batch, prompt, answer) = CASES[case]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = [
         str(tmp_path / "model"),
         json.dumps(_SMALL),
@@ -84,9 +81,7 @@ def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str
         f"{batch},{prompt},{answer}",
         str(TESTS),
     ]
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    measured = measure_in_fresh_process(["-c", _MEASURE, *args])
     cfg = RunConfig().with_overrides(
         {
             "model.name_or_path": str(tmp_path / "model"),
@@ -96,15 +91,10 @@ def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str
             "train.max_answer_length": answer,
         }
     )
-    est = estimate_memory(
-        cfg,
-        model_config=read_model_config(str(tmp_path / "model")),
-        on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
     assert measured["trainable_params"] == est.details["trainable_params"]
-    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace", "reference")))
+    step = step_estimate(b, (*STEP_PARTS, "reference"))  # and DPO's reference pass
     print(
         case,
         {k: round(v / 2**20, 1) for k, v in b.items()},

@@ -263,21 +263,10 @@ def test_unsloth_backend_is_refused_for_mixtral_before_importing_it(mixtral_dir:
 def adapter_run(tmp_path_factory: pytest.TempPathFactory, mixtral_dir: Path):
     """A Mixtral run directory as training leaves it, with a random non-zero B on every LoRA matrix (each
     expert's different), so a merge that dropped, swapped or mis-scaled any expert's update would show."""
-    from mistral_fast.config import load_config
+    from test_export_merge import make_adapter_run
 
     run_dir = tmp_path_factory.mktemp("mixtral-run")
-    cfg = load_config("mixtral-smoke", [f"train.output_dir={run_dir}", f"model.name_or_path={mixtral_dir}"])
-    loaded = load_model(cfg, for_training=False)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    loaded.model.save_pretrained(run_dir / "adapter")
-    loaded.tokenizer.save_pretrained(run_dir / "adapter")
-    cfg.save(run_dir / "run_config.yaml")
-    extra = {"compute_dtype": str(loaded.compute_dtype).removeprefix("torch.")}
-    (run_dir / "result.json").write_text(json.dumps({"train": {"extra": extra}}))
+    loaded = make_adapter_run(run_dir, preset="mixtral-smoke", extra=(f"model.name_or_path={mixtral_dir}",))
     return run_dir, loaded
 
 
@@ -363,34 +352,15 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
 ) -> None:
     """Stacked ffn_{gate,up,down}_exps + ffn_gate_inp, every tensor's bytes and every metadata key, as the converter."""
     pytest.importorskip("llama_cpp")
-    from test_export_llama_cpp import DIFFERS_BY_DESIGN, gguf_fields, gguf_tensors, run_converter
+    from test_export_llama_cpp import assert_equals_converter
 
-    from mistral_fast.export import export_gguf
-
-    theirs = tmp_path / f"converter-{qtype}.gguf"
-    run_converter(
-        llama_cpp_source,
-        "convert_hf_to_gguf.py",
-        [str(merged_mixtral), "--outfile", str(theirs), "--outtype", qtype, "--model-name", "merged"],
-    )
-    ours = export_gguf(merged_mixtral, tmp_path / f"ours-{qtype}.gguf", qtype, name="merged")
-    reference, got = gguf_tensors(theirs), gguf_tensors(ours)
-    assert sorted(got) == sorted(reference)
+    reference, reference_kv, _ = assert_equals_converter(llama_cpp_source, merged_mixtral, tmp_path, qtype)
     h, i = TINY_MIXTRAL_DEFAULTS["hidden_size"], TINY_MIXTRAL_DEFAULTS["intermediate_size"]
     for layer in range(LAYERS):  # llama.cpp's stacked layout (GGUF shapes are innermost first)
         assert reference[f"blk.{layer}.ffn_gate_exps.weight"][1] == (h, i, E)
         assert reference[f"blk.{layer}.ffn_down_exps.weight"][1] == (i, h, E)
         assert reference[f"blk.{layer}.ffn_gate_inp.weight"][:2] == ("F32", (h, E))
-    for name, (kind, shape, data) in reference.items():
-        assert got[name][:2] == (kind, shape), name
-        assert got[name][2] == data, f"{name}: tensor bytes differ from llama.cpp's converter"
-    reference_kv, got_kv = gguf_fields(theirs), gguf_fields(ours)
     assert reference_kv["llama.expert_count"][0] == E and reference_kv["llama.expert_used_count"][0] == 2
-    missing = sorted(set(reference_kv) - set(got_kv))
-    assert not missing, f"keys llama.cpp's converter writes and we do not: {missing}"
-    for key, (value, types) in reference_kv.items():
-        if key not in DIFFERS_BY_DESIGN:
-            assert got_kv[key] == (value, types), key
 
 
 @pytest.mark.slow
@@ -503,32 +473,20 @@ MOE_CASES = {
 def test_moe_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
     """All experts resident in NF4, activations of the top-k experts per token, router logits: against peak RSS
     of real steps (tests/rss_harness.py, as tests/test_memory.py does for dense models; same tolerances)."""
-    import os
-    import subprocess
-    import sys
+    from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
-    from mistral_fast.memory import estimate_memory
-    from mistral_fast.modeling import read_model_config
 
     sizes, overrides, batch, seq = MOE_CASES[case]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     tests = Path(__file__).resolve().parent
     args = [str(tmp_path / "model"), json.dumps(sizes), json.dumps(overrides), str(batch), str(seq), str(tests)]
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE_MOE, *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    measured = measure_in_fresh_process(["-c", _MEASURE_MOE, *args])
     cfg = RunConfig().with_overrides(
         {"model.name_or_path": str(tmp_path / "model"), "model.tokenizer": "v1", **overrides}
     )
     cfg = cfg.with_overrides({"model.max_seq_length": seq, "train.per_device_batch_size": batch})
-    est = estimate_memory(
-        cfg, model_config=read_model_config(str(tmp_path / "model")), on_gpu=False,
-        compute_dtype=measured["compute_dtype"],
-    )  # fmt: skip
+    est = estimate_measured(cfg, measured)
     b = est.breakdown
-    step = sum(v for k, v in b.items() if k.startswith(("activations", "gradients", "workspace")))
+    step = step_estimate(b)
     weights = b["weights"] + b["LoRA weights (fp32)"]
     mib = 2**20
     print(

@@ -62,6 +62,18 @@ def ids(batch: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 32768, (batch, length), generator=gen)
 
 
+def lora_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Train `model` two SGD steps in train mode; the LoRA matrices whose gradient is then missing or zero."""
+    model.train()
+    params = lora_params(model)
+    optimizer = torch.optim.SGD(params.values(), lr=1.0)
+    for _ in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved once
+        optimizer.zero_grad()
+        model(input_ids=ids(), labels=ids()).loss.backward()
+        optimizer.step()
+    return [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum()]
+
+
 # --------------------------------------------------------------------------------- tiny model
 
 
@@ -243,15 +255,7 @@ def test_training_after_generate_still_gets_gradients(tiny_dir: Path) -> None:
     assert all(m.support_avx512bf16_for_cpu is False for m in layers.values())
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values())
 
-    model.train()
-    params = lora_params(model)
-    optimizer = torch.optim.SGD(params.values(), lr=1.0)
-    for _ in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved once
-        optimizer.zero_grad()
-        model(input_ids=ids(), labels=ids()).loss.backward()
-        optimizer.step()
-    dead = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum()]
-    assert not dead
+    assert not lora_without_gradient(model)
     for name, layer in layers.items():  # and the input gradient through every 4-bit layer
         x = torch.randn(3, layer.in_features, requires_grad=True)
         layer(x).sum().backward()
@@ -299,14 +303,7 @@ def test_disable_cpu_weight_repacking_undoes_bitsandbytes_repack_on_any_cpu(tiny
     with torch.no_grad():
         model(input_ids=ids())  # the trigger: with the guard off nothing is repacked
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values())
-    model.train()
-    params = lora_params(model)
-    optimizer = torch.optim.SGD(params.values(), lr=1.0)
-    for _ in range(2):  # lora_B starts at 0, so lora_A's gradient is 0 until B has moved once
-        optimizer.zero_grad()
-        model(input_ids=ids(), labels=ids()).loss.backward()
-        optimizer.step()
-    assert not [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum()]
+    assert not lora_without_gradient(model)
 
 
 @pytest.mark.skipif(not __import__("bitsandbytes").functional.has_avx512bf16(), reason="needs a CPU with AVX512-BF16")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -120,7 +119,7 @@ def test_kernel_is_this_environment_and_secrets_are_scrubbed(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_sweep_writes_a_table_skips_finished_and_survives_a_failure(tmp_path) -> None:
+def test_sweep_writes_a_table_skips_finished_and_survives_a_failure(tmp_path, monkeypatch) -> None:
     spec = {
         "notebook": FINETUNE,
         "parameters": {"smoke": True, "overrides": FAST},
@@ -131,14 +130,10 @@ def test_sweep_writes_a_table_skips_finished_and_survives_a_failure(tmp_path) ->
     }
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump(spec))
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        rows, paths = run_sweep(sweep)
-        first = {r["name"]: r for r in rows}
-        again, _ = run_sweep(sweep)  # finished variations are skipped; the failed one is retried
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # restored after the test
+    rows, paths = run_sweep(sweep)
+    first = {r["name"]: r for r in rows}
+    again, _ = run_sweep(sweep)  # finished variations are skipped; the failed one is retried
     assert [r["status"] for r in rows] == ["done", "done", "failed"]
     assert all(r["eval_loss"] and r["perplexity"] and r["tokens_per_second"] for r in rows[:2])
     with paths["csv"].open() as handle:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import shutil
 
-import jinja2
 import pytest
-from test_chat_template import PROMPTS, REJECTED, TRAINING, _a, _s, _u
+from test_chat_template import (
+    PROMPTS,
+    REJECTED,
+    TRAINING,
+    _a,
+    _s,
+    _u,
+    check_every_role_sequence,
+    check_rejected,
+    expected_mask,
+)
 from test_tokenizer import generated_strings, mismatches
 
 from mistral_fast.errors import TokenizerError
-from mistral_fast.tekken import CHAT_TEMPLATE_V7, TEKKEN_FILENAME, TEKKEN_VERSIONS, read_tekken, tekken_file
+from mistral_fast.tekken import CHAT_TEMPLATE_V7, TEKKEN_FILENAME, read_tekken, tekken_file
 from mistral_fast.tokenizer import (
     CHAT_TEMPLATE_V3,
     DEFAULT_PROBES,
@@ -143,34 +151,6 @@ def test_a_tokenizer_json_with_the_wrong_regex_is_named(toks, tmp_path):
 # ---------------------------------------------------------------------------------------------- chats
 
 
-def expected_mask(conversation, version: str) -> tuple[list[int], list[int]]:
-    """Ids and assistant mask from mistral_common alone, message by message (system messages in place for v7)."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.normalize import get_normalizer
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.tokens.tokenizers.base import TokenizerVersion
-
-    classes = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
-    reference = reference_tokenizer(version, "finetuning")
-    request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in conversation])
-    instruct = get_normalizer(TokenizerVersion(TEKKEN_VERSIONS[version])).from_chat_completion_request(request)
-    encoder = reference.instruct_tokenizer
-    users = [i for i, m in enumerate(instruct.messages) if isinstance(m, UserMessage)] or [-1]  # v7: maybe none
-    ids, mask = [encoder.tokenizer.bos_id], [0]
-    for i, message in enumerate(instruct.messages):
-        if isinstance(message, UserMessage):
-            new, _, _ = encoder.encode_user_message(
-                message, None, i == users[-1], i == users[0], system_prompt=instruct.system_prompt
-            )
-        elif isinstance(message, SystemMessage):
-            new, _ = encoder.encode_system_message(message)
-        else:
-            new = encoder.encode_assistant_message(message, is_before_last_user_message=i < users[-1])
-        ids += new
-        mask += [int(isinstance(message, AssistantMessage))] * len(new)
-    return ids, mask
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_chats_match_mistral_common(version, toks):
     tok = toks[version]
@@ -199,19 +179,11 @@ def test_rendering(toks):
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(("conversation", "kwargs"), REJECTED)
 def test_rejected_conversations(version, conversation, kwargs, toks):
-    with pytest.raises(TokenizerError):
-        reference_chat_ids(conversation, version, **kwargs)
-    with pytest.raises((jinja2.TemplateError, ValueError), match=r"message \d|empty"):
-        toks[version].apply_chat_template(conversation, return_dict=False, **kwargs)
-    with pytest.raises(TokenizerError, match=r"messages\[\d\]|empty conversation"):
-        validate_conversation(conversation, version, **kwargs)
+    check_rejected(toks[version], version, conversation, kwargs)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_role_sequence_agrees_with_mistral_common(version, toks):
-    """All 363 role sequences of 1-5 messages x {plain, generation prompt, continuation}: the same ids (and
-    assistant masks), or rejected by mistral_common, the template and the validator alike."""
-    rng = random.Random(version)
     texts = [
         "Hello!",
         "  What?  ",
@@ -224,36 +196,7 @@ def test_every_role_sequence_agrees_with_mistral_common(version, toks):
         "\U0001d518",
         "12345",
     ]
-    outcomes = {"accepted": 0, "rejected": 0}
-    for length in range(1, 6):
-        for roles in itertools.product(["system", "user", "assistant"], repeat=length):
-            for mode in ("plain", "generation", "continuation"):
-                conversation = [{"role": r, "content": rng.choice(texts)} for r in roles]
-                kwargs = {
-                    "add_generation_prompt": mode == "generation",
-                    "continue_final_message": mode == "continuation",
-                }
-                try:
-                    expected = reference_chat_ids(conversation, version, **kwargs)
-                except TokenizerError:
-                    expected = None
-                try:
-                    ours = toks[version].apply_chat_template(conversation, return_dict=False, **kwargs)
-                except (jinja2.TemplateError, ValueError):
-                    ours = None
-                try:
-                    validate_conversation(conversation, version, **kwargs)
-                    valid = True
-                except TokenizerError:
-                    valid = False
-                assert (ours, valid) == (expected, expected is not None), (mode, conversation)
-                if valid and mode == "plain" and roles[-1] == "assistant":
-                    out = toks[version].apply_chat_template(
-                        conversation, return_dict=True, return_assistant_tokens_mask=True
-                    )
-                    assert list(out["assistant_masks"]) == expected_mask(conversation, version)[1], conversation
-                outcomes["accepted" if valid else "rejected"] += 1
-    assert outcomes["accepted"] > 300 and outcomes["rejected"] > 300
+    check_every_role_sequence(toks[version], version, texts)
 
 
 def test_validator_knows_the_tekken_control_strings():

@@ -20,19 +20,7 @@ import sys
 import tempfile
 from typing import Any
 
-
-def _proc_status(field_name: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field_name}")
-
-
-def _reset_peak_rss() -> None:
-    # Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS.
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
+from rss_harness import proc_status, reset_peak_rss  # this file's folder is sys.path[0] when run as a script
 
 
 def measure(path: str, sizes: dict[str, int], overrides: dict[str, Any], batch: int, seq: int) -> dict[str, Any]:
@@ -78,12 +66,12 @@ def measure(path: str, sizes: dict[str, int], overrides: dict[str, Any], batch: 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:
                 gc.collect()
-                figures["before_step"] = _proc_status("VmRSS")
-                _reset_peak_rss()
+                figures["before_step"] = proc_status("VmRSS")
+                reset_peak_rss()
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             if state.global_step == 2:
-                figures["step_peak"] = _proc_status("VmHWM") - figures["before_step"]
+                figures["step_peak"] = proc_status("VmHWM") - figures["before_step"]
                 inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
                 figures["optimizer_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
                 figures["optimizer_state_tensors"] = sum(

@@ -502,6 +502,37 @@ def export_merged_gguf(
         ModelError: as `merge_adapter` and `export_gguf` do.
     """
 
+    return _run_gguf(
+        run_or_adapter_dir,
+        out_path,
+        qtype,
+        base=base,
+        dtype=dtype,
+        name=name,
+        original_checkpoint=original_checkpoint,
+        with_lora=True,
+    )
+
+
+def _run_gguf(
+    run_or_adapter_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    qtype: str,
+    *,
+    base: str,
+    dtype: str | None,
+    name: str | None,
+    original_checkpoint: str | os.PathLike[str] | None,
+    with_lora: bool,
+) -> Path:
+    """The GGUF of a run's merge base, with its LoRA merged in (`export_merged_gguf`) or without it
+    (`lora_gguf.export_base_gguf`, the base an adapter GGUF applies to).
+
+    Both stream the same base tensors through the same NF4 round trip and rounding and take the tokenizer
+    from the same place, so base GGUF + adapter GGUF and the merged GGUF differ only by the LoRA delta.
+    Arguments as for `export_merged_gguf`; ``name`` defaults to the run directory's name with the LoRA, the
+    base checkpoint's without.
+    """
     from mistral_fast.export import merge as m
 
     _check_qtype(qtype)
@@ -510,7 +541,7 @@ def export_merged_gguf(
     source = m.resolve_source(run_or_adapter_dir)
     base_path, quant = m.merge_base(source, base, original_checkpoint)
     out_dtype = m._output_dtype(base_path, dtype)
-    lora, scaling = m.load_lora(source.adapter_dir)
+    lora, scaling = m.load_lora(source.adapter_dir) if with_lora else ({}, 1.0)
     config = _read_config(base_path)
     plan = _plan(base_path, config, qtype)
     missing = sorted(set(lora) - {name for spec in plan for _, name in (spec.parts or ((spec.source, spec.hf_name),))})
@@ -526,8 +557,10 @@ def export_merged_gguf(
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
     sp_model = m._sentencepiece_model(source) or _resolve_sp_model(source.base_path, None)
     out_path = Path(out_path)
-    _write_gguf(out_path, config, plan, qtype, name or source.adapter_dir.parent.name, tok_dir, sp_model, merged)
-    log.info("merged %s (%s base) straight into %s", source.adapter_dir, base, out_path)
+    default_name = source.adapter_dir.parent.name if with_lora else base_path.name
+    _write_gguf(out_path, config, plan, qtype, name or default_name, tok_dir, sp_model, merged)
+    if with_lora:
+        log.info("merged %s (%s base) straight into %s", source.adapter_dir, base, out_path)
     return out_path
 
 

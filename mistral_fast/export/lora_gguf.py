@@ -25,7 +25,6 @@ from mistral_fast.errors import ModelError
 from mistral_fast.export import gguf as g
 from mistral_fast.export import kernels
 from mistral_fast.export import merge as m
-from mistral_fast.export.kernels import RowMerge
 
 if TYPE_CHECKING:
     import numpy as np
@@ -194,19 +193,14 @@ def export_base_gguf(
     Returns:
         ``out_path``.
     """
-    g._check_qtype(qtype)
-    source = m.resolve_source(run_or_adapter_dir)
-    base_path, quant = m.merge_base(source, base, original_checkpoint)
-    out_dtype = m._output_dtype(base_path, None)
-    config = g._read_config(base_path)
-    plan = g._plan(base_path, config, qtype)
-
-    def unmerged(spec: g._Tensor, weight: torch.Tensor) -> RowMerge:
-        nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
-        return RowMerge(weight, None, 1.0, nf4, out_dtype, f"{spec.source.name}: {spec.hf_name}")
-
-    tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
-    sp_model = m._sentencepiece_model(source) or g._resolve_sp_model(base_path, None)
-    out_path = Path(out_path)
-    g._write_gguf(out_path, config, plan, qtype, name or base_path.name, tok_dir, sp_model, unmerged)
-    return out_path
+    # export_merged_gguf's one pass with no LoRA: the same base tensors, rounding and tokenizer
+    return g._run_gguf(
+        run_or_adapter_dir,
+        out_path,
+        qtype,
+        base=base,
+        dtype=None,
+        name=name,
+        original_checkpoint=original_checkpoint,
+        with_lora=False,
+    )
