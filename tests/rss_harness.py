@@ -246,14 +246,14 @@ def measure_cpu_load(cfg: RunConfig, *, for_training: bool = False) -> dict[str,
 
     validate_model_request(cfg)
     gc.collect()
-    before = {k: _proc_status(k) for k in ("VmRSS", "RssAnon", "RssFile")}
-    _reset_peak_rss()
+    before = {k: proc_status(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+    reset_peak_rss()
     loaded = load_model(cfg, for_training=for_training)
     gc.collect()
     return {
-        "peak": _proc_status("VmHWM") - before["VmRSS"],
-        "end": _proc_status("VmRSS") - before["VmRSS"],
-        "anon_end": _proc_status("RssAnon") - before["RssAnon"],
-        "file_end": _proc_status("RssFile") - before["RssFile"],
+        "peak": proc_status("VmHWM") - before["VmRSS"],
+        "end": proc_status("VmRSS") - before["VmRSS"],
+        "anon_end": proc_status("RssAnon") - before["RssAnon"],
+        "file_end": proc_status("RssFile") - before["RssFile"],
         "weights_exact": _tensor_bytes(loaded.model),
     }
