@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     parser.add_argument("--qtypes", nargs="+", default=["q8_0", "f16"], choices=["q8_0", "f16", "bf16"])
     parser.add_argument("--peft-limit-gib", type=float, default=20.0, help="stop peft's merge past this RSS")
+    parser.add_argument("--no-peft", action="store_true", help="leave peft's merge out (known not to fit)")
     args = parser.parse_args()
     layers = args.layers or SHAPES[args.shape]["layers"]
     tokenizer = SHAPES[args.shape]["tokenizer"]
@@ -140,9 +141,12 @@ def main() -> None:
     one_pass = out / "one-pass-q8_0.gguf"
     gguf_stage(ONE_PASS, python(export + f"export_merged_gguf({str(run_dir)!r}, {str(one_pass)!r}, 'q8_0')"), one_pass)
     merged = args.work / "peft-merged"
-    peft = timed_with_limit(PEFT, python(PEFT_MERGE.format(
-        base=str(base), adapter=str(run_dir / "adapter"), out=str(merged))), args.peft_limit_gib)  # fmt: skip
-    rows.append(peft)
+    if args.no_peft:
+        peft = {"stage": PEFT, "stopped": "left out (--no-peft)"}
+    else:
+        peft = timed_with_limit(PEFT, python(PEFT_MERGE.format(
+            base=str(base), adapter=str(run_dir / "adapter"), out=str(merged))), args.peft_limit_gib)  # fmt: skip
+        rows.append(peft)
     merge_stage = peft
     if "stopped" in peft:
         shutil.rmtree(merged, ignore_errors=True)
