@@ -31,7 +31,8 @@ from mistral_fast.config import load_config
 from mistral_fast.modeling import load_model, loading
 if sys.argv[2] == "fused":
     loading._streams_experts = lambda path: False
-cfg = load_config(None, [f"model.name_or_path={sys.argv[1]}", "model.tokenizer=v1", "model.backend=hf", "lora.targets=all-linear"])
+overrides = ["model.tokenizer=v1", "model.backend=hf", "lora.targets=all-linear"]
+cfg = load_config(None, [f"model.name_or_path={sys.argv[1]}", *overrides])
 torch.cuda.reset_peak_memory_stats()
 loaded = load_model(cfg, for_training=True)
 torch.cuda.synchronize()
