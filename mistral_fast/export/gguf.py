@@ -627,9 +627,8 @@ def _read_spec(spec: _Tensor) -> Any:
     (the embeddings and lm_head of a 131k vocabulary) a `FileRows` read as it is encoded."""
     if spec.parts:
         return [read_tensor(file, name) for file, name in spec.parts]
-    if FileRows.fits(spec.source, spec.hf_name):
-        return FileRows(spec.source, spec.hf_name)
-    return read_tensor(spec.source, spec.hf_name)
+    rows = FileRows.open_large(spec.source, spec.hf_name)
+    return rows if rows is not None else read_tensor(spec.source, spec.hf_name)
 
 
 def _prepare_spec(prepare: Callable[[_Tensor, torch.Tensor], RowMerge], spec: _Tensor, weight: Any) -> Any:

@@ -251,6 +251,13 @@ LARGE_TENSOR_BYTES = 256 * 2**20
 _FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
+def _header_entry(file: Path, name: str) -> tuple[int, dict[str, Any]]:
+    """(where a safetensors file's data starts, the header's entry for ``name``: dtype, shape, offsets)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))[name]
+
+
 class FileRows:
     """A float tensor of a safetensors file, read by row ranges (``rows[start:end]``) with plain reads.
 
@@ -261,30 +268,27 @@ class FileRows:
     ``shape``/``ndim``/``dtype`` and row slicing that `RowMerge` uses on a weight it does not quantise.
     """
 
-    def __init__(self, file: Path, name: str) -> None:
+    def __init__(self, file: Path, name: str, entry: tuple[int, dict[str, Any]] | None = None) -> None:
         import torch
 
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            info = json.loads(f.read(size))[name]
+        data_start, info = entry or _header_entry(file, name)
         self.file, self.name = file, name
         self.shape = torch.Size(info["shape"])
         self.ndim = len(self.shape)
         self.dtype = getattr(torch, _FLOAT_DTYPES[info["dtype"]])
-        self._offset = 8 + size + info["data_offsets"][0]
+        self._offset = data_start + info["data_offsets"][0]
         self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
 
     @classmethod
-    def fits(cls, file: Path, name: str) -> bool:
-        """Whether the tensor is large, 2-D or more, and stored as a plain float (not a 4-bit weight)."""
-        from safetensors import safe_open
-
-        with safe_open(file, framework="pt") as f:
-            part = f.get_slice(name)
-            dtype, shape = part.get_dtype(), part.get_shape()
-        if dtype not in _FLOAT_DTYPES or len(shape) < 2:
-            return False
-        return math.prod(shape) * {"BF16": 2, "F16": 2, "F32": 4}[dtype] > LARGE_TENSOR_BYTES
+    def open_large(cls, file: Path, name: str) -> FileRows | None:
+        """The tensor as `FileRows` if it is large, 2-D or more and a plain float (not a 4-bit weight);
+        None when it is better read whole (`read_tensor`). Reads the file's header once."""
+        entry = _header_entry(file, name)
+        info = entry[1]
+        if info["dtype"] not in _FLOAT_DTYPES or len(info["shape"]) < 2:
+            return None
+        large = info["data_offsets"][1] - info["data_offsets"][0] > LARGE_TENSOR_BYTES
+        return cls(file, name, entry) if large else None
 
     def __getitem__(self, index: slice) -> torch.Tensor:
         import torch
