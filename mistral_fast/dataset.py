@@ -154,17 +154,7 @@ def prepare_data_in_memory(
 
     Each example is held as Python lists of ints (about 100–135 bytes of RAM per token): the path for
     small data, for sources whose values are not JSON (see `prepare_data`), and the reference the
-    tests compare the cached, parallel path with.
-
-    Args:
-        cfg: the run config (``data`` section, ``model.max_seq_length``, ``model.tokenizer``).
-        tokenizer: a tokenizer with the chat template; the exact Mistral one for ``cfg.model.tokenizer``
-            if None.
-        source: overrides ``cfg.data.path`` (a path, a `datasets` name or a `datasets.Dataset`).
-
-    Raises:
-        DataError: a bad record (``file:line: what — what to do``) or an example with no trained token
-            left after truncation, unless ``data.skip_invalid`` is set.
+    tests compare the cached, parallel path with. Arguments and errors are `prepare_data`'s.
     """
     from datasets import Dataset
 
