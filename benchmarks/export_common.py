@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -133,32 +134,30 @@ def timed(stage: str, argv: list[str], env: dict[str, str] | None = None) -> dic
 def timed_with_limit(stage: str, argv: list[str], limit_gib: float) -> dict[str, float | str]:
     """`timed`, but the stage is stopped once its RSS passes ``limit_gib``: recorded as not fitting.
 
-    Polled every 0.2 s from /proc (the stage's own RSS: anonymous + mapped file pages it touched).
+    Polled every 0.2 s from /proc (the stage's own RSS: anonymous + mapped file pages it touched). Its
+    stderr goes to a file, not a pipe: a pipe nobody reads while polling would block a chatty stage.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = max(peak, int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) << 10)
-        except (OSError, TypeError):
-            pass
-        if peak > limit_gib * 2**30:
-            proc.kill()
-            proc.wait()
-            row = {
-                "stage": stage,
-                "seconds": round(time.perf_counter() - start, 1),
-                "peak_rss_gib": round(peak / 2**30, 2),
-            }
-            row["stopped"] = f"RSS passed {limit_gib} GiB before the stage finished: does not fit this machine"
-            print(json.dumps(row), flush=True)
-            return row
-        time.sleep(0.2)
-    if proc.returncode:
-        raise SystemExit(f"{stage} failed:\n{proc.stderr.read()[-3000:]}")
+    peak, stopped = 0, False
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        while proc.poll() is None and not stopped:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) << 10)
+            except (OSError, TypeError):
+                pass
+            stopped = peak > limit_gib * 2**30
+            if stopped:
+                proc.kill()
+            time.sleep(0.2)
+        proc.wait()
+        if proc.returncode and not stopped:
+            errors.seek(0)
+            raise SystemExit(f"{stage} failed:\n{errors.read()[-3000:]}")
     row = {"stage": stage, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+    if stopped:
+        row["stopped"] = f"RSS passed {limit_gib} GiB before the stage finished: does not fit this machine"
     print(json.dumps(row), flush=True)
     return row
 
