@@ -131,7 +131,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     from mistral_fast.config import ModelConfig
-    from mistral_fast.data import Example
+    from mistral_fast.example import Example
 
 __all__ = [
     "CHAT_TEMPLATE_V1",
