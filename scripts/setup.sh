@@ -15,6 +15,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 stamp=.venv/.mistral_fast_install
 want="$(cat pyproject.toml requirements-ci.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  .venv/bin/python scripts/fetch_converters.py >/dev/null  # test layer (below): a no-op when .cache has them
   exit 0
 fi
 echo "setup: installing into $root/.venv (first run takes a few minutes)" >&2
@@ -31,4 +32,11 @@ export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 "${pip[@]}" -c requirements-ci.txt --no-deps unsloth unsloth_zoo
 "${pip[@]}" -c requirements-ci.txt tyro hf_transfer json5 structlog einops msgspec "wheel>=0.42" torchao \
   cut_cross_entropy diffusers nest-asyncio
+# --- test layer: converter source + wheel build backend ---
+# The tests never touch the network: llama.cpp's converters (for the byte-for-byte GGUF comparisons) are
+# fetched here once into .cache/llama-cpp-src (git-ignored, kept across runs), and hatchling is installed so
+# the wheel test builds with --no-build-isolation.
+"${pip[@]}" -c requirements-ci.txt hatchling
+.venv/bin/python scripts/fetch_converters.py >/dev/null
+# --- end of test layer ---
 echo "$want" > "$stamp"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_optional
 
 from mistral_fast.errors import ModelError
 from mistral_fast.export import export_gguf, export_run, quantize_gguf, write_modelfile
@@ -44,7 +45,7 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export.report import gguf_side
 
     ids = load_tokenizer("v3")(TEXT).input_ids
@@ -59,7 +60,7 @@ def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model)
 
 
 def test_gguf_tokenizer_gives_mistral_common_ids(f16_gguf: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export.report import TOKENIZER_TEXTS, open_gguf
 
     reference = reference_tokenizer("v3").instruct_tokenizer.tokenizer
@@ -131,7 +132,7 @@ def test_q_k_permutation_is_inverted_by_transformers_gguf_loader() -> None:
 
 
 def test_k_quant_through_llama_cpp(f16_gguf: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import gguf
 
     out = quantize_gguf(f16_gguf, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
@@ -180,7 +181,7 @@ def test_modelfile(f16_gguf: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_export_run_writes_everything_and_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from test_export_merge import make_adapter_run
 
     from mistral_fast.config import RunConfig
@@ -217,7 +218,7 @@ def _yaml(path: Path) -> dict:
 
 def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_model, tmp_path: Path) -> None:
     """A model whose first greedy token is </s>: both runtimes must stop there (the report's EOS check)."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -281,7 +282,7 @@ def test_export_run_without_merged_writes_no_checkpoint(adapter_run_dir: Path, t
 
 def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_path: Path) -> None:
     """The report's perplexity: llama.cpp's logits of an f16 GGUF score the eval split like transformers does."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export import export_merged_gguf, merge_adapter
     from mistral_fast.export.report import eval_rows, gguf_side, merged_side
     from mistral_fast.rundir import RunDir

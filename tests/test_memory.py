@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import require_platform
 from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig, load_config
@@ -210,9 +211,9 @@ def _measure(tmp_path, sizes, overrides, batch, seq):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_matches_measured_cpu_peak(tmp_path, case):
+    require_platform(sys.platform.startswith("linux"), "reads /proc for the peak RSS")
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
@@ -256,9 +257,9 @@ TRAINER_CASES = {k: CASES[k] for k in ("qlora-512x4", "qlora-512x4-checkpointing
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(TRAINER_CASES))
 def test_estimate_matches_the_real_trainer_step(tmp_path, case):
+    require_platform(sys.platform.startswith("linux"), "reads /proc for the peak RSS")
     from pathlib import Path
 
 

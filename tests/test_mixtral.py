@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_optional
 
 from mistral_fast.config import RunConfig
 from mistral_fast.errors import ModelError
@@ -351,7 +352,7 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
     llama_cpp_source: Path, merged_mixtral: Path, tmp_path: Path, qtype: str
 ) -> None:
     """Stacked ffn_{gate,up,down}_exps + ffn_gate_inp, every tensor's bytes and every metadata key, as the converter."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from test_export_llama_cpp import assert_equals_converter
 
     reference, reference_kv, _ = assert_equals_converter(llama_cpp_source, merged_mixtral, tmp_path, qtype)
@@ -366,7 +367,7 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
 @pytest.mark.slow
 def test_llama_cpp_logits_equal_the_merged_mixtral(merged_mixtral: Path, tmp_path: Path) -> None:
     """llama.cpp runs our GGUF (f16) with its own MoE kernels: its logits equal transformers' on the merged model."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import numpy as np
     from transformers import AutoModelForCausalLM
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import require_platform
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 OVERRIDES = {
@@ -89,8 +90,8 @@ def test_storage_puts_the_run_under_it_and_resumes(tmp_path) -> None:
     assert resolve_run_dir("runs/r", storage=str(tmp_path)) == tmp_path / "runs" / "r"  # where 02/03 look
 
 
-@pytest.mark.skipif(Path("/content/drive").exists(), reason="Google Drive is mounted here")
 def test_storage_drive_without_the_mount_says_to_run_the_set_up_cell() -> None:
+    require_platform(not Path("/content/drive").exists(), "Google Drive is mounted here (a Colab runtime)")
     from mistral_fast.errors import ConfigError
     from mistral_fast.runner import check_parameters, resolve_notebook
 
