@@ -179,6 +179,16 @@ def go_executable() -> str:
     return go
 
 
+def free_port() -> int:
+    """A TCP port the OS says is free now (bind to port 0), for a rendezvous (MASTER_PORT): a port derived from
+    the pid can collide with another test session's on the same machine."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_minimal_gguf(path: Path, chat_template: str | None = None) -> Path:
     """A real GGUF file holding only metadata (no tensors): enough for what reads a GGUF's keys (Modelfiles)."""
     import gguf

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -48,10 +47,10 @@ def small_notebook(path: Path, *cells: str) -> Path:
     ],
 )
 def test_bad_parameters_fail_before_a_kernel_starts(params, message, tmp_path) -> None:
-    start = time.perf_counter()
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         run_notebook(FINETUNE, params, output=tmp_path / "out.ipynb")
-    assert time.perf_counter() - start < 5
+    # no wall-clock bound (2 busy cores): the runner keeps the output notebook of every kernel it starts, so no
+    # output notebook means no kernel was started
     assert not (tmp_path / "out.ipynb").exists(), "no kernel was started"
 
 

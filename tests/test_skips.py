@@ -127,3 +127,29 @@ def test_the_export_notebook_test_has_no_catch_all_skip() -> None:
     test = test_notebooks.test_export_notebook_runs_on_the_finetuned_run
     assert not [m for m in getattr(test, "pytestmark", []) if m.name in ("skip", "skipif")]
     assert not hasattr(test_notebooks, "_export_available")
+
+
+def _timing_hazards(source: str) -> list[str]:
+    """``line: code`` of an elapsed-time bound (``perf_counter() - start < 5``) or a fixed rendezvous port
+    (``29500 + pid``) in a module's source: both fail on 2 busy cores or beside another session, not on a bug."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        left = node.left if isinstance(node, ast.Compare) else None
+        clock = ("perf_counter", "monotonic", "time.time")
+        if isinstance(left, ast.BinOp) and isinstance(left.op, ast.Sub) and any(c in ast.unparse(left) for c in clock):
+            found.append((node.lineno, ast.unparse(node)))
+        if isinstance(node, ast.Constant) and node.value in (29500, "29500"):
+            found.append((node.lineno, "MASTER_PORT 29500 (take one from conftest.free_port())"))
+    return [f"{line}: {code}" for line, code in sorted(found)]
+
+
+def test_no_elapsed_time_bound_and_no_fixed_port() -> None:
+    """Issue 21: tests kill at deterministic pause points, bound nothing by wall-clock time, and take
+    rendezvous ports from the OS (`conftest.free_port`)."""
+    code = "import time, os\ns = time.perf_counter()\nassert time.perf_counter() - s < 5\np = 29500 + os.getpid()\n"
+    assert len(_timing_hazards(code)) == 2  # the scan finds both forms
+    modules = [p for p in sorted(TESTS.rglob("*.py")) if p != Path(__file__)]
+    offenders = [
+        f"{path.relative_to(TESTS.parent)}:{form}" for path in modules for form in _timing_hazards(path.read_text())
+    ]
+    assert not offenders, "\n".join(offenders)
