@@ -119,6 +119,41 @@ def test_gguf_types_hold_the_weights_in_llama_cpp_layout(
     assert int(field.parts[field.data[0]][0]) == gguf_export._file_type(qtype)
 
 
+@pytest.fixture(scope="module")
+def f32_gguf(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_gguf(model_dir, tmp_path_factory.mktemp("gguf32") / "tiny-f32.gguf", "f32")
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_0"])
+def test_legacy_quants_are_what_llama_cpps_own_quantiser_writes(
+    model_dir: Path, f32_gguf: Path, tmp_path: Path, qtype: str
+) -> None:
+    """q4_0/q5_0 (which llama.cpp's converter does not write) against llama.cpp's C quantiser: the f32 GGUF
+    quantised by ``llama_model_quantize`` (``pure``: every 2-D tensor in `qtype`, none promoted to Q6_K) holds
+    the same bytes, tensor by tensor, as our direct export (gguf-py's numpy quantiser on each row range)."""
+    require_optional("llama_cpp")
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    ours = export_gguf(model_dir, tmp_path / f"ours-{qtype}.gguf", qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.pure, params.nthread = True, 1
+    theirs = tmp_path / f"llama-cpp-{qtype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert got.keys() == ref.keys()
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    quantised = [name for name, t in ref.items() if t.tensor_type == kind]
+    assert len(quantised) == 16, "every 2-D weight (2 layers × 7, embeddings, output) in " + qtype
+    for name, tensor in ref.items():
+        assert got[name].tensor_type == tensor.tensor_type, name
+        assert np.array_equal(np.asarray(got[name].data), np.asarray(tensor.data)), name
+
+
 def test_q_k_permutation_is_inverted_by_transformers_gguf_loader() -> None:
     # Rows of each head go from HF's halves layout to llama.cpp's interleaved pairs, as llama.cpp's
     # converter does; transformers' GGUF loader applies the inverse.
