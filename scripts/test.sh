@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what it needs into .venv, then runs the whole suite.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`). `--quick`: the fast lane for the
+# edit-test loop (no slow, end-to-end notebook, converter or multi-process test; <= 5 min on 2 cores, see
+# tests/conftest.py); CI runs everything.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

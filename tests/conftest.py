@@ -25,6 +25,32 @@ if "MISTRAL_FAST_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["MISTRAL_FAST_CACHE"], ignore_errors=True)
 
 
+# The fast lane (`bash scripts/test.sh --quick`, i.e. `pytest --quick`): a representative subset for the edit-test
+# loop, <= 5 minutes on 2 cores. It deselects (never skips) `slow`/`unsloth` tests and the end-to-end files below,
+# whose every test runs a notebook kernel, llama.cpp's converter or several processes; CI runs everything.
+QUICK_EXCLUDED_FILES: dict[str, str] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--quick", action="store_true", help="the fast lane: no slow, end-to-end or multi-process test")
+
+
+def quick_selected(item: pytest.Item) -> bool:
+    """Whether the fast lane keeps a test: not marked slow/unsloth, not in an end-to-end file."""
+    return not (
+        item.get_closest_marker("slow") or item.get_closest_marker("unsloth") or item.path.name in QUICK_EXCLUDED_FILES
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--quick"):
+        return
+    dropped = [item for item in items if not quick_selected(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if quick_selected(item)]
+
+
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
     """Run a test with torch on 1 and on 2 threads (CI sets OMP_NUM_THREADS=1, which would hide the

@@ -153,3 +153,76 @@ def test_no_elapsed_time_bound_and_no_fixed_port() -> None:
         f"{path.relative_to(TESTS.parent)}:{form}" for path in modules for form in _timing_hazards(path.read_text())
     ]
     assert not offenders, "\n".join(offenders)
+
+
+# ------------------------------------------------------------------------------------------ the fast lane
+
+
+def test_quick_deselects_slow_unsloth_and_end_to_end_tests(tmp_path) -> None:
+    """`pytest --quick` (what `scripts/test.sh --quick` runs) deselects, never skips: 0 skipped under CI=true."""
+    (tmp_path / "test_lane.py").write_text(
+        "import pytest\n\ndef test_fast():\n    pass\n\n@pytest.mark.slow\ndef test_slow():\n    pass\n\n"
+        "@pytest.mark.unsloth\ndef test_unsloth():\n    pass\n"
+    )
+    env = {**os.environ, "CI": "true", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "-c", os.devnull]
+    argv += ["--rootdir", str(tmp_path), str(tmp_path / "test_lane.py")]
+    quick = subprocess.run([*argv, "--quick"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert quick.returncode == 0 and "1 passed, 2 deselected" in quick.stdout, quick.stdout[-2000:]
+    everything = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert everything.returncode == 0 and "3 passed" in everything.stdout, everything.stdout[-2000:]
+
+
+def _quick_modules() -> list[Path]:
+    """Test modules the fast lane runs at least one test of (read from the source: a test function without a
+    ``slow``/``unsloth`` mark, in a module without such a ``pytestmark`` and not in QUICK_EXCLUDED_FILES)."""
+    marks = ("slow", "unsloth")
+    found = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        if path.name in conftest.QUICK_EXCLUDED_FILES:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_marked = any(
+            isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+            and any(f"mark.{m}" in ast.unparse(n.value) for m in marks)
+            for n in tree.body
+        )  # fmt: skip
+        tests = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        quick = [t for t in tests if not any(f"mark.{m}" in ast.unparse(d) for d in t.decorator_list for m in marks)]
+        if quick and not module_marked:
+            found.append(path)
+    return found
+
+
+def test_the_fast_lane_touches_every_module_of_the_package() -> None:
+    """Every mistral_fast module is imported (directly, or through the package's own imports) by a test module
+    the fast lane runs, so an edit anywhere meets at least one quick test."""
+    import test_architecture as arch
+
+    graph = arch._graph()
+    reached: set[str] = set()
+    todo = [m for path in _quick_modules() for m in _package_imports(path)]
+    while todo:
+        module = todo.pop()
+        module = module if module in graph else arch._top(module)
+        if module in graph and module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    unreached = sorted(set(graph) - reached - {"__main__"})
+    assert not unreached, f"no quick test imports {unreached}: add a fast test of theirs (or drop a `slow` mark)"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """mistral_fast modules a test file imports (``import mistral_fast as mf`` counts as ``__init__``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mistral_fast"):
+            base = node.module.removeprefix("mistral_fast").lstrip(".")
+            found |= {f"{base}.{a.name}".lstrip(".") for a in node.names} | ({base} if base else {"__init__"})
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "mistral_fast":
+                    found.add("__init__")
+                elif alias.name.startswith("mistral_fast."):
+                    found.add(alias.name.removeprefix("mistral_fast."))
+    return found
