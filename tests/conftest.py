@@ -28,7 +28,18 @@ if "MISTRAL_FAST_CACHE" not in os.environ:
 # The fast lane (`bash scripts/test.sh --quick`, i.e. `pytest --quick`): a representative subset for the edit-test
 # loop, <= 5 minutes on 2 cores. It deselects (never skips) `slow`/`unsloth` tests and the end-to-end files below,
 # whose every test runs a notebook kernel, llama.cpp's converter or several processes; CI runs everything.
-QUICK_EXCLUDED_FILES: dict[str, str] = {}
+QUICK_EXCLUDED_FILES: dict[str, str] = {
+    "test_export_llama_cpp.py": "llama.cpp's converter on every test",
+    "test_export_ollama.py": "Go renders each template in its own process, llama.cpp tokenises",
+    "test_export_lora_gguf.py": "llama.cpp's LoRA converter and llama.cpp runs",
+}
+QUICK_EXCLUDED_TESTS: dict[str, str] = {  # file::test (any parametrisation) -> why
+    "test_faults.py::test_bad_input_is_one_actionable_line": "60 cases, each a CLI process",
+    "test_faults.py::test_cases_also_fail_cleanly_as_separate_processes": "a CLI process per case",
+    "test_security.py::test_token_printed_by_a_cell_reaches_neither_terminal_nor_disk": "a notebook kernel",
+    "test_security.py::test_token_is_on_no_intermediate_save_of_a_killed_notebook_run": "a notebook kernel, killed",
+    "test_security.py::test_model_and_data_names_never_become_write_paths": "CLI processes",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,8 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def quick_selected(item: pytest.Item) -> bool:
     """Whether the fast lane keeps a test: not marked slow/unsloth, not in an end-to-end file."""
+    test = f"{item.path.name}::{item.name.split('[')[0]}"
     return not (
-        item.get_closest_marker("slow") or item.get_closest_marker("unsloth") or item.path.name in QUICK_EXCLUDED_FILES
+        item.get_closest_marker("slow")
+        or item.get_closest_marker("unsloth")
+        or item.path.name in QUICK_EXCLUDED_FILES
+        or test in QUICK_EXCLUDED_TESTS
     )
 
 
@@ -203,6 +218,17 @@ def go_executable() -> str:
     if go is None:
         _need("Go is not installed (Debian/Ubuntu: apt-get install -y golang-go): needed to render Ollama templates")
     return go
+
+
+@pytest.fixture(scope="session")
+def shared_adapter_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """One run directory as training leaves it (4-bit tiny base + LoRA with random non-zero B, adapter saved)
+    and its loaded model, built once per session for the export tests that only read it (test_export_merge,
+    test_export_gguf, test_export_lora_gguf each built the same one). Tests that edit a run copy it first."""
+    from test_export_merge import make_adapter_run
+
+    run_dir = tmp_path_factory.mktemp("shared-adapter-run") / "run"
+    return run_dir, make_adapter_run(run_dir)
 
 
 def free_port() -> int:

@@ -215,17 +215,17 @@ def test_modelfile(f16_gguf: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_run_writes_everything_and_the_report(tmp_path: Path) -> None:
+def test_export_run_writes_everything_and_the_report(adapter_run_dir: Path, tmp_path: Path) -> None:
     require_optional("llama_cpp")
-    from test_export_merge import make_adapter_run
+    import shutil
 
     from mistral_fast.config import RunConfig
 
     run_dir = tmp_path / "run"
-    make_adapter_run(run_dir)
-    cfg = RunConfig.from_dict(
-        {**_yaml(run_dir / "run_config.yaml"), "export": {"merged": True, "gguf": ["f16", "q8_0", "q4_k_m"]}}
-    )
+    shutil.copytree(adapter_run_dir, run_dir)  # a copy of the session's run: this test exports into it
+    saved = _yaml(run_dir / "run_config.yaml")
+    train = {**saved["train"], "output_dir": str(run_dir)}
+    cfg = RunConfig.from_dict({**saved, "train": train, "export": {"merged": True, "gguf": ["f16", "q8_0", "q4_k_m"]}})
     result = export_run(cfg)
     out = run_dir / "export"
     assert sorted(result["gguf"]) == ["f16", "q4_k_m", "q8_0"] and (out / "merged" / "model.safetensors").is_file()
@@ -276,12 +276,8 @@ def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_
 
 
 @pytest.fixture(scope="module")
-def adapter_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_export_merge import make_adapter_run
-
-    run_dir = tmp_path_factory.mktemp("one-pass") / "run"
-    make_adapter_run(run_dir)
-    return run_dir
+def adapter_run_dir(shared_adapter_run) -> Path:
+    return shared_adapter_run[0]  # built once per session (conftest)
 
 
 @pytest.mark.parametrize(("qtype", "base"), [("f16", "dequantized"), ("q8_0", "dequantized"), ("bf16", "original")])
