@@ -39,6 +39,14 @@ QUICK_EXCLUDED_TESTS: dict[str, str] = {  # file::test (any parametrisation) -> 
     "test_security.py::test_token_printed_by_a_cell_reaches_neither_terminal_nor_disk": "a notebook kernel",
     "test_security.py::test_token_is_on_no_intermediate_save_of_a_killed_notebook_run": "a notebook kernel, killed",
     "test_security.py::test_model_and_data_names_never_become_write_paths": "CLI processes",
+    # the slowest of the rest (measured with --quick --durations): whole tiny-Nemo models and llama.cpp runs
+    "test_tekken.py::test_load_a_model_directory_with_tekken_json": "a tiny Nemo directory built and loaded",
+    "test_tekken.py::test_a_tokenizer_json_with_the_wrong_regex_is_named": "a tiny Nemo directory built and loaded",
+    "test_chunked_loss.py::test_on_the_qlora_tiny_nemo_equal_to_the_models_own_loss": "a 4-bit tiny Nemo",
+    "test_export_gguf.py::test_transformers_loads_our_gguf": "transformers' GGUF loader dequantises every type",
+    "test_export_gguf.py::test_legacy_quants_are_what_llama_cpps_own_quantiser_writes": "llama.cpp's quantiser",
+    "test_export_gguf.py::test_perplexity_of_f16_gguf_matches_merged_model": "llama.cpp runs the GGUF",
+    "test_export_gguf.py::test_k_quant_through_llama_cpp": "llama.cpp's quantiser",
 }
 
 
