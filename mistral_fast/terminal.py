@@ -5,8 +5,8 @@ made for a live frontend and say nothing in a log (issue 26, seen in `mistral-fa
 
 * tqdm's progress bars are ipywidgets in a kernel; the ``text/plain`` sent with a widget is its first frame
   (``Writing model shards:   0%|``) and the frames after it are widget updates a log never sees. Here a bar
-  prints one line, its last frame, when it finishes (``bar_style`` success/danger, or its box closes), or
-  at the end of its cell when it never did.
+  prints one line, its last frame, when it finishes (``bar_style`` success or danger), or at the end of its
+  cell when it never did; a ``leave=False`` bar, which tqdm hides when done, prints nothing.
 * Outputs updated in place (``display(..., display_id=True)``: transformers' notebook progress table) first
   show their empty start; they print once, their final content, at the end of the cell.
 * Rich outputs whose only text is Python's default repr (``<IPython.core.display.HTML object>``): their
@@ -151,9 +151,14 @@ class TerminalLog:
         return [text] if text else []
 
     def on_comm(self, msg_type: str, model_id: str) -> list[str]:
-        """A widget message: a bar that just finished (styled success/danger, or its box closed) prints."""
+        """A widget message: a bar that just finished (styled success or danger) prints its last frame.
+
+        A bar whose box closes was made with ``leave=False``: tqdm hides it when done (in Jupyter as in a
+        terminal), and its labels keep the last throttled frame, not the final count; it prints nothing.
+        """
         if msg_type == "comm_close" and model_id in self.boxes:
-            return self._finish(self.boxes[model_id])
+            self.bars.pop(self.boxes.pop(model_id), None)
+            return []
         if model_id in self.bars and self._state(model_id).get("bar_style") in ("success", "danger"):
             return self._finish(model_id)
         return []
