@@ -28,7 +28,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# --no-compile: pip would byte-compile every module it installs (torch and transformers alone hold thousands,
+# most never imported); Python compiles what is imported, once, on first use.
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q --no-compile)
 want="$(cat pyproject.toml requirements-ci.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 installed() { [ -f ".venv/.mistral_fast_$1" ] && [ "$(cat ".venv/.mistral_fast_$1")" = "$want" ]; }
 stamp() { echo "$want" > ".venv/.mistral_fast_$1"; }
