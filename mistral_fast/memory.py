@@ -208,6 +208,9 @@ class Plan:
         return self.batch_size * self.accumulation * self.world_size
 
 
+CPU_RAM = "CPU RAM (available)"  # MemoryEstimate.device of a CPU run's estimate (compared with MemAvailable)
+
+
 @dataclass
 class MemoryEstimate:
     """Per-device memory of one training configuration, with a verdict and a suggestion.
@@ -256,7 +259,10 @@ class MemoryEstimate:
         lines.append(f"| **total** | **{self.total / GiB:.2f}** |")
         if self.capacity is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines += ["", f"{verdict} on {self.device} ({self.capacity / GiB:.1f} GiB)"]
+            if self.device == CPU_RAM:  # a CPU run: say which memory, not a card's name
+                lines += ["", f"{verdict} in this machine's CPU RAM ({self.capacity / GiB:.1f} GiB available)"]
+            else:
+                lines += ["", f"{verdict} on {self.device} ({self.capacity / GiB:.1f} GiB)"]
         if self.suggestion:
             lines += ["", self.suggestion]
         return "\n".join(lines)
@@ -823,19 +829,31 @@ def preflight(cfg: RunConfig, *, gpu: str | float | None = None) -> MemoryEstima
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
         return check_fits(cfg, props.total_memory / GiB, world_size=world_size, device_name=props.name)
+    estimate = cpu_estimate(cfg, world_size=world_size)
+    if estimate.fits is False:
+        logging.getLogger("mistral_fast").warning(
+            "this run needs about %.1f GiB of RAM but %.1f GiB is available: it may be killed (OOM)",
+            estimate.total / GiB,
+            estimate.capacity / GiB,
+        )
+    return estimate
+
+
+def cpu_estimate(
+    cfg: RunConfig, *, world_size: int = 1, model_config: dict[str, Any] | None = None
+) -> MemoryEstimate:
+    """The estimate of training `cfg` on this machine's CPU, compared with the RAM the kernel reports available.
+
+    The compute dtype is the one training resolves on this CPU (bf16 where it is native, else fp32) and the
+    optimizer a CPU run's, so the figure is that of the run that would start here.
+    """
     from mistral_fast.modeling import resolve_compute_dtype
 
     dtype = str(resolve_compute_dtype(cfg.model.compute_dtype)[0]).removeprefix("torch.")
-    estimate = estimate_memory(cfg, on_gpu=False, compute_dtype=dtype, world_size=world_size)
+    estimate = estimate_memory(cfg, model_config=model_config, on_gpu=False, compute_dtype=dtype, world_size=world_size)
     available = available_ram()
     if available is not None:
-        estimate.device, estimate.capacity = "CPU RAM (available)", available
-        if not estimate.fits:
-            logging.getLogger("mistral_fast").warning(
-                "this run needs about %.1f GiB of RAM but %.1f GiB is available: it may be killed (OOM)",
-                estimate.total / GiB,
-                available / GiB,
-            )
+        estimate.device, estimate.capacity = CPU_RAM, available
     return estimate
 
 
@@ -857,11 +875,39 @@ def memory_report(
     gpu: str | float | None = None,
     world_size: int = 1,
     model_config: dict[str, Any] | None = None,
+    here: bool = False,
 ) -> str:
-    """Markdown for the CLI and notebooks: the run's own breakdown, then the three methods side by side."""
+    """Markdown for the CLI and notebooks: the run's own breakdown, then the three methods side by side.
+
+    Args:
+        cfg: the run config.
+        gpu: the card to check against (a name or GiB, see `gpu_capacity`); None: no verdict.
+        world_size: data-parallel processes.
+        model_config: the model's config.json as a dict; read from ``cfg.model.name_or_path`` if None.
+        here: the notebooks' pre-flight, about a run on this machine. Without CUDA here a run trains on the
+            CPU, so its estimate is the CPU run's against this machine's RAM, and the report says that `gpu`
+            was not checked (a verdict "fits on A100-80GB" on a laptop answered a question nobody asked).
+            With CUDA, or ``here=False`` (`mistral-fast memory`: planning for a card), `gpu` is the check.
+    """
     config = model_config or model_config_for(cfg)
-    own = estimate_memory(cfg, model_config=config, gpu=gpu, world_size=world_size)
-    methods = compare_methods(cfg, model_config=config, gpu=gpu, world_size=world_size)
+    if here and not _cuda_available():
+        own = cpu_estimate(cfg, world_size=world_size, model_config=config)
+        note = "No GPU on this machine, so a run here trains on the CPU: the estimate above is for that run."
+        if gpu is not None:
+            note += f" gpu={gpu!r} was not checked: run this on that card, or `mistral-fast memory CONFIG --gpu {gpu}`."
+        methods = compare_methods(cfg, model_config=config, world_size=world_size)  # no card: no verdict
+        head = [own.table(), "", note]
+    else:
+        own = estimate_memory(cfg, model_config=config, gpu=gpu, world_size=world_size)
+        methods = compare_methods(cfg, model_config=config, gpu=gpu, world_size=world_size)
+        head = [own.table()]
     return "\n".join(
-        [own.table(), "", "Full fine-tuning, LoRA (16-bit base) and QLoRA, same batch:", "", comparison_table(methods)]
+        [*head, "", "Full fine-tuning, LoRA (16-bit base) and QLoRA, same batch:", "", comparison_table(methods)]
     )
+
+
+def _cuda_available() -> bool:
+    """Whether this process sees a CUDA GPU (imports torch: only the `here` report, which precedes a run, asks)."""
+    import torch
+
+    return torch.cuda.is_available()

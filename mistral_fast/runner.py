@@ -222,6 +222,7 @@ def pinned_kernel() -> Iterator[str]:
         spec.mkdir(parents=True)
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         kernel = {"argv": argv, "display_name": f"mistral_fast ({sys.executable})", "language": "python"}
+        kernel["metadata"] = {"supported_encryption": ["curve"]}  # ipykernel reads CurveZMQ keys (see below)
         (spec / "kernel.json").write_text(json.dumps(kernel))
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, old) if p)
@@ -232,6 +233,23 @@ def pinned_kernel() -> Iterator[str]:
                 os.environ.pop("JUPYTER_PATH", None)
             else:
                 os.environ["JUPYTER_PATH"] = old
+
+
+def encrypted_kernel_config() -> Any:
+    """Kernel manager config that gives the kernel CurveZMQ keys: its sockets are encrypted.
+
+    ipykernel 7 warns at every start that a kernel on TCP without encryption is open to eavesdropping
+    (issue 26: the first line of `mistral-fast demo`'s output). jupyter_client 8.10 provisions keys when
+    asked (``transport_encryption``) and the kernelspec declares support (`pinned_kernel` does). An older
+    jupyter_client, or a libzmq without Curve, runs the kernel as before.
+    """
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    if not (zmq.has("curve") and KernelManager.class_traits().get("transport_encryption")):
+        return Config()
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
 
 
 def secret_values() -> list[str]:
@@ -285,6 +303,8 @@ def _scrubbing_engine() -> str:
     from papermill.log import logger
     from papermill.utils import merge_kwargs, remove_args
 
+    from mistral_fast.terminal import TerminalLog
+
     class ScrubbingManager(NotebookExecutionManager):
         def save(self, **kwargs: Any) -> None:
             if kwargs.get("nb"):
@@ -293,9 +313,36 @@ def _scrubbing_engine() -> str:
             super().save(**kwargs)
 
     class ScrubbingClient(PapermillNotebookClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.terminal = TerminalLog(lambda: self.widget_state)  # what of each output the log shows, when
+            self.message: dict[str, Any] = {}
+
+        def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+            self.message = msg  # papermill hands log_output_message the output only; its display_id is here
+            output = super().process_message(msg, cell, cell_index)
+            if msg["msg_type"].startswith("comm") and self.log_output:
+                self._log(self.terminal.on_comm(msg["msg_type"], msg["content"].get("comm_id", "")))
+            return output
+
         def log_output_message(self, output: Any) -> None:
             scrub_secrets(output, secret_values())  # in place: the node the notebook holds, before the log
-            super().log_output_message(output)
+            if output.output_type == "stream" or not self.log_output:
+                return super().log_output_message(output)
+            display_id = (self.message.get("content", {}).get("transient") or {}).get("display_id")
+            self._log(self.terminal.on_output(output, display_id))
+            return None
+
+        def execute_cell(self, cell: Any, cell_index: int, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().execute_cell(cell, cell_index, *args, **kwargs)
+            finally:
+                if self.log_output:
+                    self._log(self.terminal.end_cell())
+
+        def _log(self, texts: list[str]) -> None:
+            for text in texts:
+                self.log.info(scrub_secrets(text, secret_values())[0])
 
     class ScrubbingEngine(NBClientEngine):
         @classmethod
@@ -327,7 +374,7 @@ def _scrubbing_engine() -> str:
             final_kwargs = merge_kwargs(
                 safe_kwargs, timeout=execution_timeout if execution_timeout else kwargs.get("timeout"),
                 startup_timeout=start_timeout, kernel_name=kernel_name, log=logger, log_output=log_output,
-                stdout_file=stdout_file, stderr_file=stderr_file,
+                stdout_file=stdout_file, stderr_file=stderr_file, config=encrypted_kernel_config(),
             )  # fmt: skip
             return ScrubbingClient(nb_man, **final_kwargs).execute()
 
@@ -364,7 +411,6 @@ def finalise_output(path: Path, source: Path) -> int:
     return found
 
 
-_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 _WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
@@ -380,23 +426,18 @@ def plain_progress_bars(nb: dict[str, Any]) -> int:
     Returns:
         How many progress bars were rewritten.
     """
-    import html
+    from mistral_fast.terminal import WIDGET_VIEW, tqdm_bar_parts, tqdm_bar_text
 
     states = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    state_of = lambda model_id: states.get(model_id, {}).get("state", {})  # noqa: E731
     done = 0
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []):
-            view = output.get("data", {}).get(_WIDGET_VIEW)
-            box = states.get(view.get("model_id", "")) if view else None
-            children = (box or {}).get("state", {}).get("children", [])
-            parts = [states.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in children]
-            if [p.get("model_name") for p in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            parts = tqdm_bar_parts(state_of(view.get("model_id", "")), state_of) if view else None
+            if parts is None:
                 continue  # not a tqdm bar: left as it is
-            left, bar, right = (p["state"] for p in parts)
-            filled = int(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
-            text = f"{html.unescape(left.get('value', ''))}|{'█' * filled}{' ' * (10 - filled)}|"
-            text += html.unescape(right.get("value", ""))
-            output["data"]["text/plain"] = text.replace("\u2007", " ")
+            output["data"]["text/plain"] = tqdm_bar_text(parts)
             done += 1
     return done
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mistral_fast"
 # Each module's layer; a module may import modules of lower layers only (its own package's siblings too,
 # as long as they form no cycle). Entry points come last: nothing below them imports them.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "constants", "policies", "pause", "quiet", "example"),
+    ("errors", "constants", "policies", "pause", "quiet", "example", "terminal"),
     ("atomic", "resources"),
     ("families",),
     ("config",),

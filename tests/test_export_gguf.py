@@ -363,3 +363,19 @@ def test_q8_0_rounds_ties_away_from_zero_as_ggml_does() -> None:
     got = q8_0_rows(blocks).numpy()
     assert np.array_equal(got, gguf.quants.quantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0))
     assert got[0, 2 + 1] == 1 and got[0, 2 + 2] == 2  # 0.5 -> 1, 1.5 -> 2 (not 0, 2)
+
+
+def test_gguf_export_without_the_gguf_package_stops_first_and_says_how_to_get_it(
+    model_dir: Path, f16_gguf: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """scripts/setup.sh's demo layer has neither gguf nor llama-cpp-python (issue 26): each export says what to
+    install and what it costs, before any file is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ModelError, match=r"compiles llama\.cpp once, about 3 min"):
+        quantize_gguf(f16_gguf, tmp_path / "x.gguf", "q4_k_m")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what the demo layer's environment sees
+    with pytest.raises(ModelError, match=r"qtype='f16': GGUF files are written with the gguf package.*pip install"):
+        export_gguf(model_dir, tmp_path / "m.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -25,6 +26,7 @@ from mistral_fast.memory import (
     estimate_plan,
     gpu_capacity,
     lora_parameters,
+    memory_report,
     nf4_bytes,
     preflight,
     suggest_plan,
@@ -237,6 +239,25 @@ def test_preflight_on_cpu_compares_with_available_ram():
     est = preflight(load_config("smoke"))  # the tiny model: resolves (and caches) it, loads no weights
     assert est.device == "CPU RAM (available)" and est.fits
     assert not est.plan.on_gpu and est.plan.optimizer == "adamw_torch"
+
+
+def test_the_notebooks_report_checks_a_cpu_run_against_this_machines_ram():
+    """Issue 26: a CPU demo's pre-flight ended "fits on A100-80GB"; it now names what it compared with."""
+    import torch
+
+    cfg = load_config("smoke")
+    here = memory_report(cfg, gpu="a100-80gb", here=True)
+    planned = memory_report(cfg, gpu="a100-80gb")  # `mistral-fast memory --gpu`: planning for a card, unchanged
+    assert "fits on A100-80GB (80.0 GiB)" in planned
+    if torch.cuda.is_available():  # a run here trains on the card: the `gpu` parameter's verdict stays
+        assert here == planned
+        return
+    with open("/proc/meminfo", encoding="ascii") as handle:  # what the kernel says is available, in GiB
+        ram = next(int(line.split()[1]) / 2**20 for line in handle if line.startswith("MemAvailable:"))
+    verdict = re.search(r"fits in this machine's CPU RAM \(([\d.]+) GiB available\)", here)
+    assert verdict and float(verdict.group(1)) == pytest.approx(ram, abs=0.5), here
+    assert "A100-80GB" not in here and "gpu='a100-80gb' was not checked" in here
+    assert "| fits |" not in here, "no card: the side-by-side table has no verdict row"
 
 
 def test_double_quant_and_world_size():
