@@ -47,6 +47,8 @@ def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
 # they are installed) a missing llama-cpp-python or unsloth fails instead, so a broken CI image cannot turn
 # those tests into silent skips.
 OPTIONAL_PACKAGES = {"llama_cpp": "llama-cpp-python", "unsloth": "unsloth", "gguf": "gguf"}
+# the trackers and Ray: extras `tracking` and `ray`, which CI installs
+OPTIONAL_PACKAGES |= {"mlflow": "mlflow-skinny", "wandb": "wandb", "trackio": "trackio", "ray": "ray"}
 CI_REQUIRED = frozenset(OPTIONAL_PACKAGES)  # gguf comes with llama-cpp-python in the [gguf] extra CI installs
 
 
