@@ -812,9 +812,11 @@ def _prepare_trackers(spec: SweepSpec) -> None:
     Two processes creating MLflow's sqlite tables, or the same experiment, at the same moment collide; the
     variations then only add runs to it.
     """
+    configs = [c for i, v in enumerate(spec.variations) if (c := variation_config(spec, i, v)) is not None]
+    if not any(set(c.train.report_to) - {"tensorboard"} for c in configs):
+        return
     from mistral_fast.tracking import check_trackers, project_name
 
-    configs = [c for i, v in enumerate(spec.variations) if (c := variation_config(spec, i, v)) is not None]
     for cfg in configs:
         check_trackers(cfg)
     mlflow_experiments = {project_name(c, "mlflow") for c in configs if "mlflow" in c.train.report_to} - {None}

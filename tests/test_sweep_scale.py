@@ -2,7 +2,7 @@
 
 Ray runs as a local cluster of 2 CPUs started here (no address: nothing outside the machine), once for the
 session. A worker is killed mid-variation at a deterministic point (`mistral_fast.pause`: after the training
-step 5 log row of the one variation that runs 5 steps), never after a sleep.
+step 2 log row of the one variation that runs 2 steps), never after a sleep.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from mistral_fast.cli import main
 from mistral_fast.errors import ConfigError
 from mistral_fast.runner import run_sweep
 
-FAST = {"train.max_steps": 3, "train.eval_steps": 3, "train.save_steps": 3, "data.max_examples": 24}
+FAST = {"train.max_steps": 1, "train.eval_steps": 1, "train.save_steps": 1, "data.max_examples": 16}
 FAST |= {"eval.num_samples": 1, "eval.max_new_tokens": 4, "train.logging_steps": 1}
-KILL_AT = "log:5"  # only the 5-step variation reaches it
+TWO_STEPS = {"train.max_steps": 2, "train.save_steps": 2, "train.eval_steps": 2}
+KILL_AT = "log:2"  # only the 2-step variation reaches it
 
 
 def sweep_file(tmp_path: Path, variations: list[dict], *, name: str, overrides: dict | None = None) -> Path:
@@ -78,10 +79,9 @@ def test_ray_sweep_survives_a_killed_worker_skips_finished_and_retries_failed(ra
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")  # the driver's, as the workers'
     variations = [
         {"lora_rank": 4},
-        {"lora_rank": 8, "overrides": {**FAST, "train.max_steps": 5, "train.save_steps": 5, "train.eval_steps": 5,
-                                       "train.report_to": ["mlflow"]}},
+        {"lora_rank": 8, "overrides": {**FAST, **TWO_STEPS, "train.report_to": ["mlflow"]}},
         {"lora_rank": 4, "data_path": str(tmp_path / "missing.jsonl")},
-    ]  # fmt: skip
+    ]
     path = sweep_file(tmp_path, variations, name="ray-sweep", overrides={"train.report_to": ["mlflow"]})
     result: dict = {}
 
@@ -122,15 +122,39 @@ def test_ray_sweep_survives_a_killed_worker_skips_finished_and_retries_failed(ra
     assert json.loads((out / rows[2]["name"] / "status.json").read_text())["attempt"] == 2
 
 
+RENDEZVOUS = """import pathlib, json, time
+here = pathlib.Path(meet)
+(here / str(x)).touch()
+deadline = time.monotonic() + 120
+while len(list(here.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+met = len(list(here.iterdir())) == 2
+pathlib.Path(run_dir).mkdir(parents=True, exist_ok=True)
+pathlib.Path(run_dir, "results.json").write_text(json.dumps({"met": met}))
+assert met, "the other variation never started while this one ran"
+"""
+
+
 @pytest.mark.slow
-def test_jobs_runs_variations_at_once(tmp_path, capsys) -> None:
-    path = sweep_file(tmp_path, [{"lora_rank": 4}, {"lora_rank": 8}], name="jobs")
-    assert main(["sweep", str(path), "--jobs", "2"]) == 0
+def test_jobs_runs_variations_at_once(tmp_path, capsys, monkeypatch) -> None:
+    """Each variation's notebook waits until the other has started too: only N >= 2 at once gets through."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    params = new_code_cell('run_dir = "out"  # where results go\nx = 0  # which variation\nmeet = ""  # a directory')
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[params, new_code_cell(RENDEZVOUS)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "meet.ipynb")
+    (tmp_path / "meet").mkdir()
+    spec = {"notebook": str(tmp_path / "meet.ipynb"), "parameters": {"meet": str(tmp_path / "meet")}}
+    spec |= {"variations": [{"x": 1, "run_dir": "a"}, {"x": 2, "run_dir": "b"}], "out": str(tmp_path / "jobs")}
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(tmp_path / "jobs.yaml"), "--jobs", "2"]) == 0
     assert "| name |" in capsys.readouterr().out
     statuses = [json.loads(p.read_text()) for p in sorted((tmp_path / "jobs").glob("*/status.json"))]
-    assert [s["status"] for s in statuses] == ["done", "done"]
-    first, second = statuses
-    assert first["started"] < second["finished"] and second["started"] < first["finished"], "they overlapped"
+    assert [(s["status"], s["results"]) for s in statuses] == [("done", {"met": True})] * 2
 
 
 def test_bad_executor_and_jobs_are_refused(tmp_path) -> None:
