@@ -197,3 +197,12 @@ def test_trackio_local_store_has_config_metrics_and_results(tracked_run) -> None
     final = [row["final/loss"] for row in got["logs"] if "final/loss" in row]
     assert final == pytest.approx([json.loads((run / "eval.json").read_text())["loss"]])
     assert (run / "tensorboard").is_dir(), "tensorboard, listed too, still writes into the run directory"
+
+
+@pytest.mark.slow
+def test_a_tracked_run_still_verifies(tracked_run) -> None:
+    """W&B's files in the run directory change after the manifest (until its run ends): they are not in it."""
+    _, run = tracked_run
+    verify = [sys.executable, "-m", "mistral_fast.cli", "verify", str(run)]
+    proc = subprocess.run(verify, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
