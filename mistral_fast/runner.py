@@ -587,11 +587,14 @@ SWEEP_KEYS = ("notebook", "parameters", "grid", "variations", "out", "timeout", 
 RAY_RESOURCES = ("num_cpus", "num_gpus", "memory")
 
 
+def _resource_ok(name: str, amount: Any) -> bool:
+    return name in RAY_RESOURCES and isinstance(amount, int | float) and not isinstance(amount, bool) and amount >= 0
+
+
 def _resources(path: Path, value: Any) -> dict[str, float]:
     """The sweep file's ``resources`` (each variation's Ray request), checked."""
     value = value or {}
-    bad = [k for k, v in value.items() if k not in RAY_RESOURCES or not isinstance(v, int | float) or v < 0]
-    if not isinstance(value, dict) or bad:
+    if not isinstance(value, dict) or not all(_resource_ok(k, v) for k, v in value.items()):
         raise ConfigError(f"{path}: resources must map {list(RAY_RESOURCES)} to numbers >= 0 (e.g. num_gpus: 1)")
     return {k: float(v) for k, v in value.items()}
 
