@@ -779,6 +779,8 @@ def run_sweep(
         raise ConfigError(f"executor={executor!r}: use 'local' (with jobs=N) or 'ray'")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs={jobs!r}: a positive number of variations to run at once")
+    if executor == "ray" and jobs != 1:
+        raise ConfigError(f"jobs={jobs} with executor='ray': Ray runs as many at once as the cluster's resources allow")
     spec = load_sweep(path, out)
     spec.out = str(Path(spec.out).resolve())
     spec.notebook = str(resolve_notebook(spec.notebook).resolve())

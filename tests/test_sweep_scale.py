@@ -163,6 +163,8 @@ def test_bad_executor_and_jobs_are_refused(tmp_path) -> None:
         run_sweep(path, executor="slurm")
     with pytest.raises(ConfigError, match="jobs=0"):
         run_sweep(path, jobs=0)
+    with pytest.raises(ConfigError, match="jobs=2 with executor='ray'"):
+        run_sweep(path, executor="ray", jobs=2)
     assert not (tmp_path / "bad").exists()
 
 
