@@ -77,6 +77,7 @@ def test_ray_sweep_survives_a_killed_worker_skips_finished_and_retries_failed(ra
 
     root, marker = ray_cluster
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")  # the driver's, as the workers'
+    monkeypatch.chdir(tmp_path)  # MLflow puts the experiment's artifacts under the creating process's ./mlruns
     variations = [
         {"lora_rank": 4},
         {"lora_rank": 8, "overrides": {**FAST, **TWO_STEPS, "train.report_to": ["mlflow"]}},
