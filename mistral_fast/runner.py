@@ -820,16 +820,12 @@ def _prepare_trackers(spec: SweepSpec) -> None:
     configs = [c for i, v in enumerate(spec.variations) if (c := variation_config(spec, i, v)) is not None]
     if not any(set(c.train.report_to) - {"tensorboard"} for c in configs):
         return
-    from mistral_fast.tracking import check_trackers, project_name
+    from mistral_fast.tracking import check_trackers, mlflow_experiment, project_name
 
     for cfg in configs:
         check_trackers(cfg)
-    mlflow_experiments = {project_name(c, "mlflow") for c in configs if "mlflow" in c.train.report_to} - {None}
-    if mlflow_experiments:
-        import mlflow
-
-        for name in sorted(mlflow_experiments):
-            mlflow.set_experiment(name)
+    for name in sorted({project_name(c, "mlflow") for c in configs if "mlflow" in c.train.report_to} - {None}):
+        mlflow_experiment(name)
 
 
 # ---------------------------------------------------------------------------------------------

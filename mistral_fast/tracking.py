@@ -131,9 +131,8 @@ def start_run(cfg: RunConfig, run_dir: Path) -> TrackedRun:
         import mlflow
 
         experiment = project_name(cfg, "mlflow")
-        if experiment:
-            mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name(cfg), tags=tags)
+        experiment_id = mlflow_experiment(experiment) if experiment else None
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(cfg), tags=tags)
         mlflow.log_params(params)
         tracked.ids["mlflow"] = run.info.run_id
     if "wandb" in trackers:
@@ -148,6 +147,25 @@ def start_run(cfg: RunConfig, run_dir: Path) -> TrackedRun:
         tracked.ids["trackio"] = run_name(cfg)
     _ACTIVE = tracked
     return tracked
+
+
+def mlflow_experiment(name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing (several processes may race to create it).
+
+    Not `mlflow.set_experiment`: it also sets ``MLFLOW_EXPERIMENT_ID`` in this process's environment, which
+    every process started later (a notebook kernel, another run against another store) would inherit.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another variation created it in the meantime
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def finish_run(run_dir: str | os.PathLike[str]) -> dict[str, str]:
