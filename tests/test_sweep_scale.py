@@ -116,6 +116,7 @@ def test_ray_sweep_survives_a_killed_worker_skips_finished_and_retries_failed(ra
     runs = mlflow.search_runs(experiment_names=["ray-sweep"], output_format="list")
     finished = sorted(r.info.run_name for r in runs if r.info.status == "FINISHED")
     assert finished == sorted(r["name"] for r in rows[:2])
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ, "the driver exports no experiment to later processes"
     assert not (out / rows[0]["name"] / "run" / "tensorboard").exists(), "report_to [mlflow] only: no TensorBoard"
 
     again, _ = run_sweep(path, executor="ray")  # finished ones skipped, the failed one retried
