@@ -189,7 +189,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a notebook once per variation of a sweep file; write the results table and plot."""
     from mistral_fast.runner import run_sweep
 
-    rows, paths = run_sweep(args.sweep, out=args.out)
+    executor = "ray" if args.ray is not None else "local"
+    rows, paths = run_sweep(args.sweep, out=args.out, executor=executor, jobs=args.jobs, address=args.ray or None)
     failed = [r["name"] for r in rows if r["status"] != "done"]
     print(paths["markdown"].read_text(encoding="utf-8"), end="")
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -340,6 +341,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
         lambda p: (
             p.add_argument("sweep", help="sweep YAML: notebook, parameters, grid and/or variations"),
             p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/sweeps/NAME)"),
+            p.add_argument("--jobs", type=int, default=1, metavar="N", help="run N variations at once on this machine"),
+            p.add_argument(
+                "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                help="one Ray task per variation: on the cluster at ADDRESS (auto, ray://host:10001), or on a "
+                "local one started for the command when ADDRESS is left out",
+            ),
         ),
     ),
     "verify": (

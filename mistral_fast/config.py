@@ -38,6 +38,10 @@ PREFERENCE_LOSS_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+# train.report_to: TensorBoard writes into the run directory; the others go through transformers' integrations
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "trackio", "none")
+
+
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
@@ -160,6 +164,10 @@ class TrainConfig:
     max_answer_length: int = 1024  # dpo/orpo: answers (chosen, rejected) longer than this are cut (</s> lost)
     router_aux_loss: bool = True  # Mixtral: add the router's load-balancing loss (logged as aux_loss)
     router_aux_loss_coef: float | None = None  # its weight; None: the model's config.json (0.02 for 8x7B)
+    # where metrics go: tensorboard (run_dir/tensorboard), mlflow, wandb, trackio (optional extra `tracking`), none
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    experiment: str = ""  # MLflow experiment / W&B and Trackio project; "": MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, …
+    run_name: str = ""  # the run's name in the trackers; "": the run directory's name
 
     def __post_init__(self) -> None:
         _positive("train.learning_rate", self.learning_rate)
@@ -198,6 +206,24 @@ class TrainConfig:
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
         if self.router_aux_loss_coef is not None:
             _positive("train.router_aux_loss_coef", self.router_aux_loss_coef, zero_ok=True)
+        self.report_to = _trackers(self.report_to)
+
+
+def _trackers(value: list[str] | str) -> list[str]:
+    """``train.report_to`` as a list: ``"mlflow"`` and ``"mlflow,wandb"`` (what ``--set`` gives) are accepted.
+
+    ``none`` (or an empty list) becomes ``[]``: no tracker, not even TensorBoard.
+
+    Raises:
+        ConfigError: an unknown tracker, or ``none`` together with another one.
+    """
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        _fail("train.report_to", value, f"a list of {list(REPORT_TO)} (e.g. [tensorboard, mlflow])")
+    if "none" in names and len(names) > 1:
+        _fail("train.report_to", value, "`none` alone, or a list of trackers without it")
+    return [] if names == ["none"] else list(dict.fromkeys(names))
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 from mistral_fast.atomic import write_text_atomic
 from mistral_fast.config import RunConfig
 from mistral_fast.dataset import prepare_data
+from mistral_fast.tracking import check_trackers, finish_run
 
 log = logging.getLogger("mistral_fast")
 
@@ -109,6 +110,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)  # path, architecture, LoRA targets: fails in a second, no weights loaded
+    check_trackers(cfg)  # train.report_to: each tracker installed
     estimate = preflight(cfg)  # on a GPU: a run that will not fit stops here, with the numbers and a fix
     log.info("memory estimate: %.1f GiB per device (%s)", estimate.total / 2**30, estimate.device or "no device")
     run_dir = Path(cfg.train.output_dir)
@@ -141,6 +143,7 @@ def run(cfg: RunConfig) -> RunResult:
     from mistral_fast.export import export_run
 
     export_run(cfg)  # last: what cfg.export asks for (merged, GGUF) into export/, added to the manifest
+    finish_run(run_dir)  # train.report_to: eval.json and the manifest to MLflow / W&B / Trackio, runs closed
     return result
 
 
@@ -195,6 +198,7 @@ def run_preference(cfg: RunConfig) -> RunResult:
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     validate_model_request(cfg)
+    check_trackers(cfg)
     preflight(cfg)
     run_dir = Path(cfg.train.output_dir)
     main = is_main_process()  # as in `run`: under torchrun every rank trains, only rank 0 writes
@@ -229,4 +233,5 @@ def run_preference(cfg: RunConfig) -> RunResult:
     from mistral_fast.manifest import write_manifest
 
     write_manifest(cfg, run_dir)
+    finish_run(run_dir)
     return result

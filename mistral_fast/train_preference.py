@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, using_fsdp
 from mistral_fast.policies import resolve_optimizer
+from mistral_fast.tracking import trainer_arguments
 from mistral_fast.train import (
     TrainResult,
     _callbacks,
@@ -86,7 +87,7 @@ def _common_args(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_dir: P
         "max_length": cfg.model.max_seq_length,
         "gradient_checkpointing": t.gradient_checkpointing and loaded.backend == "hf",
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        "report_to": "none",
+        **trainer_arguments(cfg),  # mlflow / wandb / trackio (mistral_fast.tracking)
         "disable_tqdm": False,
         "remove_unused_columns": False,
     }
@@ -237,7 +238,7 @@ def train_preference(cfg: RunConfig, loaded: LoadedModel, data: PreferenceData) 
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(run_dir),
+        callbacks=_callbacks(cfg, run_dir),
     )
     if cfg.train.method == "dpo" and not cfg.model.adapter:
         drop_fresh_reference_adapter(trainer.model)

@@ -55,7 +55,7 @@ if ! installed test; then
   export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF"
   export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-  "${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf]"
+  "${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf,tracking,ray]"
   # Unsloth's own requirements that its CPU path imports (not its GPU-only torchvision/xformers).
   "${pip[@]}" -c requirements-ci.txt tyro hf_transfer json5 structlog einops msgspec "wheel>=0.42" torchao \
     cut_cross_entropy diffusers nest-asyncio

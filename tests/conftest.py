@@ -94,6 +94,8 @@ def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
 # cannot turn tests into silent skips. The only skips CI accepts are those in ALLOWED_CI_SKIPS, each with why;
 # the run's summary lists every skip. tests/test_skips.py reads every test module and refuses any other skip form.
 OPTIONAL_PACKAGES = {"llama_cpp": "llama-cpp-python", "unsloth": "unsloth", "gguf": "gguf"}
+# the trackers and Ray: extras `tracking` and `ray`, which CI installs
+OPTIONAL_PACKAGES |= {"mlflow": "mlflow-skinny", "wandb": "wandb", "trackio": "trackio", "ray": "ray"}
 CI_REQUIRED = frozenset(OPTIONAL_PACKAGES)  # kept for callers; under CI=true every missing dependency fails
 
 # key -> why CI may skip it; a test names the key in `require_platform(..., ci_allowed=KEY)`.

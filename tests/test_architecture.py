@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("dataset", "preference"),
     ("modeling",),
+    ("tracking",),
     ("train", "evaluate", "manifest"),
     ("train_preference",),
     ("rundir",),
