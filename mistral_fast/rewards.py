@@ -84,7 +84,7 @@ def tool_call(prompt: str, completion: str, tool_name: Any, **_: Any) -> float:
     away as a special token): a list of calls or one call, each an object with a string ``name`` and an
     object ``arguments``. Any call naming ``tool_name`` scores 1.0; valid JSON that names another tool 0.0.
     """
-    text = completion.split("[TOOL_CALLS]", 1)[-1].strip()
+    text = completion.split("[TOOL_CALLS]", 1)[-1].strip().removesuffix("</s>")
     try:
         calls = json.loads(text)
     except ValueError:
