@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mistral_fast"
 # as long as they form no cycle). Entry points come last: nothing below them imports them.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "constants", "policies", "pause", "quiet"),
-    ("atomic", "resources"),
+    ("atomic", "resources", "rewards"),
     ("families",),
     ("config",),
     ("distributed",),
@@ -27,7 +27,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("dataset", "preference"),
     ("modeling",),
     ("train", "evaluate", "manifest"),
+    ("grpo",),
     ("train_preference",),
+    ("train_grpo",),
     ("rundir",),
     ("export", "memory"),
     ("pipeline",),
