@@ -316,6 +316,8 @@ def run_grpo(cfg: RunConfig, *, rewards: Any = None) -> RunResult:
 
     resolve_backend(cfg.model.backend)  # first: unsloth must be imported before transformers
     reward_list = _resolve_rewards(cfg, rewards)  # a module that does not import fails here, nothing written
+    if rewards:  # the run's config records the notebook's rewards by name
+        cfg = cfg.with_overrides({"train.rewards": [f"notebook:{r.name}" for r in reward_list]})
     validate_model_request(cfg)
     preflight(cfg)
     run_dir = Path(cfg.train.output_dir)
