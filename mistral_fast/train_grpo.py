@@ -16,8 +16,9 @@ reference is the same model with its adapter off, or the start adapter frozen (a
 * **Rewards** are `mistral_fast.rewards.Reward` objects, wrapped in TRL's batched signature; TRL logs each
   one's mean as ``rewards/<name>/mean`` and the total as ``reward`` (metrics.jsonl, TensorBoard); the curve
   PNG draws the loss and the rewards.
-* **Unsloth**: importing unsloth (the unsloth backend) replaces ``trl.GRPOTrainer`` by its patched class;
-  ours subclasses whatever ``trl.GRPOTrainer`` is when the run starts.
+* **Unsloth**: on a GPU, importing unsloth (the unsloth backend) replaces ``trl.GRPOTrainer`` by its patched
+  trainer (``PatchFastRL``); ours subclasses whatever ``trl.GRPOTrainer`` is when the run starts. Unsloth's CPU
+  fallback keeps TRL's trainer and routes TRL's fused LM head to unsloth_zoo's CPU kernel (temperature included).
 """
 
 from __future__ import annotations
