@@ -15,8 +15,9 @@ from mistral_fast.config import load_config
 from mistral_fast.errors import ConfigError, DataError
 from mistral_fast.rewards import RewardError, resolve_rewards
 
-# the grpo-smoke preset, shortened for the suite: the warm-up and GRPO steps the shared run can afford
-SHARED = ["train.sft_warmup_steps=50", "train.max_steps=12", "train.logging_steps=2", "eval.num_samples=4"]
+# the grpo-smoke preset's first 40 of 60 GRPO steps (the run is deterministic on a CPU: the same first 40 steps
+# as the preset's, which measured 0.100 -> 0.367 held-out at step 40); about 2 minutes on one core
+SHARED = ["train.max_steps=40", "eval.num_samples=4"]
 
 
 # ------------------------------------------------------------------------------------------ rewards, no model
@@ -198,7 +199,7 @@ def test_grpo_smoke_raises_the_held_out_reward(grpo_run) -> None:
     assert evaluation["split"] == "eval" and evaluation["prompts"] == 30
     assert 0 <= grpo["reward_before"] <= 1 and 0 <= grpo["reward_after"] <= 1
     assert grpo["reward_before"] > 0, "the warm-up must earn some reward, or GRPO has nothing to learn from"
-    assert grpo["reward_after"] >= grpo["reward_before"] + 0.1, grpo  # shortened here; the full preset: README
+    assert grpo["reward_after"] >= grpo["reward_before"] + 0.2, grpo  # 40 of the preset's 60 steps: README
     assert evaluation["started_from"].endswith("sft_warmup/adapter")
     assert len(evaluation["samples"]) == 4 and {"before", "after", "prompt"} <= set(evaluation["samples"][0])
     assert result.train["extra"]["method"] == "grpo" and result.train["steps"] == cfg.train.max_steps
@@ -213,7 +214,7 @@ def test_grpo_run_logs_every_reward_per_step(grpo_run) -> None:
     run_dir = Path(result.run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r and "reward" in r]
-    assert [r["step"] for r in logged] == [1, 2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in logged] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
     assert all(
         0 <= r["rewards/numeric_answer/mean"] <= 1 and r["reward"] == r["rewards/numeric_answer/mean"] for r in logged
     )
@@ -225,3 +226,16 @@ def test_grpo_run_logs_every_reward_per_step(grpo_run) -> None:
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     assert not verify_run(run_dir)["changed"]
     RunDir.open(run_dir).load()  # the adapter fits the run's model
+
+
+def test_prepare_shows_a_grpo_prompt_as_the_model_sees_it(capsys) -> None:
+    from mistral_fast.cli import main
+    from mistral_fast.tokenizer import load_tokenizer, reference_chat_ids
+
+    assert main(["prepare", "grpo-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "GRPO prompts: 170 train / 30 held out" in out and '"answer": "' in out
+    shown = out.split("prompt 0:\n")[1].split("⟦completion⟧")[0]
+    question = shown.removeprefix("<s>[INST] ").removesuffix("[/INST]")
+    reference = reference_chat_ids([{"role": "user", "content": question}], "v3", add_generation_prompt=True)
+    assert load_tokenizer("v3").decode(reference, skip_special_tokens=False) == shown
