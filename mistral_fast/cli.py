@@ -46,6 +46,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     tokenizer = tokenizer_for(cfg.model)
+    if cfg.train.method == "grpo":  # prompts and the columns their rewards read
+        from mistral_fast.grpo import prepare_prompts, preview_prompt
+        from mistral_fast.rewards import resolve_rewards
+
+        t = cfg.train
+        rewards = resolve_rewards(t.rewards, tolerance=t.reward_tolerance, pattern=t.reward_pattern)
+        prompts = prepare_prompts(cfg, rewards, tokenizer)
+        print(prompts.summary() + "\n\nprompt 0:\n" + preview_prompt(tokenizer, prompts.train[0]))
+        if args.json:
+            print(json.dumps(prompts.stats))
+        return 0
     if cfg.train.method != "sft":  # dpo/orpo: preference pairs
         from mistral_fast.preference import prepare_preferences, preview_pair
 

@@ -178,8 +178,9 @@ class Plan:
     double_quant: bool = True
     on_gpu: bool = True
     world_size: int = 1
-    objective: str = "sft"  # sft | dpo | orpo (train.method)
-    answer_len: int = 0  # dpo: longest answer in tokens (the LM head runs on answer positions only)
+    objective: str = "sft"  # sft | dpo | orpo | grpo (train.method)
+    answer_len: int = 0  # dpo: longest answer; grpo: max_completion_length (the LM head scores those positions only)
+    kl_reference: bool = False  # grpo with beta > 0: a reference forward (adapter off) without gradients
     fsdp: bool = False  # FSDP + QLoRA (FULL_SHARD): weights, adapters, gradients, optimizer state sharded
     # the loss projects and scores a chunk of tokens at a time (TRL's fused head on CUDA, ours on CPU,
     # Unsloth's fused cross-entropy): False for transformers' plain loss over the full logits
@@ -198,7 +199,7 @@ class Plan:
     @property
     def scored_tokens(self) -> int:
         """Positions whose fp32 logits are built: all of them, except DPO's fused head (answers only)."""
-        if self.objective == "dpo":
+        if self.objective in ("dpo", "grpo"):
             return self.sequences * min(self.answer_len or self.seq_len, self.seq_len)
         return self.tokens
 
@@ -459,10 +460,24 @@ def activation_terms(shapes: MistralShapes, plan: Plan) -> dict[str, int]:
         terms = {"activations (saved)": saved, "activations (transient peak)": max(logits, per_layer)}
     else:
         terms = {"activations (saved)": shapes.layers * per_layer + final_norm, "activations (transient peak)": logits}
-    if plan.objective == "dpo":
+    if plan.objective == "dpo" or plan.kl_reference:
         transient = terms["activations (transient peak)"]
         terms["reference pass (no gradients)"] = reference_pass_bytes(shapes, plan, transient)
+    if plan.objective == "grpo":
+        terms["group generation (above the step)"] = max(0, generation_bytes(shapes, plan) - sum(terms.values()))
     return terms
+
+
+def generation_bytes(shapes: MistralShapes, plan: Plan) -> int:
+    """GRPO's sampling of the group before the step: every completion of a generation batch at once, no gradients.
+
+    ``generate`` keeps a KV cache (keys and values, every layer) for batch x accumulation sequences of up to
+    ``seq_len`` tokens, and one step's fp32 logits per sequence. It runs before the training forward, so only
+    the part above the step's own activations adds to the peak (`activation_terms`).
+    """
+    sequences = plan.batch_size * plan.accumulation
+    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * _DTYPE_BYTES[plan.compute_dtype]
+    return sequences * (plan.seq_len * kv + shapes.vocab * 4)
 
 
 def reference_pass_bytes(shapes: MistralShapes, plan: Plan, transient: int) -> int:
@@ -588,6 +603,7 @@ def plan_from_config(
         name = gpu_capacity(gpu)[0].lower() if gpu is not None else ""
         dtype = auto_compute_dtype(cuda_capability=_OLD_GPU_CAPABILITY.get(name, BF16_CAPABILITY))[0]
     optimizer = resolve_optimizer(cfg.train.optimizer, on_cuda=on_gpu)
+    t = cfg.train
     return Plan(
         method=method,
         batch_size=cfg.train.per_device_batch_size,
@@ -603,7 +619,8 @@ def plan_from_config(
         on_gpu=on_gpu,
         world_size=world_size,
         objective=cfg.train.method,
-        answer_len=cfg.train.max_answer_length if cfg.train.method == "dpo" else 0,
+        answer_len={"dpo": t.max_answer_length, "grpo": t.max_completion_length}.get(t.method, 0),
+        kl_reference=cfg.train.method == "grpo" and cfg.train.beta > 0,
         chunked_loss=on_gpu if chunked_loss is None else chunked_loss,  # estimate_memory resolves it by vocabulary
     )
 

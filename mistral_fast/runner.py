@@ -741,6 +741,8 @@ def _row(status: dict[str, Any]) -> dict[str, Any]:
     run = (status.get("results") or {}).get("run") or {}
     train, evaluation = run.get("train") or {}, run.get("evaluation") or {}
     preference = {"preference_accuracy": evaluation["tuned"]["accuracy"]} if "tuned" in evaluation else {}
+    if "grpo" in evaluation:  # 05_grpo runs: the held-out mean reward before and after GRPO
+        preference = {k: evaluation["grpo"][k] for k in ("reward_before", "reward_after")}
     return {
         "name": status.get("name"),
         **status.get("variation", {}),

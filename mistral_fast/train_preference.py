@@ -111,8 +111,10 @@ def build_preference_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool,
     )
 
 
-def _torch_fused_lm_head(model: Any) -> None:
+def _torch_fused_lm_head(model: Any, temperature: float = 1.0) -> None:
     """Give `model` TRL's ``fused_lm_head=True`` forward in plain torch (TRL's own is a Triton kernel).
+
+    ``temperature`` divides the logits, as TRL's head does for GRPO's sampling temperature.
 
     TRL 1.15's DPOTrainer asks the model for per-token log-probs through ``fused_lm_head=True``; the
     kernel behind it needs a CUDA device. This computes the same fields from the LM head's logits on the
@@ -134,7 +136,7 @@ def _torch_fused_lm_head(model: Any) -> None:
         hidden = self.base_model(*args, **kw).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
         mask = labels != -100
-        logits = self.get_output_embeddings()(hidden[mask]).float()
+        logits = self.get_output_embeddings()(hidden[mask]).float() / temperature
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1).detach()

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mistral_fast"
 # as long as they form no cycle). Entry points come last: nothing below them imports them.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "constants", "policies", "pause", "quiet", "example", "terminal"),
-    ("atomic", "resources"),
+    ("atomic", "resources", "rewards"),
     ("families",),
     ("config",),
     ("distributed",),
@@ -28,7 +28,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("modeling",),
     ("tracking",),
     ("train", "evaluate", "manifest"),
+    ("grpo",),
     ("train_preference",),
+    ("train_grpo",),
     ("rundir",),
     ("export", "memory"),
     ("pipeline",),
