@@ -220,23 +220,6 @@ class TrainConfig:
             _positive("train.router_aux_loss_coef", self.router_aux_loss_coef, zero_ok=True)
         self.report_to = _trackers(self.report_to)
 
-
-def _trackers(value: list[str] | str) -> list[str]:
-    """``train.report_to`` as a list: ``"mlflow"`` and ``"mlflow,wandb"`` (what ``--set`` gives) are accepted.
-
-    ``none`` (or an empty list) becomes ``[]``: no tracker, not even TensorBoard.
-
-    Raises:
-        ConfigError: an unknown tracker, or ``none`` together with another one.
-    """
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
-    unknown = [n for n in names if n not in REPORT_TO]
-    if unknown:
-        _fail("train.report_to", value, f"a list of {list(REPORT_TO)} (e.g. [tensorboard, mlflow])")
-    if "none" in names and len(names) > 1:
-        _fail("train.report_to", value, "`none` alone, or a list of trackers without it")
-    return [] if names == ["none"] else list(dict.fromkeys(names))
-
     def _check_grpo(self) -> None:
         """GRPO's own fields: a completion budget, a group, rewards, and a batch made of whole groups."""
         from mistral_fast.rewards import check_regex
@@ -261,6 +244,23 @@ def _trackers(value: list[str] | str) -> list[str]:
             )
         _positive("train.sft_warmup_steps", self.sft_warmup_steps, zero_ok=True)
         check_regex(self.reward_pattern)
+
+
+def _trackers(value: list[str] | str) -> list[str]:
+    """``train.report_to`` as a list: ``"mlflow"`` and ``"mlflow,wandb"`` (what ``--set`` gives) are accepted.
+
+    ``none`` (or an empty list) becomes ``[]``: no tracker, not even TensorBoard.
+
+    Raises:
+        ConfigError: an unknown tracker, or ``none`` together with another one.
+    """
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        _fail("train.report_to", value, f"a list of {list(REPORT_TO)} (e.g. [tensorboard, mlflow])")
+    if "none" in names and len(names) > 1:
+        _fail("train.report_to", value, "`none` alone, or a list of trackers without it")
+    return [] if names == ["none"] else list(dict.fromkeys(names))
 
 
 @dataclass
