@@ -851,6 +851,11 @@ def _check_tools(
     answered: list[str] = []
     for i, message in enumerate(messages):
         role = message["role"]
+        if i == 0 and role == "tool":
+            raise TokenizerError(
+                "messages[0]: a tool result with no assistant tool call before it — a conversation starts with a "
+                "user (or system) message"
+            )
         if i and role not in _AFTER[messages[i - 1]["role"]]:
             raise TokenizerError(
                 f"messages[{i}]: a {role} message after a {messages[i - 1]['role']} message, which Mistral's "
