@@ -13,6 +13,11 @@ file as ``data/tekken_240718.json`` (config version v3). Two versions are built 
   system message stays where it is, as ``[SYSTEM_PROMPT]text[/SYSTEM_PROMPT]``. ``mistral_common`` gives
   this format to a copy of Nemo's file whose ``config.version`` is ``v7``, which is what `tekken_reference`
   loads (by ``MistralTokenizer.from_file``, the path real users take).
+* ``"v11-tekken"`` / ``"v13-tekken"`` — Mistral Small 3.2 and Devstral (v11), Magistral (v13): the v7 format
+  with other tool formats (``[TOOL_CALLS]name[CALL_ID]id[ARGS]{…}``; v13: no call ids, tools before the first
+  user turn, ``[THINK]…[/THINK]`` reasoning traces). Their files carry a ``special_tokens`` table (``[ARGS]``,
+  ``[CALL_ID]``, ``[THINK]``, ``[/THINK]`` at ranks 32-35); `write_tekken_file` writes one from Nemo's
+  vocabulary, which is also what the built-in v11/v13 tokenizers are read from.
 
 How the tiktoken ranks become a `tokenizers` BPE (`_build_backend`):
 

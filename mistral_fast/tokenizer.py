@@ -91,7 +91,13 @@ assistant message when a generation prompt is requested, or a continuation whose
 assistant message. It accepts a conversation starting with an assistant message (if more follow), two user
 messages in a row, and one ending with a system message. Its validator has modes: "test" (the default)
 rejects a final assistant message, "finetuning" requires one; `reference_chat_ids` picks the mode from the
-request. Roles other than system/user/assistant (tools) are not supported by these templates.
+request.
+
+Tool calls (v3 and every tekken version; not v1) and reasoning traces (v13): see
+`mistral_fast.tekken.instruct_turns` for the formats and README "Tool calls and reasoning traces: encoding".
+The templates take OpenAI-style messages (assistant ``tool_calls``, ``tool`` messages, content chunks) and
+``tools``; `tokenize_conversation` first writes call arguments (and v3 tool results) as mistral_common writes
+JSON (`_normalize_tool_json`), which a template cannot do (it cannot parse JSON).
 
 ``continue_final_message``: transformers appends ``"CONTINUE_FINAL_MESSAGE_TAG "`` to the last message,
 renders, and cuts at the tag — stripping *all* trailing whitespace if the template changed the spacing,
