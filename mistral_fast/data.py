@@ -501,8 +501,10 @@ def check_tool_calls(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
             for j, call in enumerate(message["tool_calls"]):
                 id_, name = _check_call(f"messages[{i}].tool_calls[{j}]", call, known)
                 if id_ in calls:
-                    raise DataError(f"messages[{i}].tool_calls[{j}]: call id {id_!r} is used twice in this turn "
-                                    "— give each call its own id (or set data.tool_call_ids=regenerate)")
+                    raise DataError(
+                        f"messages[{i}].tool_calls[{j}]: call id {id_!r} is used twice in this turn "
+                        "— give each call its own id (or set data.tool_call_ids=regenerate)"
+                    )
                 calls[id_] = name
         elif message["role"] == "tool":
             _check_result(i, message, calls, call_turn)
@@ -537,8 +539,10 @@ def _check_call(at: str, call: Any, known: dict[str, dict[str, Any]]) -> tuple[s
         raise DataError(f"{at}: the arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
     problem = _schema_problem(arguments, known[name].get("parameters"))
     if problem:
-        raise DataError(f"{at}: the arguments of {name!r} do not fit its parameters schema: {problem} "
-                        "— fix the arguments or the tool's schema")
+        raise DataError(
+            f"{at}: the arguments of {name!r} do not fit its parameters schema: {problem} "
+            "— fix the arguments or the tool's schema"
+        )
     return id_, name
 
 
@@ -630,9 +634,7 @@ def load_messages(cfg: DataConfig | None = None, source: Any = None, *, version:
                 except DataError as err:
                     raise DataError(f"{record.where}: {err} (or set data.format)") from None
                 loaded.format = fmt
-            loaded.examples.append(
-                normalise(record, fmt, cfg.system_prompt, version, tool_call_ids=cfg.tool_call_ids)
-            )
+            loaded.examples.append(normalise(record, fmt, cfg.system_prompt, version, tool_call_ids=cfg.tool_call_ids))
         except DataError as err:
             if not cfg.skip_invalid:
                 raise DataError(f"{err} (or set data.skip_invalid=true to skip bad records)") from None

@@ -1,0 +1,199 @@
+"""Write data/sample_tools.jsonl: function calling with three small tools (deterministic; rerun to regenerate).
+
+Each row is OpenAI's fine-tuning format, which is also mistral_fast's: ``messages`` with assistant
+``tool_calls`` and ``tool`` results, and the ``tools`` the model may call (JSON schemas):
+
+* ``convert_units(value, from_unit, to_unit)``: length, mass, volume and temperature units;
+* ``calculate(operation, a, b)``: add, subtract, multiply, divide;
+* ``lookup_capital(country)``: the capital of a country, from a small table.
+
+A conversation is a request, the assistant's call (9-character alphanumeric id, as Mistral's format
+needs), the tool's result and the assistant's answer quoting it; some requests need two calls in one turn
+(parallel calls) and some need none (a greeting: no call is the right answer). The arguments come from
+small sets (a dozen numbers, eight countries) placed in varied sentences, so a tiny random-weight model
+can learn with LoRA on CPU in a few minutes to pick the tool and fill the arguments (the ``tools-smoke``
+preset), while held-out requests are sentences it has not seen. No row appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+ROWS = 400
+
+UNITS = {  # unit: (quantity, factor to the quantity's base unit, offset)
+    "km": ("length", 1000.0, 0.0),
+    "mi": ("length", 1609.344, 0.0),
+    "m": ("length", 1.0, 0.0),
+    "ft": ("length", 0.3048, 0.0),
+    "kg": ("mass", 1.0, 0.0),
+    "lb": ("mass", 0.45359237, 0.0),
+    "L": ("volume", 1.0, 0.0),
+    "gal": ("volume", 3.785411784, 0.0),
+    "C": ("temperature", 1.0, 0.0),
+    "F": ("temperature", 5 / 9, -32 * 5 / 9),
+}
+PAIRS = [(a, b) for a in UNITS for b in UNITS if a != b and UNITS[a][0] == UNITS[b][0]]
+NUMBERS = [2, 3, 5, 8, 10, 12, 15, 20, 25, 40, 50, 100]
+OPERATIONS = {"add": ("+", "plus"), "subtract": ("-", "minus"), "multiply": ("*", "times"), "divide": ("/", "over")}
+CAPITALS = {
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Vietnam": "Hanoi",
+}
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "convert_units",
+            "description": "Convert a quantity between units.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "value": {"type": "number"},
+                    "from_unit": {"type": "string", "enum": list(UNITS)},
+                    "to_unit": {"type": "string", "enum": list(UNITS)},
+                },
+                "required": ["value", "from_unit", "to_unit"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "calculate",
+            "description": "Apply an arithmetic operation to two numbers.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "operation": {"type": "string", "enum": list(OPERATIONS)},
+                    "a": {"type": "number"},
+                    "b": {"type": "number"},
+                },
+                "required": ["operation", "a", "b"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_capital",
+            "description": "Look up the capital city of a country.",
+            "parameters": {
+                "type": "object",
+                "properties": {"country": {"type": "string"}},
+                "required": ["country"],
+            },
+        },
+    },
+]
+
+CONVERT = [
+    "Convert {v} {a} to {b}.",
+    "How many {b} is {v} {a}?",
+    "What is {v} {a} in {b}?",
+    "Please convert {v} {a} into {b}.",
+    "{v} {a} to {b}, please.",
+    "I have {v} {a}. How much is that in {b}?",
+]
+CALCULATE = {
+    "add": ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "Sum {a} and {b}, please."],
+    "subtract": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."],
+    "multiply": ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."],
+    "divide": ["What is {a} divided by {b}?", "Divide {a} by {b}.", "Compute {a} / {b}."],
+}
+CAPITAL = [
+    "What is the capital of {c}?",
+    "Which city is the capital of {c}?",
+    "Tell me the capital of {c}.",
+    "Capital of {c}?",
+    "I am flying to {c}. What is its capital?",
+]
+GREETINGS = ["Hello!", "Hi there.", "Thanks, that is all.", "Good morning!", "Thank you!"]
+GREETING_ANSWER = "Hello! I can convert units, do arithmetic and look up capitals. What do you need?"
+
+
+def call_id(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+def number(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def convert(rng: random.Random) -> tuple[str, dict, str, str]:
+    """(request, arguments, result, answer) of one conversion."""
+    a, b = rng.choice(PAIRS)
+    v = rng.choice(NUMBERS)
+    base = v * UNITS[a][1] + UNITS[a][2]
+    result = number((base - UNITS[b][2]) / UNITS[b][1])
+    request = rng.choice(CONVERT).format(v=v, a=a, b=b)
+    return request, {"value": v, "from_unit": a, "to_unit": b}, result, f"{v} {a} is {result} {b}."
+
+
+def calculate(rng: random.Random) -> tuple[str, dict, str, str]:
+    operation = rng.choice(list(OPERATIONS))
+    a, b = rng.choice(NUMBERS), rng.choice(NUMBERS)
+    value = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a / b}[operation]
+    request = rng.choice(CALCULATE[operation]).format(a=a, b=b)
+    symbol = OPERATIONS[operation][0]
+    return request, {"operation": operation, "a": a, "b": b}, number(value), f"{a} {symbol} {b} = {number(value)}."
+
+
+def capital(rng: random.Random) -> tuple[str, dict, str, str]:
+    country = rng.choice(list(CAPITALS))
+    city = CAPITALS[country]
+    return rng.choice(CAPITAL).format(c=country), {"country": country}, city, f"The capital of {country} is {city}."
+
+
+MAKERS = {"convert_units": convert, "calculate": calculate, "lookup_capital": capital}
+
+
+def conversation(rng: random.Random) -> dict:
+    """One row: a request with one call (most), two calls in one turn, or none."""
+    kind = rng.choices(["one", "two", "none"], weights=[80, 12, 8])[0]
+    if kind == "none":
+        messages = [
+            {"role": "user", "content": rng.choice(GREETINGS)},
+            {"role": "assistant", "content": GREETING_ANSWER},
+        ]
+        return {"messages": messages, "tools": TOOLS}
+    names = rng.sample(list(MAKERS), 2 if kind == "two" else 1)
+    parts = [MAKERS[name](rng) for name in names]
+    calls = [
+        {"id": call_id(rng), "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        for name, (_, args, _, _) in zip(names, parts, strict=True)
+    ]
+    request = " ".join(p[0] for p in parts) if kind == "two" else parts[0][0]
+    messages = [{"role": "user", "content": request}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    for call, (_, _, result, _) in zip(calls, parts, strict=True):
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": result})})
+    messages.append({"role": "assistant", "content": " ".join(p[3] for p in parts)})
+    return {"messages": messages, "tools": TOOLS}
+
+
+def main() -> None:
+    rng = random.Random(20261204)
+    seen: set[str] = set()  # no request twice: a held-out request is one the model has not seen
+    with (DATA / "sample_tools.jsonl").open("w", encoding="utf-8") as f:
+        while len(seen) < ROWS:
+            row = conversation(rng)
+            request = row["messages"][0]["content"]
+            if request in seen and row["messages"][1].get("tool_calls"):
+                continue
+            seen.add(request if row["messages"][1].get("tool_calls") else f"{request}#{len(seen)}")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
