@@ -124,6 +124,11 @@ class DataConfig:
     tool_call_ids: Literal["keep", "regenerate"] = "keep"
 
     def __post_init__(self) -> None:
+        # presets name the shipped sample sets as data/<file>: found from any working directory (and from
+        # a pip install, which has no checkout), unless the working directory has such a file itself
+        shipped = DATA_DIR / self.path.removeprefix("data/")
+        if self.path.startswith("data/") and not Path(self.path).exists() and shipped.is_file():
+            self.path = str(shipped)
         if self.tool_call_ids not in ("keep", "regenerate"):
             _fail("data.tool_call_ids", self.tool_call_ids, "one of 'keep', 'regenerate'")
         if not 0 <= self.eval_fraction < 1:

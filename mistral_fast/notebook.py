@@ -278,8 +278,16 @@ def evaluate_run(
     cfg = RunDir.open(loaded.path).config
     data = prepare_data(cfg, loaded.tokenizer)
     settings = EvalConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature)
+    from mistral_fast.families import tokenizer_version
+
     result = evaluate_model(
-        loaded, data.eval, data.eval_examples, settings, compare_base=compare_base, seed=cfg.train.seed
+        loaded,
+        data.eval,
+        data.eval_examples,
+        settings,
+        compare_base=compare_base,
+        seed=cfg.train.seed,
+        version=tokenizer_version(cfg.model),
     )
     save_eval(result, loaded.path)
     return result
