@@ -92,12 +92,14 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     """Build the run config from a notebook's parameters (pass ``globals()``).
 
     Args:
-        params: the notebook namespace; only ``smoke``, ``preset``, ``overrides`` and names that map
-            to config fields are read. Empty strings leave the preset's value (e.g. ``data_path = ""``
+        params: the notebook namespace; only ``smoke``, ``smoke_preset``, ``preset``, ``overrides`` and
+            names that map to config fields are read. Empty strings leave the preset's value (e.g. ``data_path = ""``
             keeps the sample data shipped with the package).
 
     Returns:
-        ``smoke`` preset (when ``smoke``) or ``preset``, then the mapped parameters, then ``overrides``.
+        ``smoke_preset`` (default ``smoke``; when ``smoke``) or ``preset``, then the mapped parameters, then
+        ``overrides``. A notebook whose task needs its own tiny schedule (``06_tools``: ``tools-smoke``)
+        names it in ``smoke_preset``.
 
     Raises:
         ConfigError: a parameter that looks like a config field but is none (`check_parameter_names`), or
@@ -105,7 +107,7 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     """
     check_parameter_names(params)
     smoke = bool(params.get("smoke", False))
-    cfg = load_config("smoke" if smoke else params.get("preset") or None)
+    cfg = load_config((params.get("smoke_preset") or "smoke") if smoke else params.get("preset") or None)
     mapped: dict[str, Any] = {}
     for name, value in params.items():
         key = config_key(name) if not name.startswith("_") else None
@@ -302,6 +304,31 @@ def comparison_table(evaluation: EvalResult | dict[str, Any] | None) -> str:
     if isinstance(evaluation, dict):
         evaluation = EvalResult(**evaluation)
     return evaluation.comparison_table()
+
+
+def call_samples_frame(result: EvalResult | dict[str, Any]) -> Any:
+    """The held-out tool-call prompts with the reference calls and the tuned and base model's calls (a
+    pandas DataFrame; ``name(arguments)`` per call, ``right`` as scored for the tool-call accuracy)."""
+    import json
+
+    import pandas as pd
+
+    samples = result.get("call_samples", []) if isinstance(result, dict) else result.call_samples
+
+    def shown(calls: list[dict[str, Any]]) -> str:
+        return "; ".join(f"{c.get('name')}({json.dumps(c.get('arguments'), ensure_ascii=False)})" for c in calls)
+
+    rows = [
+        {
+            "prompt": s["prompt"][-1]["content"],
+            "reference": shown(s["reference"]),
+            "tuned": shown(s["tuned_calls"]),
+            "tuned right": s["tuned_right"],
+            "base": shown(s.get("base_calls", [])),
+        }
+        for s in samples
+    ]
+    return pd.DataFrame(rows, columns=["prompt", "reference", "tuned", "tuned right", "base"])
 
 
 def samples_frame(result: EvalResult | dict[str, Any]) -> Any:

@@ -12,7 +12,9 @@ needs), the tool's result and the assistant's answer quoting it; some requests n
 (parallel calls) and some need none (a greeting: no call is the right answer). The arguments come from
 small sets (a dozen numbers, eight countries) placed in varied sentences, so a tiny random-weight model
 can learn with LoRA on CPU in a few minutes to pick the tool and fill the arguments (the ``tools-smoke``
-preset), while held-out requests are sentences it has not seen. No row appears twice.
+preset), while held-out requests are sentences it has not seen. No request appears twice. A row offers
+the tools it calls and sometimes one more, in a random order: rows stay short (the tools' JSON schemas
+are most of a prompt's tokens) and the model must read which tools it has.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import string
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-ROWS = 400
+ROWS = 360
 
 UNITS = {  # unit: (quantity, factor to the quantity's base unit, offset)
     "km": ("length", 1000.0, 0.0),
@@ -38,7 +40,7 @@ UNITS = {  # unit: (quantity, factor to the quantity's base unit, offset)
     "F": ("temperature", 5 / 9, -32 * 5 / 9),
 }
 PAIRS = [(a, b) for a in UNITS for b in UNITS if a != b and UNITS[a][0] == UNITS[b][0]]
-NUMBERS = [2, 3, 5, 8, 10, 12, 15, 20, 25, 40, 50, 100]
+NUMBERS = [2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 20, 25]
 OPERATIONS = {"add": ("+", "plus"), "subtract": ("-", "minus"), "multiply": ("*", "times"), "divide": ("/", "over")}
 CAPITALS = {
     "France": "Paris",
@@ -61,8 +63,8 @@ TOOLS = [
                 "type": "object",
                 "properties": {
                     "value": {"type": "number"},
-                    "from_unit": {"type": "string", "enum": list(UNITS)},
-                    "to_unit": {"type": "string", "enum": list(UNITS)},
+                    "from_unit": {"type": "string"},
+                    "to_unit": {"type": "string"},
                 },
                 "required": ["value", "from_unit", "to_unit"],
             },
@@ -72,7 +74,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "calculate",
-            "description": "Apply an arithmetic operation to two numbers.",
+            "description": "Arithmetic on two numbers.",
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -88,7 +90,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "lookup_capital",
-            "description": "Look up the capital city of a country.",
+            "description": "The capital of a country.",
             "parameters": {
                 "type": "object",
                 "properties": {"country": {"type": "string"}},
@@ -159,15 +161,23 @@ def capital(rng: random.Random) -> tuple[str, dict, str, str]:
 MAKERS = {"convert_units": convert, "calculate": calculate, "lookup_capital": capital}
 
 
+def tools_for(rng: random.Random, names: list[str]) -> list[dict]:
+    """The tools a row offers: those it calls and maybe one more, in a random order (as real data varies)."""
+    others = [n for n in MAKERS if n not in names]
+    offered = names + rng.sample(others, rng.choice([0, 1])) if others else list(names)
+    rng.shuffle(offered)
+    return [next(t for t in TOOLS if t["function"]["name"] == name) for name in offered]
+
+
 def conversation(rng: random.Random) -> dict:
     """One row: a request with one call (most), two calls in one turn, or none."""
-    kind = rng.choices(["one", "two", "none"], weights=[80, 12, 8])[0]
+    kind = rng.choices(["one", "two", "none"], weights=[82, 10, 8])[0]
     if kind == "none":
         messages = [
             {"role": "user", "content": rng.choice(GREETINGS)},
             {"role": "assistant", "content": GREETING_ANSWER},
         ]
-        return {"messages": messages, "tools": TOOLS}
+        return {"messages": messages, "tools": tools_for(rng, [])}
     names = rng.sample(list(MAKERS), 2 if kind == "two" else 1)
     parts = [MAKERS[name](rng) for name in names]
     calls = [
@@ -179,7 +189,7 @@ def conversation(rng: random.Random) -> dict:
     for call, (_, _, result, _) in zip(calls, parts, strict=True):
         messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": result})})
     messages.append({"role": "assistant", "content": " ".join(p[3] for p in parts)})
-    return {"messages": messages, "tools": TOOLS}
+    return {"messages": messages, "tools": tools_for(rng, names)}
 
 
 def main() -> None:
