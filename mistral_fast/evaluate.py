@@ -452,19 +452,11 @@ def _prompts(eval_examples: Sequence[Example], count: int, version: str | None) 
     )
 
 
-def _parse_calls(raw: str, version: str) -> list[dict[str, Any]]:
-    """The calls in a generation; none when it does not parse (a miss, whatever broke)."""
-    from mistral_fast.tokenizer import parse_tool_calls
-
-    try:
-        return parse_tool_calls(raw, version)
-    except Exception:  # a model's output can be broken in any way; every failure to parse is a wrong call
-        return []
-
-
 def _measure(loaded: LoadedModel, rows: Any, prompts: _Prompts, settings, batch_size) -> dict:
     """Loss, perplexity, generations, text metrics and tool-call accuracy of the model as it is now
     (adapter on or off)."""
+    from mistral_fast.tokenizer import parse_tool_calls
+
     tok = loaded.tokenizer
     loss, tokens = (
         eval_loss(loaded.model, rows, pad_token_id=tok.pad_token_id, batch_size=batch_size) if rows else (None, 0)
@@ -474,7 +466,7 @@ def _measure(loaded: LoadedModel, rows: Any, prompts: _Prompts, settings, batch_
     figures = {"loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "answers": answers, **metrics}
     if prompts.calls:
         generated = generate(loaded.model, tok, prompts.calls, settings, tools=prompts.call_tools)
-        parsed = [_parse_calls(g["raw"], prompts.version or "") for g in generated]
+        parsed = [parse_tool_calls(g["raw"], prompts.version or "v3") for g in generated]  # [] if it does not parse
         hits = [calls_match(p, r) for p, r in zip(parsed, prompts.call_references, strict=True)]
         figures["call_accuracy"] = sum(hits) / len(hits)
         figures["call_answers"] = [

@@ -90,8 +90,8 @@ def _calls_after_tool_calls_token(raw: str) -> list[dict] | None:
     """mistral_common's v3 layout, parsed independently: ``[TOOL_CALLS]`` then a JSON list of calls."""
     if "[TOOL_CALLS]" not in raw:
         return None
-    try:
-        calls = json.loads(raw.split("[TOOL_CALLS]", 1)[1].strip())
+    try:  # the calls' JSON, whatever follows it (a generation cut by max_new_tokens)
+        calls, _ = json.JSONDecoder().raw_decode(raw.split("[TOOL_CALLS]", 1)[1].strip())
     except json.JSONDecodeError:
         return None
     return calls if isinstance(calls, list) else None
