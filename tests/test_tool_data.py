@@ -273,3 +273,35 @@ def test_openai_fine_tuning_format_with_legacy_functions_and_parallel_flag(tmp_p
         DataError, match=r"p2\.jsonl:1: messages\[1\]: 2 tool calls in one turn but .*parallel_tool_calls=false"
     ):
         load_messages(DataConfig(path=write_jsonl(tmp_path / "p2.jsonl", [{**parallel, "parallel_tool_calls": False}])))
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_prepared_tool_data_keeps_the_tools_and_tokenises_as_mistral_common(tmp_path, monkeypatch, num_proc) -> None:
+    """The cached parallel path and the in-process path give the same rows and examples (tools included),
+    and each row's ids are mistral_common's finetuning encoding of the conversation with its tools."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    from mistral_fast.dataset import prepare_data, prepare_data_in_memory
+    from mistral_fast.tokenizer import load_tokenizer, reference_tokenizer
+
+    monkeypatch.setenv("MISTRAL_FAST_CACHE", str(tmp_path / "cache"))
+    rows = copy.deepcopy(ROWS[:40])
+    for row in rows[::3]:  # other models' ids: rewritten by data.tool_call_ids=regenerate
+        for message in row["messages"]:
+            for call in message.get("tool_calls") or []:
+                for other in row["messages"]:
+                    if other.get("tool_call_id") == call["id"]:
+                        other["tool_call_id"] = "call_" + call["id"]
+                call["id"] = "call_" + call["id"]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    overrides = {"data.path": path, "data.num_proc": num_proc, "data.tool_call_ids": "regenerate"}
+    cfg = RunConfig().with_overrides({**overrides, "model.max_seq_length": 1024, "data.eval_fraction": 0.2})
+    tok = load_tokenizer("v3")
+    new, old = prepare_data(cfg, tok), prepare_data_in_memory(cfg, tok)
+    assert new.train["input_ids"] == old.train["input_ids"] and new.train["labels"] == old.train["labels"]
+    assert list(new.train_examples) == list(old.train_examples) and list(new.eval_examples) == list(old.eval_examples)
+    assert all(e.tools for e in new.train_examples) and len(new.eval_examples) == 8
+    reference = reference_tokenizer("v3", "finetuning")
+    for row, example in zip(new.train, new.train_examples, strict=True):
+        request = ChatCompletionRequest.from_openai(messages=copy.deepcopy(example.messages), tools=example.tools)
+        assert row["input_ids"] == reference.encode_chat_completion(request).tokens, example.where
