@@ -323,7 +323,7 @@ def _chat(
         role = turn[role_key]
         role = role_map.get(str(role).lower(), role) if role_map else role
         content = turn.get(content_key)
-        content = "" if content is None and calls else _text(content, f"{column}[{i}].{content_key}")
+        content = None if content is None and calls else _text(content, f"{column}[{i}].{content_key}")
         message: dict[str, Any] = {"role": "tool" if role == "function" else role, "content": content}
         if role_map is None:
             message |= _tool_fields(turn, f"{column}[{i}]")
@@ -382,7 +382,7 @@ def _sharegpt(turns: Any) -> list[dict[str, Any]]:
                 {"id": id_, "type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
                 for id_, c in zip(ids, calls, strict=True)
             ]
-            messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
+            messages.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
             pending = ids
         elif speaker == SHAREGPT_RESULT:
             result_id = pending.pop(0) if pending else None  # None: the validator says there was no call

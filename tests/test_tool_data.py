@@ -150,15 +150,15 @@ def test_bad_tool_records_are_one_line_with_file_line(tmp_path, edit, message) -
 
 
 def test_arguments_are_checked_against_the_schema_types_and_enums() -> None:
-    tools = ROWS[0]["tools"]
-    call = {"id": "abcdefghi", "type": "function", "function": {"name": "convert_units"}}
-    conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    tools = next(r["tools"] for r in ROWS if any(t["function"]["name"] == "calculate" for t in r["tools"]))
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "calculate"}}
+    conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     for arguments, fits in [
-        ({"value": 3, "from_unit": "km", "to_unit": "mi"}, True),
-        ('{"value": 2.5, "from_unit": "C", "to_unit": "F"}', True),
-        ({"value": "3", "from_unit": "km", "to_unit": "mi"}, False),  # a string where a number is asked for
-        ({"value": 3, "from_unit": "parsec", "to_unit": "mi"}, False),  # not in the enum
-        ({"value": 3, "from_unit": "km"}, False),  # a required key missing
+        ({"operation": "add", "a": 3, "b": 4}, True),
+        ('{"operation": "divide", "a": 2.5, "b": -1}', True),
+        ({"operation": "add", "a": "3", "b": 4}, False),  # a string where a number is asked for
+        ({"operation": "power", "a": 3, "b": 4}, False),  # not in the enum
+        ({"operation": "add", "a": 3}, False),  # a required key missing
     ]:
         call["function"]["arguments"] = arguments
         if fits:
