@@ -603,7 +603,7 @@ def normalise(
         if tool_call_ids == "regenerate":
             messages = regenerate_tool_call_ids(messages)
         check_tool_calls(messages, tools)
-        validate_conversation(messages, version, training=True, **({"tools": tools} if tools else {}))
+        validate_conversation(messages, version, tools, training=True)
         return Example(messages, None, record.where, tools)
     except (DataError, TokenizerError) as err:
         raise DataError(f"{record.where}: {err}") from None
