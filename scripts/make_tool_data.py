@@ -164,7 +164,7 @@ MAKERS = {"convert_units": convert, "calculate": calculate, "lookup_capital": ca
 def tools_for(rng: random.Random, names: list[str]) -> list[dict]:
     """The tools a row offers: those it calls and maybe one more, in a random order (as real data varies)."""
     others = [n for n in MAKERS if n not in names]
-    offered = names + rng.sample(others, rng.choice([0, 1])) if others else list(names)
+    offered = names + rng.sample(others, rng.choice([0, 1]) if names else rng.choice([1, 2]))
     rng.shuffle(offered)
     return [next(t for t in TOOLS if t["function"]["name"] == name) for name in offered]
 

@@ -21,6 +21,8 @@ from mistral_fast.errors import ConfigError, DataError
 
 SAMPLE = DATA_DIR / "sample_tools.jsonl"
 ROWS = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+# every tool of the sample (a row offers the tools it calls and sometimes one more)
+ALL_TOOLS = list({t["function"]["name"]: t for r in ROWS for t in r["tools"]}.values())
 
 
 def mistral_common_refusal(messages, tools) -> str | None:
@@ -210,7 +212,7 @@ def test_the_tools_column_reads_the_same_from_every_source(tmp_path) -> None:
 
 
 def test_sharegpt_function_call_and_observation_turns_become_calls_and_results(tmp_path) -> None:
-    tools = ROWS[0]["tools"]
+    tools = ALL_TOOLS
     row = {
         "conversations": [
             {"from": "human", "value": "What is 2 plus 3, and the capital of Peru?"},
@@ -243,7 +245,7 @@ def test_sharegpt_function_call_and_observation_turns_become_calls_and_results(t
     assert mistral_common_refusal(messages, loaded.examples[0].tools) is None
     assert loaded.examples[1].messages == messages  # ids are made from the data: the same row, the same ids
     row["conversations"].insert(4, {"from": "observation", "value": "extra"})
-    with pytest.raises(DataError, match=r"s\.jsonl:1: messages\[4\] \(tool\): tool_call_id None matches no call"):
+    with pytest.raises(DataError, match=r"s2\.jsonl:1: messages\[4\] \(tool\): tool_call_id None matches no call"):
         load_messages(DataConfig(path=write_jsonl(tmp_path / "s2.jsonl", [row])), version="v3")
 
 
@@ -255,13 +257,13 @@ def test_openai_fine_tuning_format_with_legacy_functions_and_parallel_flag(tmp_p
             {"role": "function", "name": "lookup_capital", "content": '{"result": "Nairobi"}'},
             {"role": "assistant", "content": "Nairobi."},
         ],
-        "functions": [t["function"] for t in ROWS[0]["tools"]],
+        "functions": [t["function"] for t in ALL_TOOLS],
     }
     path = write_jsonl(tmp_path / "legacy.jsonl", [legacy])
     with pytest.raises(DataError, match=r"call id None is not 9 letters or digits.*regenerate"):
         load_messages(DataConfig(path=path), version="v3")
     example = load_messages(DataConfig(path=path, tool_call_ids="regenerate"), version="v3").examples[0]
-    assert example.tools == ROWS[0]["tools"]
+    assert example.tools == ALL_TOOLS
     assert [m["role"] for m in example.messages] == ["user", "assistant", "tool", "assistant"]
     assert example.messages[2]["tool_call_id"] == example.messages[1]["tool_calls"][0]["id"]
     assert mistral_common_refusal(example.messages, example.tools) is None
@@ -275,8 +277,7 @@ def test_openai_fine_tuning_format_with_legacy_functions_and_parallel_flag(tmp_p
         load_messages(DataConfig(path=write_jsonl(tmp_path / "p2.jsonl", [{**parallel, "parallel_tool_calls": False}])))
 
 
-@pytest.mark.parametrize("num_proc", [1, 2])
-def test_prepared_tool_data_keeps_the_tools_and_tokenises_as_mistral_common(tmp_path, monkeypatch, num_proc) -> None:
+def test_prepared_tool_data_keeps_the_tools_and_tokenises_as_mistral_common(tmp_path, monkeypatch) -> None:
     """The cached parallel path and the in-process path give the same rows and examples (tools included),
     and each row's ids are mistral_common's finetuning encoding of the conversation with its tools."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -294,7 +295,7 @@ def test_prepared_tool_data_keeps_the_tools_and_tokenises_as_mistral_common(tmp_
                         other["tool_call_id"] = "call_" + call["id"]
                 call["id"] = "call_" + call["id"]
     path = write_jsonl(tmp_path / "tools.jsonl", rows)
-    overrides = {"data.path": path, "data.num_proc": num_proc, "data.tool_call_ids": "regenerate"}
+    overrides = {"data.path": path, "data.num_proc": 2, "data.tool_call_ids": "regenerate"}
     cfg = RunConfig().with_overrides({**overrides, "model.max_seq_length": 1024, "data.eval_fraction": 0.2})
     tok = load_tokenizer("v3")
     new, old = prepare_data(cfg, tok), prepare_data_in_memory(cfg, tok)
