@@ -39,19 +39,10 @@ UNITS = {  # unit: (quantity, factor to the quantity's base unit, offset)
     "C": ("temperature", 1.0, 0.0),
     "F": ("temperature", 5 / 9, -32 * 5 / 9),
 }
-PAIRS = [(a, b) for a in UNITS for b in UNITS if a != b and UNITS[a][0] == UNITS[b][0]]
-NUMBERS = [2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 20, 25]
+PAIRS = [("km", "mi"), ("kg", "lb"), ("L", "gal"), ("C", "F")]  # one direction per quantity: told by its units
+NUMBERS = [2, 3, 4, 5, 6, 8]
 OPERATIONS = {"add": ("+", "plus"), "subtract": ("-", "minus"), "multiply": ("*", "times"), "divide": ("/", "over")}
-CAPITALS = {
-    "France": "Paris",
-    "Japan": "Tokyo",
-    "Kenya": "Nairobi",
-    "Peru": "Lima",
-    "Norway": "Oslo",
-    "Egypt": "Cairo",
-    "Canada": "Ottawa",
-    "Vietnam": "Hanoi",
-}
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Egypt": "Cairo"}
 
 TOOLS = [
     {
@@ -108,9 +99,9 @@ CONVERT = [
     "{v} {a} to {b}, please.",
     "I have {v} {a}. How much is that in {b}?",
 ]
-CALCULATE = {
+CALCULATE = {  # a before b in every sentence
     "add": ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "Sum {a} and {b}, please."],
-    "subtract": ["What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."],
+    "subtract": ["What is {a} minus {b}?", "From {a}, subtract {b}.", "Compute {a} - {b}."],
     "multiply": ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."],
     "divide": ["What is {a} divided by {b}?", "Divide {a} by {b}.", "Compute {a} / {b}."],
 }
@@ -171,7 +162,7 @@ def tools_for(rng: random.Random, names: list[str]) -> list[dict]:
 
 def conversation(rng: random.Random) -> dict:
     """One row: a request with one call (most), two calls in one turn, or none."""
-    kind = rng.choices(["one", "two", "none"], weights=[82, 10, 8])[0]
+    kind = rng.choices(["one", "two", "none"], weights=[87, 5, 8])[0]
     if kind == "none":
         messages = [
             {"role": "user", "content": rng.choice(GREETINGS)},
