@@ -142,7 +142,9 @@ def test_tools_smoke_learns_to_call_held_out(tools_notebook) -> None:
 @pytest.mark.slow
 def test_tools_smoke_run_merges_and_writes_a_gguf_llama_cpp_loads(tools_notebook) -> None:
     run, _ = tools_notebook
-    llama_cpp = require_optional("llama_cpp")
+    require_optional("llama_cpp")
+    import llama_cpp
+
     assert (run / "export" / "merged" / "model.safetensors").is_file()
     gguf = run / "export" / "model-f16.gguf"
     model = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False)
