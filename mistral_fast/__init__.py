@@ -47,6 +47,7 @@ _LAZY = {
     "evaluate_run": "notebook",
     "comparison_table": "notebook",
     "samples_frame": "notebook",
+    "call_samples_frame": "notebook",
     "preview_data": "notebook",
     "run_notebook": "runner",
     "run_sweep": "runner",

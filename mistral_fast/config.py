@@ -123,8 +123,18 @@ class DataConfig:
     system_prompt: str = ""  # added as a system message to conversations that have none
     seed: int = 42  # seed of the train/eval split
     num_proc: int = -1  # processes that prepare the data (-1: the cores available; 0 or 1: in this process)
+    # tool call ids: keep (refuse ids that are not 9 letters/digits, as Mistral's format needs) or
+    # regenerate (new 9-character ids, the same in a call and its result: data written for other models)
+    tool_call_ids: Literal["keep", "regenerate"] = "keep"
 
     def __post_init__(self) -> None:
+        # presets name the shipped sample sets as data/<file>: found from any working directory (and from
+        # a pip install, which has no checkout), unless the working directory has such a file itself
+        shipped = DATA_DIR / self.path.removeprefix("data/")
+        if self.path.startswith("data/") and not Path(self.path).exists() and shipped.is_file():
+            self.path = str(shipped)
+        if self.tool_call_ids not in ("keep", "regenerate"):
+            _fail("data.tool_call_ids", self.tool_call_ids, "one of 'keep', 'regenerate'")
         if not 0 <= self.eval_fraction < 1:
             _fail("data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _positive("data.max_examples", self.max_examples, zero_ok=True)

@@ -8,12 +8,14 @@ the two modules would form an import cycle.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
 class Example:
     """One normalised training example: a conversation, or raw text for continued pre-training."""
 
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     text: str | None
     where: str
+    tools: list[dict[str, Any]] | None = None  # the functions the conversation may call (OpenAI's shape)

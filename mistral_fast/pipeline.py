@@ -141,7 +141,10 @@ def run(cfg: RunConfig, *, rewards: Any = None) -> RunResult:
     result = RunResult(run_dir=str(run_dir), data=data.stats, train=trained.to_dict())
     if not main:  # the other ranks' work ends with training; rank 0 evaluates and writes
         return result
-    evaluation = evaluate_model(loaded, data.eval, data.eval_examples, cfg.eval, seed=cfg.train.seed)
+    from mistral_fast.families import tokenizer_version
+
+    version = tokenizer_version(cfg.model)  # the [TOOL_CALLS] format generated calls are parsed in
+    evaluation = evaluate_model(loaded, data.eval, data.eval_examples, cfg.eval, seed=cfg.train.seed, version=version)
     save_eval(evaluation, run_dir)
     result.evaluation = evaluation.to_dict()
     write_text_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))

@@ -725,7 +725,7 @@ def _check_content(
     if training and role != "system":
         if previous is None and role != "user":
             raise TokenizerError(f"messages[{i}]: the conversation starts with {role!r}; it must start with 'user'")
-        if role == previous:
+        if role == previous and role != "tool":  # several results in a row answer several calls in one turn
             raise TokenizerError(f"messages[{i}]: two {role!r} turns in a row — merge them or add the missing turn")
     found = _find_special_string(content, version) if version is not None else None
     if found:
