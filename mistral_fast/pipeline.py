@@ -327,6 +327,7 @@ def run_grpo(cfg: RunConfig, *, rewards: Any = None) -> RunResult:
     if rewards:  # the run's config records the notebook's rewards by name
         cfg = cfg.with_overrides({"train.rewards": [f"notebook:{r.name}" for r in reward_list]})
     validate_model_request(cfg)
+    check_trackers(cfg)
     preflight(cfg)
     run_dir = Path(cfg.train.output_dir)
     main = is_main_process()
@@ -371,4 +372,5 @@ def run_grpo(cfg: RunConfig, *, rewards: Any = None) -> RunResult:
     from mistral_fast.manifest import write_manifest
 
     write_manifest(cfg, run_dir)
+    finish_run(run_dir)
     return result

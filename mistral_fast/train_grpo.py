@@ -130,7 +130,7 @@ def train_grpo(cfg: RunConfig, loaded: LoadedModel, data: GrpoData, rewards: lis
         args=build_grpo_config(cfg, loaded, run_dir),
         train_dataset=data.train,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(run_dir),
+        callbacks=_callbacks(cfg, run_dir),
     )
     if cfg.train.beta > 0 and not cfg.model.adapter:
         drop_fresh_reference_adapter(trainer.model)  # the reference is the base: adapter off, no copy

@@ -110,7 +110,8 @@ def test_llama_cpp_tokenises_like_mistral_common(exported):
 def test_gguf_template_renders_tool_prompts(exported):
     """Tekken GGUFs: prompts with tools, calls and results, from the embedded template (plain Jinja2 and
     llama-cpp-python) through llama.cpp's tokenizer, give mistral_common's ids."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
+    import llama_cpp
     from tool_conversations import check_gguf_tool_prompts
 
     version, _, ours = exported

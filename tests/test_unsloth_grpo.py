@@ -5,7 +5,6 @@ fused LM head to unsloth_zoo's CPU kernel (at the sampling temperature)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_optional
 
-pytestmark = [
-    pytest.mark.unsloth,
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed"),
-]
+pytestmark = [pytest.mark.unsloth, pytest.mark.slow]
+require_optional("unsloth", module_level=True)
 
 
 def test_unsloth_grpo_run_through_the_cli(tmp_path: Path) -> None:
