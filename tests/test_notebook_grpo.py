@@ -1,5 +1,5 @@
-"""05_grpo executes headless through papermill on the tiny model (rewards defined in a cell: a built-in by name
-and a lambda), draws the reward curve, prints before/after answers; the group-size sweep file is checked."""
+"""05_grpo executes headless through papermill on the tiny model (rewards defined in a cell: a built-in by name and
+a callable, a functools.partial: no def/lambda), draws the reward curve, prints before/after answers."""
 
 from __future__ import annotations
 
