@@ -63,6 +63,12 @@ _LAZY = {
     "SAMPLE_PREFERENCES": "preference",
     "preference_config": "notebook",
     "preference_table": "notebook",
+    "grpo_table": "notebook",
+    "prepare_prompts": "grpo",
+    "preview_prompt": "grpo",
+    "SAMPLE_GRPO": "grpo",
+    "rewards_from_callables": "rewards",
+    "resolve_rewards": "rewards",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

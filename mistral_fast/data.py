@@ -38,6 +38,7 @@ from mistral_fast.atomic import atomic_path
 from mistral_fast.config import DataConfig
 from mistral_fast.constants import MAX_REASONS
 from mistral_fast.errors import DataError, TokenizerError
+from mistral_fast.example import Example  # re-exported: `from mistral_fast.data import Example` keeps working
 from mistral_fast.tokenizer import validate_conversation
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -66,16 +67,6 @@ class Record:
 
     data: dict[str, Any]
     where: str
-
-
-@dataclass
-class Example:
-    """One normalised training example: a conversation, or raw text for continued pre-training."""
-
-    messages: list[dict[str, Any]] | None
-    text: str | None
-    where: str
-    tools: list[dict[str, Any]] | None = None  # the functions the conversation may call (OpenAI's shape)
 
 
 @dataclass

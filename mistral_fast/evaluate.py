@@ -44,7 +44,7 @@ from mistral_fast.errors import ModelError
 
 if TYPE_CHECKING:
     from mistral_fast.config import EvalConfig
-    from mistral_fast.data import Example
+    from mistral_fast.example import Example
     from mistral_fast.modeling import LoadedModel
 
 log = logging.getLogger("mistral_fast")

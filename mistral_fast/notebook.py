@@ -49,6 +49,19 @@ SMOKE_KEEPS = frozenset(
 )
 
 
+# GRPO's smoke run also keeps its preset's sampling and learning settings (a 7B run's 256-token completions and
+# 5e-6 rate would not fit or not move the tiny model); the group size and beta still apply, so a sweep over them
+# is meaningful.
+GRPO_SMOKE_KEEPS = SMOKE_KEEPS | {
+    "train.max_completion_length",
+    "train.temperature",
+    "train.learning_rate",
+    "train.sft_warmup_steps",
+    "train.rewards",
+    "data.path",
+}
+
+
 @functools.cache
 def config_fields() -> frozenset[str]:
     """Every dotted field of `RunConfig` (``"lora.rank"``, …)."""
@@ -107,11 +120,16 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     """
     check_parameter_names(params)
     smoke = bool(params.get("smoke", False))
-    cfg = load_config((params.get("smoke_preset") or "smoke") if smoke else params.get("preset") or None)
+    # a notebook whose task needs its own tiny schedule names it (06_tools: tools-smoke); GRPO's smoke run has
+    # its own too: whole groups per batch, the sample prompt set, an SFT warm-up
+    default_smoke = "grpo-smoke" if params.get("train_method") == "grpo" else "smoke"
+    smoke_preset = params.get("smoke_preset") or default_smoke
+    cfg = load_config(smoke_preset if smoke else params.get("preset") or None)
+    keeps = GRPO_SMOKE_KEEPS if smoke_preset == "grpo-smoke" else SMOKE_KEEPS
     mapped: dict[str, Any] = {}
     for name, value in params.items():
         key = config_key(name) if not name.startswith("_") else None
-        if key is None or (isinstance(value, str) and value == "") or (smoke and key in SMOKE_KEEPS):
+        if key is None or (isinstance(value, str) and value == "") or (smoke and key in keeps):
             continue
         mapped[key] = value
     mapped.update(params.get("overrides") or {})
@@ -178,6 +196,19 @@ def preference_table(evaluation: dict[str, Any] | None) -> str:
         "| --- | ---: | ---: |",
     ]
     lines += [f"| {name} | {r['accuracy']:.3f} | {r['mean_margin']:.2f} |" for name, r in rows]
+    return "\n".join(lines)
+
+
+def grpo_table(evaluation: dict[str, Any] | None) -> str:
+    """Held-out mean reward before and after GRPO (each reward and the total), then greedy answers side by side."""
+    if not evaluation or "grpo" not in evaluation:
+        return "no GRPO evaluation"
+    g = evaluation["grpo"]
+    lines = [f"held-out prompts: {evaluation['prompts']} ({evaluation['split']}), greedy answers", ""]
+    lines += ["| reward | before | after |", "| --- | ---: | ---: |"]
+    lines += [f"| {n} | {g['rewards_before'][n]:.3f} | {g['rewards_after'][n]:.3f} |" for n in g["rewards_before"]]
+    lines += ["", "| prompt | before | after |", "| --- | --- | --- |"]
+    lines += [f"| {s['prompt']} | {s['before']!r} | {s['after']!r} |" for s in evaluation.get("samples", [])]
     return "\n".join(lines)
 
 

@@ -158,3 +158,36 @@ def tool_conversations(
     """`n` seeded conversations (`tool_conversation`)."""
     rng = random.Random(f"{version}-{seed}")
     return [tool_conversation(rng, version, **kwargs) for _ in range(n)]
+
+
+def gguf_template_renderers(template: str) -> dict[str, Any]:
+    """``engine -> render(messages, tools)``: plain sandboxed Jinja2 and llama-cpp-python's formatter, as a
+    consumer of the GGUF's embedded template renders a prompt (each template compiled once)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    formatter = Jinja2ChatFormatter(template, "</s>", "<s>")
+    return {
+        "jinja2": lambda messages, tools: plain.render(messages=messages, tools=tools, add_generation_prompt=True),
+        "llama-cpp-python": lambda messages, tools: formatter(messages=messages, tools=tools).prompt,
+    }
+
+
+def check_gguf_tool_prompts(llm, version: str, count: int = 40) -> int:
+    """Prompts with tools, calls and results (ending on the results), rendered from the GGUF's embedded
+    template by both engines and tokenised by llama.cpp: mistral_common's ids. Returns how many were compared."""
+    from mistral_fast.tokenizer import reference_chat_ids
+
+    renderers = gguf_template_renderers(llm.metadata["tokenizer.chat_template"])
+    rng = random.Random(f"gguf-{version}")
+    compared = 0
+    for k in range(count):
+        messages, tools = tool_conversation(rng, version, arguments="object", results="text")
+        cut = max(i for i, m in enumerate(messages) if m["role"] in ("tool", "user"))
+        prompt = messages[: cut + 1]
+        expected = reference_chat_ids(prompt, version, tools=tools, add_generation_prompt=True)
+        text = renderers["jinja2" if k % 2 else "llama-cpp-python"](prompt, tools)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
+        compared += 1
+    return compared
