@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.errors import ModelError
-from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mixtral_dir, tiny_model_dir
+from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mistral3_dir, tiny_mixtral_dir, tiny_model_dir
 
 if TYPE_CHECKING:
     from mistral_fast.config import RunConfig
@@ -41,10 +41,20 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path == "tiny-mixtral":
         return str(tiny_mixtral_dir())
+    if name_or_path == "tiny-mistral3":
+        return str(tiny_mistral3_dir())
     if name_or_path in TINY_VARIANTS:
         return str(tiny_model_dir(**TINY_VARIANTS[name_or_path]))
     local = Path(name_or_path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file() and (local / "params.json").is_file():
+            raise ModelError(
+                f"model.name_or_path={name_or_path!r}: {local.resolve()} is in Mistral's own format (params.json + "
+                "consolidated safetensors), which llama.cpp converts only with convert_hf_to_gguf.py "
+                "--mistral-format and which this tool does not read: use the model's transformers-format "
+                "repository (config.json + model-*.safetensors), or convert it with transformers' "
+                "convert_mistral_weights_to_hf script first"
+            )
         if not (local / "config.json").is_file():
             raise ModelError(
                 f"model.name_or_path={name_or_path!r}: {local.resolve()} has no config.json; "
@@ -118,11 +128,13 @@ def linear_module_names(path: str, *, trust_remote_code: bool = False) -> list[s
     ``lm_head`` is left out: it is never quantised, and LoRA on it is not what this tool trains.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from mistral_fast.modeling.mistral3 import auto_model_class
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config.to_dict()).from_config(config, trust_remote_code=trust_remote_code)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if getattr(config, "num_local_experts", 0):
         # Mixtral's experts are fused 3-D parameters here; on a 4-bit load each becomes per-expert

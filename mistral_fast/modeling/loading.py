@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
+    from mistral_fast.families import Family
+
 log = logging.getLogger("mistral_fast")
 
 @dataclass
@@ -119,12 +121,28 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
     return loaded
 
 
-def _bnb_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
+def _wrapper_family(cfg: RunConfig, path: str | None) -> Family | None:
+    """The row of a Mistral3 wrapper being loaded (None: a plain text model, or one no row knows)."""
+    from mistral_fast.families import family_for_model
+    from mistral_fast.modeling.checks import read_model_config
+
+    try:
+        family = family_for_model(cfg.model.name_or_path, read_model_config(path) if path else None)
+    except ModelError:
+        return None
+    return family if family.is_wrapper else None
+
+
+def _bnb_config(cfg: RunConfig, dtype: torch.dtype, wrapper: Family | None = None) -> Any:
     from transformers import BitsAndBytesConfig
 
     from mistral_fast.distributed import using_fsdp
 
-    extra = {}
+    extra: dict[str, Any] = {}
+    if wrapper is not None:  # the vision tower and projector stay 16-bit (modeling/mistral3.py)
+        from mistral_fast.modeling.mistral3 import skip_modules
+
+        extra["llm_int8_skip_modules"] = skip_modules(wrapper)
     if using_fsdp():
         # FSDP flattens each wrapped module's parameters into one tensor of one float dtype: the packed
         # 4-bit weights must be stored as that dtype (not uint8) for FSDP to shard them (FSDP + QLoRA).
@@ -142,16 +160,18 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     """transformers + bitsandbytes + peft: the reference backend."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     from mistral_fast.distributed import using_fsdp
+    from mistral_fast.modeling.checks import read_model_config
+    from mistral_fast.modeling.mistral3 import auto_model_class, keep_frozen_16bit
 
+    wrapper = _wrapper_family(cfg, path)
     # safetensors only: pickled .bin weights of an untrusted checkpoint could run code when loaded
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code, "use_safetensors": True}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.load_in_4bit:
-        kwargs["quantization_config"] = _bnb_config(cfg, dtype)
+        kwargs["quantization_config"] = _bnb_config(cfg, dtype, wrapper)
     fsdp = using_fsdp()
     if torch.cuda.is_available() and not fsdp:
         # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU. Under FSDP
@@ -160,7 +180,7 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     if cfg.model.load_in_4bit and _streams_experts(path):
         model = _load_moe_streamed(path, cfg, kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_model_class(read_model_config(path)).from_pretrained(path, **kwargs)
         if cfg.model.load_in_4bit:
             _quantize_moe_experts(model, cfg, dtype)  # a Mixtral with fused experts in its checkpoint
     disable_cpu_weight_repacking(model)
@@ -175,6 +195,8 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     elif gc:
         # Also the FSDP path: its flat parameters need one dtype, so nothing is cast to fp32 there.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if wrapper is not None:
+        keep_frozen_16bit(model, wrapper, dtype)
     return _attach_lora(model, cfg, path, for_training=for_training)
 
 
@@ -288,11 +310,17 @@ def _peft_lora_config(cfg: RunConfig, path: str | None = None) -> Any:
         # The router is small (experts x hidden per layer) and not a LoRA target: trained whole, and saved
         # with the adapter, as peft does for modules_to_save.
         extra["modules_to_save"] = ["gate"]
+    targets: list[str] | str = lora_target_modules(cfg, path)
+    wrapper = _wrapper_family(cfg, path)
+    if wrapper is not None:  # inside the language model only: the vision tower has the same leaf names
+        from mistral_fast.modeling.mistral3 import lora_target_pattern
+
+        targets = lora_target_pattern(wrapper, targets)
     return LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_modules(cfg, path),
+        target_modules=targets,
         bias=cfg.lora.bias,
         use_rslora=cfg.lora.use_rslora,
         task_type="CAUSAL_LM",
