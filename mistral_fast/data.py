@@ -283,8 +283,31 @@ def _chat(
             raise DataError(f"{column}[{i}] must be an object with {role_key!r} and {content_key!r}")
         role = turn[role_key]
         role = role_map.get(str(role).lower(), role) if role_map else role
+        _refuse_images(turn, f"{column}[{i}]")
         messages.append({"role": role, "content": _text(turn[content_key], f"{column}[{i}].{content_key}")})
     return messages
+
+
+_IMAGE_CHUNKS = ("image", "image_url", "input_image")
+
+
+def _refuse_images(turn: dict[str, Any], where: str) -> None:
+    """Refuse a turn carrying an image (an ``images`` field or an image content chunk), naming it.
+
+    Why: Mistral 3 models (Mistral3ForConditionalGeneration) see images, but this tool fine-tunes their
+    language model on text only; dropping the image silently would train answers about pictures the model
+    never saw.
+    """
+    content = turn.get("content")
+    chunks = content if isinstance(content, list) else []
+    kinds = [c.get("type") for c in chunks if isinstance(c, dict) and c.get("type") in _IMAGE_CHUNKS]
+    if turn.get("images") or turn.get("image") or kinds:
+        found = f"a {kinds[0]!r} content chunk" if kinds else "an image field"
+        raise DataError(
+            f"{where} has {found}: images are not supported yet; mistral_fast fine-tunes text conversations "
+            "(also for Mistral 3 vision-language models, whose vision tower is kept as it is). Remove the images "
+            "or the records that have them"
+        )
 
 
 def normalise(record: Record, fmt: str, system_prompt: str = "", version: str | None = None) -> Example:

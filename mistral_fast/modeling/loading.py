@@ -87,6 +87,10 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
         if cfg.model.backend == "unsloth":
             raise ModelError(_UNSLOTH_MOE.format(name=cfg.model.name_or_path))
         backend, backend_reason = "hf", "Mixtral (mixture of experts): the hf backend, which stores experts in NF4"
+    elif _known_wrapper(cfg):
+        if cfg.model.backend == "unsloth":
+            raise ModelError(_UNSLOTH_MISTRAL3.format(name=cfg.model.name_or_path))
+        backend, backend_reason = "hf", "Mistral3ForConditionalGeneration: the hf backend (Unsloth's loader refuses it)"
     else:
         backend, backend_reason = resolve_backend(cfg.model.backend)  # first: unsloth must precede transformers
     path = validate_model_request(cfg)
@@ -205,6 +209,26 @@ _UNSLOTH_MOE = (
     "trained with per-expert LoRA by this tool's hf backend only (Unsloth 2026.10 loads Mixtral's fused experts "
     "16-bit and puts LoRA on those 16-bit parameters); set model.backend=hf or auto"
 )
+
+
+# Measured with unsloth 2026.10 on tiny-mistral3 (CPU): FastLanguageModel.from_pretrained builds the model through
+# AutoModelForCausalLM, which transformers 5.17 does not map mistral3 to.
+_UNSLOTH_MISTRAL3 = (
+    "model.backend=unsloth: {name} is a Mistral3ForConditionalGeneration (Mistral 3 with a vision tower); Unsloth "
+    "2026.10's FastLanguageModel.from_pretrained refuses it (ValueError: Unrecognized configuration class "
+    "Mistral3Config for this kind of AutoModel: AutoModelForCausalLM). Set model.backend=hf (or auto), which "
+    "trains its language model in NF4 with LoRA and keeps the vision tower 16-bit"
+)
+
+
+def _known_wrapper(cfg: RunConfig) -> bool:
+    """True when the model is a Mistral3 wrapper by its name or local config.json (no download, no torch)."""
+    from mistral_fast.families import family_for_model
+
+    try:
+        return family_for_model(cfg.model.name_or_path).is_wrapper
+    except ModelError:
+        return False
 
 
 def _known_moe(cfg: RunConfig) -> bool:
