@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.errors import ModelError
+from mistral_fast.modeling.fp8 import resolve_fp8
 from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mistral3_dir, tiny_mixtral_dir, tiny_model_dir
 
 if TYPE_CHECKING:
@@ -68,14 +69,14 @@ def resolve_model_path(name_or_path: str) -> str:
                 "which are never loaded (they can run code); convert them to safetensors on a trusted machine "
                 "(transformers: from_pretrained + save_pretrained) and point here again"
             )
-        return str(local)
+        return resolve_fp8(str(local))  # an FP8 checkpoint (Ministral 3 Instruct): its 16-bit copy
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
         raise ModelError(
             f"model.name_or_path={name_or_path!r}: no such directory ({local.resolve()}); "
             "check the path, or give a hub name such as mistralai/Mistral-7B-v0.3, or 'tiny'"
         )
     _fetch_hub_config(name_or_path)
-    return name_or_path
+    return resolve_fp8(name_or_path)
 
 
 def _fetch_hub_config(repo_id: str) -> Path:
