@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_FILE",
     "CHAT_TEMPLATE_V7",
+    "CHAT_TEMPLATE_V11",
+    "CHAT_TEMPLATE_V13",
     "INSTRUCT_TURNS",
     "TEKKEN_FILENAME",
     "TEKKEN_VERSIONS",
@@ -68,6 +70,7 @@ __all__ = [
     "tekken_file",
     "tekken_reference",
     "tekken_special_strings",
+    "write_tekken_file",
 ]
 
 BUILTIN_FILE = "tekken_240718.json"
@@ -75,7 +78,7 @@ BUILTIN_FILE = "tekken_240718.json"
 TEKKEN_FILENAME = "tekken.json"
 """The name of the tekken file in Mistral's model repositories (what ``MistralTokenizer.from_file`` detects)."""
 
-TEKKEN_VERSIONS: dict[str, str] = {"v3-tekken": "v3", "v7-tekken": "v7"}
+TEKKEN_VERSIONS: dict[str, str] = {"v3-tekken": "v3", "v7-tekken": "v7", "v11-tekken": "v11", "v13-tekken": "v13"}
 """Our tekken tokenizer versions → the ``mistral_common`` instruct version (``config.version``) they stand for."""
 
 _FROM_INSTRUCT = {instruct: ours for ours, instruct in TEKKEN_VERSIONS.items()}
@@ -87,10 +90,20 @@ _DEFAULT_SPECIALS = (
     "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
     "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
 )  # fmt: skip
+# Control tokens v11/v13 files add (by rank) after the first 20; the ranks follow the tables of Mistral Small
+# 3.2's and Magistral's tekken.json (ranks 20-31 hold audio/other markers there: fillers here).
+_V11_SPECIALS = {32: "[ARGS]", 33: "[CALL_ID]", 34: "[THINK]", 35: "[/THINK]"}
+# what each format needs beyond <unk>, <s>, </s>, [INST], [/INST], <pad>
+_NEEDED = {
+    "v3-tekken": (),
+    "v7-tekken": ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"),
+    "v11-tekken": ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]"),
+    "v13-tekken": ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]"),
+}
 
 
 def is_tekken_version(version: str | None) -> bool:
-    """Whether `version` names one of the tekken tokenizers (``"v3-tekken"``, ``"v7-tekken"``)."""
+    """Whether `version` names one of the tekken tokenizers (``"v3-tekken"`` … ``"v13-tekken"``)."""
     return version in TEKKEN_VERSIONS
 
 
@@ -177,6 +190,8 @@ def read_tekken(path: str | Path | None = None, version: str | None = None) -> T
     Raises:
         TokenizerError: the file is missing, damaged, or of an instruct version this module does not build.
     """
+    if path is None and version in ("v11-tekken", "v13-tekken"):
+        path = _builtin_table_file(TEKKEN_VERSIONS[version])
     file = tekken_file() if path is None else Path(path).expanduser()
     if file.is_dir():
         file = file / TEKKEN_FILENAME
@@ -188,18 +203,58 @@ def read_tekken(path: str | Path | None = None, version: str | None = None) -> T
         if instruct not in _FROM_INSTRUCT:
             raise TokenizerError(
                 f"{file}: config.version is {instruct!r}; mistral_fast builds tekken tokenizers of instruct "
-                f"version {sorted(_FROM_INSTRUCT)} (Mistral Nemo, Mistral Small 3.x). Later versions (v11, v13) "
-                "add tool and thinking tokens whose chat format is not reproduced yet: use a v3/v7 model"
+                f"version {sorted(_FROM_INSTRUCT)} (Mistral Nemo, Small 3.x, Magistral, Devstral); use a model "
+                "whose tekken.json has one of these"
             )
         version = _FROM_INSTRUCT[instruct]
     elif version not in TEKKEN_VERSIONS:
         raise TokenizerError(f"tekken version {version!r} is not known; use one of {sorted(TEKKEN_VERSIONS)}")
-    missing = [s for s in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", _PAD) if s not in specials]
-    if version == "v7-tekken":
-        missing += [s for s in ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]") if s not in specials]
+    needed = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", _PAD, *_NEEDED[version])
+    missing = [s for s in needed if s not in specials]
     if missing:
         raise TokenizerError(f"{file}: control tokens {missing} are missing, which the {version} format needs")
     return TekkenVocab(version, file, pattern, tokens, specials)
+
+
+def write_tekken_file(directory: str | Path, version: str = "v13") -> Path:
+    """Write a ``tekken.json`` of instruct version `version` with a 1,000-entry ``special_tokens`` table.
+
+    What Mistral Small 3.2 / Magistral / Devstral repositories ship: Nemo's vocabulary (``tekken_240718.json``
+    from `mistral_common`) with ``config.version`` set and the control tokens listed as
+    ``{"rank", "token_str", "is_control"}``: the first 20 as in Nemo's file, ``[ARGS]``, ``[CALL_ID]``,
+    ``[THINK]``, ``[/THINK]`` at ranks 32-35, ``<SPECIAL_{rank}>`` elsewhere. mistral_common refuses a v11/v13
+    file without that table. Tests build one and compare with mistral_common loading the same file.
+
+    Args:
+        directory: created if missing; the file is ``directory/tekken.json``.
+        version: the instruct version, ``"v3"``, ``"v7"``, ``"v11"`` or ``"v13"``.
+
+    Returns:
+        The path of the written file.
+    """
+    if version not in _FROM_INSTRUCT:
+        raise TokenizerError(f"version={version!r}: write_tekken_file writes one of {sorted(_FROM_INSTRUCT)}")
+    data = json.loads(tekken_file().read_text(encoding="utf-8"))
+    data["config"]["version"] = version
+    count = int(data["config"]["default_num_special_tokens"])
+    names = {**dict(enumerate(_DEFAULT_SPECIALS)), **_V11_SPECIALS}
+    data["special_tokens"] = [
+        {"rank": i, "token_str": names.get(i, f"<SPECIAL_{i}>"), "is_control": True} for i in range(count)
+    ]
+    target = Path(directory).expanduser() / TEKKEN_FILENAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data), encoding="utf-8")
+    return target
+
+
+@functools.cache
+def _builtin_table_file(instruct: str) -> str:
+    """A v11/v13 ``tekken.json`` built once per process (`write_tekken_file`) for the built-in v11/v13 tokenizers."""
+    import atexit
+
+    directory = Path(tempfile.mkdtemp(prefix=f"mistral_fast-tekken-{instruct}-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return str(write_tekken_file(directory, instruct))
 
 
 @functools.cache
@@ -237,10 +292,16 @@ def _merges(tokens: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
 @functools.cache
 def _build_backend(path: str, stamp: tuple[int, int]) -> Tokenizer:
     """The `tokenizers` Tokenizer of one tekken file (cached per file version; copy before use)."""
+    _, pattern, tokens, specials = _read(path, stamp)
+    return _backend_of(pattern, tokens, specials)
+
+
+@functools.cache
+def _backend_of(pattern: str, tokens: tuple[bytes, ...], specials: tuple[str, ...]) -> Tokenizer:
+    """The Tokenizer of a vocabulary, cached by content: the v3/v7/v11/v13 files of one vocabulary share it."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    _, pattern, tokens, specials = _read(path, stamp)
     alphabet = _byte_alphabet()
 
     def text(token: bytes) -> str:
@@ -358,26 +419,15 @@ _PRELUDE = """\
 {%- if messages | length == 0 -%}
   {{- raise_exception(where ~ 'the conversation is empty; give at least one user message.') -}}
 {%- endif -%}
-{%- set ns = namespace(items=[], __SYSTEM_LIST__role=none, parts=[], previous=none, continuing=false) -%}
+{%- set ns = namespace(items=[], __SYSTEM_LIST__role=none, parts=[], previous=none, continuing=false, calls=[],
+    think=none, count=0, call_ids=[], tool_id=none, raw=none) -%}
 {%- for message in messages -%}
   {%- set at = where ~ 'message ' ~ loop.index0 -%}
   {%- if message is not mapping or message['role'] is not defined -%}
     {{- raise_exception(at ~ ' is not a {"role": ..., "content": ...} mapping.') -}}
   {%- endif -%}
   {%- set role = message['role'] -%}
-  {%- if role not in ['system', 'user', 'assistant'] -%}
-    {{- raise_exception(at ~ ' has role ' ~ role ~ '; only system, user and assistant are supported '
-        ~ '(tool calls are not). Drop or convert that message.') -}}
-  {%- endif -%}
-  {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
-    {{- raise_exception(at ~ ' has tool_calls, which this template does not support; '
-        ~ 'put the call in the content as text or drop the message.') -}}
-  {%- endif -%}
-  {%- if message['content'] is not defined or message['content'] is not string -%}
-    {{- raise_exception(at ~ ' (' ~ role ~ ') has no text content; content must be a string.') -}}
-  {%- endif -%}
-  {%- set content = message['content'] -%}
-  {%- set continues = loop.last and content.endswith(tag) -%}
+__MESSAGE_SHAPE__  {%- set continues = loop.last and content.endswith(tag) -%}
   {%- if continues and role != 'assistant' -%}
     {{- raise_exception(at ~ ' is the last message and has role ' ~ role ~ '; continue_final_message '
         ~ 'needs a final assistant message to continue. Add one or use add_generation_prompt.') -}}
@@ -385,12 +435,12 @@ _PRELUDE = """\
   {%- set text = content[:(content | length) - (tag | length)] if continues else content -%}
   {%- if continues -%}{%- set ns.continuing = true -%}{%- endif -%}
   {%- if role == 'system' -%}
-    {%- if ns.previous == 'assistant' -%}
+    {%- if ns.previous in ['assistant', 'tool'] -%}
       {{- raise_exception(at ~ ' is a system message directly after an assistant message, which Mistral '
           ~ '(mistral_common) rejects; __SYSTEM_ADVICE__') -}}
     {%- endif -%}
 __SYSTEM_ASIDE__    {%- if ns.role is not none -%}
-      {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+      {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')__RUN_FIELDS__}] -%}
     {%- endif -%}
 __SYSTEM_IN_PLACE__    {%- set ns.role = none -%}
     {%- set ns.parts = [] -%}
@@ -405,19 +455,19 @@ __EMPTY_ASSISTANT__      {%- if loop.last and add_generation_prompt -%}
             ~ 'new one; drop the last message, or use continue_final_message=True to continue it.') -}}
       {%- endif -%}
     {%- endif -%}
-    {%- if role != ns.role -%}
+    {%- if role != ns.role or role == 'tool' -%}
       {%- if ns.role is not none -%}
-        {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+        {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')__RUN_FIELDS__}] -%}
       {%- endif -%}
       {%- set ns.role = role -%}
       {%- set ns.parts = [] -%}
-    {%- endif -%}
-    {%- if text -%}{%- set ns.parts = ns.parts + [text] -%}{%- endif -%}
+__RUN_START__    {%- endif -%}
+__RUN_ADD__    {%- if text -%}{%- set ns.parts = ns.parts + [text] -%}{%- endif -%}
   {%- endif -%}
   {%- set ns.previous = role -%}
 {%- endfor -%}
 {%- if ns.role is not none -%}
-  {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')}] -%}
+  {%- set ns.items = ns.items + [{'role': ns.role, 'content': ns.parts | join('\n\n')__RUN_FIELDS__}] -%}
 {%- endif -%}
 """
 
@@ -448,7 +498,9 @@ _SYSTEM_FILLS: dict[bool, dict[str, str]] = {
 }
 
 
-def chat_template_prelude(label: str, *, title: str, builder: str, system_in_place: bool) -> str:
+def chat_template_prelude(
+    label: str, *, title: str, builder: str, system_in_place: bool, tools: bool = True, thinking: bool = False
+) -> str:
     """The first part of a Mistral chat template: validation, normalisation and grouping into turns.
 
     It defines ``tag`` (transformers' continue_final_message tag), ``where`` (the prefix of every error) and
@@ -464,6 +516,9 @@ def chat_template_prelude(label: str, *, title: str, builder: str, system_in_pla
         system_in_place: True (v7): each system message stays a turn in ``ns.items`` and only whole
             assistant turns must have text (the rendering part checks that); False (v1, v3): system texts go
             to ``ns.system`` and every assistant message must have text.
+        tools: accept tool messages, ``tool_calls`` and content chunks (every version but v1): items then
+            also carry ``calls``, ``think``, ``id`` (a tool result's call id) and ``key`` (its call's position).
+        thinking: accept a reasoning trace (``reasoning_content`` / ``thinking`` / a thinking chunk; v13).
 
     Returns:
         The Jinja text, ending at a line break.
@@ -471,25 +526,300 @@ def chat_template_prelude(label: str, *, title: str, builder: str, system_in_pla
     text = _PRELUDE.replace("__TITLE__", title).replace("__BUILDER__", builder).replace("__LABEL__", label)
     text = text.replace("__TAG__", _CONTINUE_TAG)
     for slot, fill in _SYSTEM_FILLS[system_in_place].items():
+        if tools and slot == "__EMPTY_ASSISTANT__" and fill:
+            fill = _V3_ASSISTANT_CHECK
         text = text.replace(slot, fill)
-    return text
+    for slot, fill in (_TOOL_FILLS if tools else _PLAIN_FILLS).items():
+        text = text.replace(slot, fill)
+    if not thinking:
+        text = text.replace("__NO_THINKING__", _NO_THINKING.replace("__LABEL__", label))
+    return text.replace("__NO_THINKING__", "")
 
 
-INSTRUCT_TURNS = """\
-    {{- '[INST]' ~ content ~ '[/INST]' -}}
-  {%- elif loop.last and ns.continuing -%}
-    {{- content.rstrip(' ') ~ tag -}}
+# v1: the message shape of the original template (no tools, text content only)
+_PLAIN_FILLS: dict[str, str] = {
+    "__MESSAGE_SHAPE__": """\
+  {%- if role not in ['system', 'user', 'assistant'] -%}
+    {{- raise_exception(at ~ ' has role ' ~ role ~ '; only system, user and assistant are supported '
+        ~ '(tool calls are not). Drop or convert that message.') -}}
+  {%- endif -%}
+  {%- if message['tool_calls'] is defined and message['tool_calls'] -%}
+    {{- raise_exception(at ~ ' has tool_calls, which this template does not support; '
+        ~ 'put the call in the content as text or drop the message.') -}}
+  {%- endif -%}
+  {%- if message['content'] is not defined or message['content'] is not string -%}
+    {{- raise_exception(at ~ ' (' ~ role ~ ') has no text content; content must be a string.') -}}
+  {%- endif -%}
+  {%- set content = message['content'] -%}
+""",
+    "__RUN_FIELDS__": "",
+    "__RUN_START__": "",
+    "__RUN_ADD__": "",
+}
+
+# v3 and later: tool messages (each its own item), tool_calls (concatenated over a run of assistant messages),
+# content as a string or a list of text chunks (joined by a blank line, as mistral_common joins chunks) with
+# one leading thinking chunk in an assistant message; `reasoning_content` / `thinking` fields.
+_TOOL_FILLS: dict[str, str] = {
+    "__MESSAGE_SHAPE__": """\
+  {%- if role not in ['system', 'user', 'assistant', 'tool'] -%}
+    {{- raise_exception(at ~ ' has role ' ~ role ~ '; use system, user, assistant or tool.') -}}
+  {%- endif -%}
+  {%- set calls = message['tool_calls'] if message['tool_calls'] is defined and message['tool_calls'] else [] -%}
+  {%- if calls and role != 'assistant' -%}
+    {{- raise_exception(at ~ ' (' ~ role ~ ') has tool_calls; only assistant messages make tool calls.') -}}
+  {%- endif -%}
+  {%- set think = none -%}
+  {%- if role == 'assistant' and message['reasoning_content'] is defined
+      and message['reasoning_content'] is not none -%}
+    {%- set think = message['reasoning_content'] -%}
+  {%- elif role == 'assistant' and message['thinking'] is defined and message['thinking'] is not none -%}
+    {%- set think = message['thinking'] -%}
+  {%- endif -%}
+  {%- set content = message['content'] if message['content'] is defined and message['content'] is not none else '' -%}
+  {%- if content is not string -%}
+    {%- if content is mapping or content is not iterable -%}
+      {{- raise_exception(at ~ ' (' ~ role ~ '): content must be a string or a list of chunks.') -}}
+    {%- endif -%}
+    {%- set cn = namespace(texts=[], think=none) -%}
+    {%- for chunk in content -%}
+      {%- if chunk is mapping and chunk['type'] == 'text' -%}
+        {%- if chunk['text'] -%}{%- set cn.texts = cn.texts + [chunk['text']] -%}{%- endif -%}
+      {%- elif chunk is mapping and chunk['type'] == 'thinking' and role == 'assistant' and not cn.texts
+          and cn.think is none -%}
+        {%- set cn.think = chunk['thinking'] -%}
+      {%- else -%}
+        {{- raise_exception(at ~ ' (' ~ role ~ '): content chunk ' ~ loop.index0 ~ ' is not supported; use '
+            ~ 'text chunks (and one thinking chunk first in an assistant message).') -}}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- if cn.think is not none and think is not none -%}
+      {{- raise_exception(at ~ ': both a thinking chunk and a reasoning_content/thinking field; keep one.') -}}
+    {%- endif -%}
+    {%- if cn.think is not none -%}{%- set think = cn.think -%}{%- endif -%}
+    {%- set content = cn.texts | join('\\n\\n') -%}
+  {%- endif -%}
+__NO_THINKING__  {%- if role == 'tool' and ns.previous not in ['assistant', 'tool'] -%}
+    {{- raise_exception(at ~ ' is a tool result that does not follow an assistant message with tool calls '
+        ~ '(or another tool result); put it right after the call.') -}}
+  {%- endif -%}
+""",
+    "__RUN_FIELDS__": ", 'calls': ns.calls, 'think': ns.think, 'id': ns.tool_id, "
+    "'key': (ns.call_ids.index(ns.tool_id) if ns.tool_id in ns.call_ids else 1000000), 'raw': ns.raw",
+    "__RUN_START__": """\
+      {%- set ns.calls = [] -%}
+      {%- set ns.think = none -%}
+      {%- set ns.count = 0 -%}
+      {%- set ns.tool_id = none -%}
+      {%- set ns.raw = none -%}
+      {%- if role != 'tool' and ns.previous == 'tool' -%}{%- set ns.call_ids = [] -%}{%- endif -%}
+""",
+    "__RUN_ADD__": """\
+    {%- set ns.count = ns.count + 1 -%}
+    {%- if role == 'tool' -%}
+      {%- set ns.tool_id = message['tool_call_id'] if message['tool_call_id'] is defined else none -%}
+      {%- set ns.raw = message['content_json'] if message['content_json'] is defined else none -%}
+    {%- endif -%}
+    {%- if calls -%}
+      {%- if loop.last and continues -%}
+        {{- raise_exception(at ~ ': continue_final_message on a message with tool_calls; continue a text '
+            ~ 'message instead.') -}}
+      {%- endif -%}
+      {%- set ns.calls = ns.calls + calls -%}
+      {%- for call in calls -%}
+        {%- set ns.call_ids = ns.call_ids + [call['id'] if call['id'] is defined and call['id'] else 'null'] -%}
+      {%- endfor -%}
+    {%- endif -%}
+    {%- if think is not none -%}{%- set ns.think = think -%}{%- endif -%}
+    {%- if ns.think is not none and ns.count > 1 -%}
+      {{- raise_exception(at ~ ': an assistant message with a reasoning trace next to another assistant '
+          ~ 'message; merge them into one message.') -}}
+    {%- endif -%}
+""",
+}
+
+_NO_THINKING = """\
+  {%- if think is not none -%}
+    {{- raise_exception(at ~ ' has a reasoning trace (reasoning_content / thinking); the __LABEL__ format has no '
+        ~ 'thinking tokens (mistral_common encodes them from v13 on): drop it or use a v13 tokenizer.') -}}
+  {%- endif -%}
+"""
+
+# v3: each assistant message has text or tool calls, not both (mistral_common's v3 validator and normaliser)
+_V3_ASSISTANT_CHECK = """\
+      {%- if not text and not calls -%}
+        {{- raise_exception(at ~ ' is an assistant message with empty content and no tool calls; give it text '
+            ~ 'or drop it.') -}}
+      {%- endif -%}
+      {%- if text and calls -%}
+        {{- raise_exception(at ~ ' has both text and tool_calls, which the v3 format (mistral_common) '
+            ~ 'rejects; put the text in a message of its own.') -}}
+      {%- endif -%}
+"""
+
+
+def _jinja_literal(text: str) -> str:
+    """A Jinja string literal of `text` (Jinja unescapes literals like Python's unicode-escape)."""
+    return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+# json.dumps(ensure_ascii=False)'s escapes: backslash first, then the quote, then every control character
+_JSON_ESCAPES = "".join(
+    f" | replace({_jinja_literal(c)}, {_jinja_literal(json.dumps(c)[1:-1])})" for c in ["\\", '"', *map(chr, range(32))]
+)
+
+# A JSON writer in Jinja, equal to Python's json.dumps(value, ensure_ascii=False) on JSON data. Not the
+# `tojson` filter: transformers defines its own (json.dumps), but plain Jinja2 (llama-cpp-python's formatter)
+# sorts keys and escapes non-ASCII and <>&', and other engines differ again.
+_JSON_MACRO = (
+    """\
+{%- macro mf_json(v) -%}
+  {%- if v is none -%}{{- 'null' -}}
+  {%- elif v is sameas true -%}{{- 'true' -}}
+  {%- elif v is sameas false -%}{{- 'false' -}}
+  {%- elif v is string -%}{{- '"' ~ (v"""
+    + _JSON_ESCAPES
+    + """) ~ '"' -}}
+  {%- elif v is number -%}{{- v | string -}}
+  {%- elif v is mapping -%}
+    {{- '{' -}}
+    {%- for k, x in v.items() -%}
+      {{- mf_json(k | string) ~ ': ' ~ mf_json(x) -}}{%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+    {%- endfor -%}
+    {{- '}' -}}
   {%- else -%}
-    {%- generation -%}{{- content.rstrip(' ') ~ '</s>' -}}{%- endgeneration -%}
+    {{- '[' -}}
+    {%- for x in v -%}{{- mf_json(x) -}}{%- if not loop.last -%}{{- ', ' -}}{%- endif -%}{%- endfor -%}
+    {{- ']' -}}
+  {%- endif -%}
+{%- endmacro -%}
+{%- macro mf_args(a) -%}
+  {%- if a is none or a is undefined or a == '' -%}{{- '{}' -}}
+  {%- elif a is string -%}{{- a -}}
+  {%- else -%}{{- mf_json(a) -}}
+  {%- endif -%}
+{%- endmacro -%}
+"""
+)
+
+
+def tools_setup(first_user: bool) -> str:
+    """Jinja that puts the tool list (``tn.tools``) and the index of the user turn it precedes (``tn.at``).
+
+    mistral_common dumps ``Tool.model_dump()`` without ``strict``: ``{"type": "function", "function":
+    {"name", "description" ("" if absent), "parameters" ({} if absent)}}``, before the last user message
+    (v3, v7, v11) or the first (v13), only when the list is not empty.
+    """
+    return (
+        _JSON_MACRO
+        + """\
+{%- set tn = namespace(tools=[], at=-1) -%}
+{%- if tools is defined and tools -%}
+  {%- for t in tools -%}
+    {%- set f = t['function'] if t['function'] is defined else t -%}
+    {%- set tn.tools = tn.tools + [{'type': 'function', 'function': {'name': f['name'],
+        'description': f['description'] if f['description'] is defined and f['description'] is not none else '',
+        'parameters': f['parameters'] if f['parameters'] is defined and f['parameters'] is not none else {}}}] -%}
+  {%- endfor -%}
+{%- endif -%}
+{%- for item in ns.items -%}
+  {%- if item['role'] == 'user' and (tn.at == -1 or not __FIRST__) -%}{%- set tn.at = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+""".replace("__FIRST__", "true" if first_user else "false")
+    )
+
+
+_CALLS = {
+    # v3 / v7: [TOOL_CALLS] then a JSON list of {"name", "arguments", "id"} (no id when it is absent/"null")
+    "json": """\
+{{- '[TOOL_CALLS][' -}}
+{%- for call in item['calls'] -%}
+  {%- set a = call['function']['arguments'] if call['function']['arguments'] is defined else none -%}
+  {{- '{"name": ' ~ mf_json(call['function']['name']) ~ ', "arguments": ' ~ mf_args(a) -}}
+  {%- if call['id'] is defined and call['id'] and call['id'] != 'null' -%}
+    {{- ', "id": ' ~ mf_json(call['id']) -}}
+  {%- endif -%}
+  {{- '}' -}}{%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+{%- endfor -%}
+{{- ']' -}}""",
+    # v11: [TOOL_CALLS]name[CALL_ID]id[ARGS]{json} per call
+    "v11": """\
+{%- for call in item['calls'] -%}
+  {%- set a = call['function']['arguments'] if call['function']['arguments'] is defined else none -%}
+  {{- '[TOOL_CALLS]' ~ call['function']['name'] -}}
+  {%- if call['id'] is defined and call['id'] and call['id'] != 'null' -%}
+    {{- '[CALL_ID]' ~ call['id'] -}}
+  {%- endif -%}
+  {{- '[ARGS]' ~ mf_args(a) -}}
+{%- endfor -%}""",
+    # v13: [TOOL_CALLS]name[ARGS]{json} per call (no call id)
+    "v13": """\
+{%- for call in item['calls'] -%}
+  {%- set a = call['function']['arguments'] if call['function']['arguments'] is defined else none -%}
+  {{- '[TOOL_CALLS]' ~ call['function']['name'] ~ '[ARGS]' ~ mf_args(a) -}}
+{%- endfor -%}""",
+}
+
+_RESULTS = {
+    # v3: {"content": <the result parsed as JSON when it is JSON>, "call_id": id}; a template cannot parse
+    # JSON, so a string is written as a JSON string unless the message carries `content_json`, the canonical
+    # JSON text of a JSON result (what tokenize_conversation adds)
+    "json": """\
+    {%- set c = item['raw'] if item['raw'] is not none
+        else ('{}' if item['content'] == '' else mf_json(item['content'])) -%}
+    {{- '[TOOL_RESULTS]{"content": ' ~ c ~ ', "call_id": ' ~ mf_json(item['id']) ~ '}[/TOOL_RESULTS]' -}}""",
+    "v7": """\
+    {{- '[TOOL_RESULTS]' ~ item['id'] ~ '[TOOL_CONTENT]' ~ content ~ '[/TOOL_RESULTS]' -}}""",
+    "v13": """\
+    {{- '[TOOL_RESULTS]' ~ content ~ '[/TOOL_RESULTS]' -}}""",
+}
+
+
+def instruct_turns(calls: str = "json", results: str = "json") -> str:
+    """How a format renders user, tool and assistant turns (the end of the v3/v7/v11/v13 chat templates).
+
+    It continues the ``if``/``elif item['role'] == 'user'`` line of the loop over ``ns.items``:
+    ``[AVAILABLE_TOOLS]…[/AVAILABLE_TOOLS]`` before the user turn ``tn.at``, ``[INST]text[/INST]``; a tool
+    result in the format's way; an assistant turn as ``[THINK]trace[/THINK]`` (v13), its text (right-stripped
+    of spaces unless a trace precedes it: mistral_common strips only plain-string content), its tool calls and
+    ``</s>``, all marked as the assistant's for the loss mask, or cut at the continue tag.
+
+    Args:
+        calls: ``"json"`` (v3, v7), ``"v11"`` or ``"v13"``.
+        results: ``"json"`` (v3), ``"v7"`` (v7, v11) or ``"v13"``.
+    """
+    body = (
+        "{{- ('[THINK]' ~ item['think'] ~ '[/THINK]' ~ content) if item['think'] is not none "
+        "else content.rstrip(' ') -}}"
+    )
+    return (
+        """\
+    {%- if tn.tools and loop.index0 == tn.at -%}
+      {{- '[AVAILABLE_TOOLS]' ~ mf_json(tn.tools) ~ '[/AVAILABLE_TOOLS]' -}}
+    {%- endif -%}
+    {{- '[INST]' ~ content ~ '[/INST]' -}}
+  {%- elif item['role'] == 'tool' -%}
+"""
+        + _RESULTS[results]
+        + """
+  {%- elif loop.last and ns.continuing -%}
+    """
+        + body
+        + """{{- tag -}}
+  {%- else -%}
+    {%- generation -%}"""
+        + body
+        + "{%- if item['calls'] -%}"
+        + _CALLS[calls]
+        + """{%- endif -%}{{- '</s>' -}}{%- endgeneration -%}
   {%- endif -%}
 {%- endfor -%}
 """
-"""How v3 and v7 render a user turn and an assistant turn (the end of their chat templates).
+    )
 
-It continues the ``if``/``elif item['role'] == 'user'`` line of the loop over ``ns.items``: ``[INST]text[/INST]``
-for a user turn; for an assistant turn its text right-stripped of spaces and closed by ``</s>`` (marked as the
-assistant's for the loss mask), or by the continue tag when the last turn is continued.
-"""
+
+INSTRUCT_TURNS = instruct_turns()
+"""The v3 rendering of user, tool and assistant turns (`instruct_turns`)."""
 
 
 # The v7 format (mistral_common 1.13's InstructTokenizerV7 + InstructRequestNormalizerV7): system messages
@@ -497,13 +827,35 @@ assistant's for the loss mask), or by the continue tag when the last turn is con
 # messages are joined with "\n\n" (empty ones skipped), likewise assistant runs, and only a whole assistant
 # run must have text (v3 refuses every empty assistant message); no empty user message is inserted before a
 # leading assistant message; assistant text is right-stripped of spaces and closed by </s>.
-CHAT_TEMPLATE_V7 = (
-    chat_template_prelude("v7-tekken", title="v7 (tekken)", builder="tekken", system_in_place=True)
-    + """\
-{%- for item in ns.items if item['role'] == 'assistant' and not item['content'] -%}
-  {{- raise_exception(where ~ 'message ' ~ loop.index0 ~ ': an assistant turn (consecutive assistant messages '
-      ~ 'joined) has empty content; give it text or drop it.') -}}
+# v13 (InstructRequestNormalizerV13): the results of one run of tool messages are put in the order of the calls
+# they answer (stable; results of unknown ids last); mistral_common then writes them without call ids.
+_SORT_RESULTS = """\
+{%- set sn = namespace(items=[], run=[]) -%}
+{%- for item in ns.items -%}
+  {%- if item['role'] == 'tool' -%}{%- set sn.run = sn.run + [item] -%}
+  {%- else -%}{%- set sn.items = sn.items + (sn.run | sort(attribute='key')) + [item] -%}{%- set sn.run = [] -%}
+  {%- endif -%}
 {%- endfor -%}
+{%- set ns.items = sn.items + (sn.run | sort(attribute='key')) -%}
+"""
+
+
+def _system_in_place_template(version: str, title: str) -> str:
+    """The chat template of the formats that keep system messages in place (v7, v11, v13; see CHAT_TEMPLATE_V7)."""
+    calls, results = {"v7-tekken": ("json", "v7"), "v11-tekken": ("v11", "v7"), "v13-tekken": ("v13", "v13")}[version]
+    v13 = version == "v13-tekken"
+    return (
+        chat_template_prelude(version, title=title, builder="tekken", system_in_place=True, thinking=v13)
+        + (_SORT_RESULTS if v13 else "")
+        + """\
+{%- for item in ns.items if item['role'] == 'assistant' and not item['content'] and not item['calls']
+    and item['think'] is none -%}
+  {{- raise_exception(where ~ 'message ' ~ loop.index0 ~ ': an assistant turn (consecutive assistant messages '
+      ~ 'joined) has empty content and no tool calls; give it text or drop it.') -}}
+{%- endfor -%}
+"""
+        + tools_setup(first_user=v13)
+        + """\
 {{- '<s>' -}}
 {%- for item in ns.items -%}
   {%- set content = item['content'] -%}
@@ -511,6 +863,13 @@ CHAT_TEMPLATE_V7 = (
     {{- '[SYSTEM_PROMPT]' ~ content ~ '[/SYSTEM_PROMPT]' -}}
   {%- elif item['role'] == 'user' -%}
 """
-    + INSTRUCT_TURNS
-)
+        + instruct_turns(calls, results)
+    )
+
+
+CHAT_TEMPLATE_V7 = _system_in_place_template("v7-tekken", "v7 (tekken)")
 """Jinja chat template of Mistral Small 3.x (v7 instruct, tekken), token-exact with `mistral_common`."""
+CHAT_TEMPLATE_V11 = _system_in_place_template("v11-tekken", "v11 (tekken)")
+"""Jinja chat template of Mistral Small 3.2 / Devstral (v11 instruct: ``[TOOL_CALLS]name[CALL_ID]id[ARGS]…``)."""
+CHAT_TEMPLATE_V13 = _system_in_place_template("v13-tekken", "v13 (tekken)")
+"""Jinja chat template of Magistral (v13: tools before the first user turn, no call ids, ``[THINK]…[/THINK]``)."""

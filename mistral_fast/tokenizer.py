@@ -101,7 +101,9 @@ themselves and re-emit the tag intact, so the cut is exact (``"Hello\n"`` keeps 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import re
 import warnings
@@ -116,6 +118,8 @@ from mistral_fast.families import TINY_MODELS, family_for_tokenizer, tokenizer_v
 from mistral_fast.tekken import (
     BUILTIN_FILE,
     CHAT_TEMPLATE_V7,
+    CHAT_TEMPLATE_V11,
+    CHAT_TEMPLATE_V13,
     INSTRUCT_TURNS,
     TEKKEN_FILENAME,
     chat_template_prelude,
@@ -123,6 +127,7 @@ from mistral_fast.tekken import (
     load_tekken,
     tekken_reference,
     tekken_special_strings,
+    tools_setup,
 )
 
 if TYPE_CHECKING:
@@ -137,12 +142,15 @@ __all__ = [
     "CHAT_TEMPLATE_V1",
     "CHAT_TEMPLATE_V3",
     "CHAT_TEMPLATE_V7",
+    "CHAT_TEMPLATE_V11",
+    "CHAT_TEMPLATE_V13",
     "DEFAULT_PROBES",
     "IGNORE_INDEX",
     "TokenizedExample",
     "check_tokenizer",
     "inference_template",
     "load_tokenizer",
+    "parse_tool_calls",
     "preview_example",
     "reference_chat_ids",
     "reference_tokenizer",
@@ -173,7 +181,7 @@ _SYSTEM_PROMPT_HEAD = """\
     {%- set ns.target = loop.index0 -%}
   {%- endif -%}
 {%- endfor -%}
-{{- '<s>' -}}
+__TOOLS_SETUP__{{- '<s>' -}}
 {%- for item in ns.items -%}
   {%- set content = item['content'] -%}
   {%- if loop.index0 == ns.target and ns.system -%}
@@ -183,7 +191,9 @@ _SYSTEM_PROMPT_HEAD = """\
 
 CHAT_TEMPLATE_V3 = (
     chat_template_prelude("v3", title="v3", builder="tokenizer", system_in_place=False)
-    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "true")
+    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "true").replace(
+        "__TOOLS_SETUP__", tools_setup(first_user=False)
+    )
     + """\
   {%- if item['role'] == 'user' -%}
 """
@@ -192,8 +202,8 @@ CHAT_TEMPLATE_V3 = (
 """Jinja chat template of Mistral-7B-Instruct-v0.3, token-exact with `mistral_common` (v3 instruct)."""
 
 CHAT_TEMPLATE_V1 = (
-    chat_template_prelude("v1", title="v1", builder="tokenizer", system_in_place=False)
-    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "false")
+    chat_template_prelude("v1", title="v1", builder="tokenizer", system_in_place=False, tools=False)
+    + _SYSTEM_PROMPT_HEAD.replace("__SYSTEM_IN_LAST__", "false").replace("__TOOLS_SETUP__", "")
     + """\
   {%- if item['role'] == 'user' -%}
     {#- each [INST] block is its own SentencePiece chunk: after a user block it starts with a space -#}
@@ -252,6 +262,10 @@ _SPECS: dict[str, _Spec] = {
     # tekken (mistral_fast.tekken): Nemo's vocabulary; v3 format (Nemo) and v7 format (Mistral Small 3.x)
     "v3-tekken": _Spec("v3-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V3),
     "v7-tekken": _Spec("v7-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V7),
+    # Mistral Small 3.2 / Devstral (v11) and Magistral (v13): the same vocabulary with the v11/v13 control-token
+    # table (mistral_fast.tekken.write_tekken_file), their tool-call and reasoning formats
+    "v11-tekken": _Spec("v11-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V11),
+    "v13-tekken": _Spec("v13-tekken", BUILTIN_FILE, "<pad>", CHAT_TEMPLATE_V13),
 }
 
 
@@ -259,7 +273,8 @@ def _spec(version: str) -> _Spec:
     if version not in _SPECS:
         raise TokenizerError(
             f"tokenizer version {version!r} is not known; use 'v3' (Mistral-7B v0.3), 'v1' (v0.1/v0.2), "
-            "'v3-tekken' (Mistral Nemo) or 'v7-tekken' (Mistral Small 3)"
+            "'v3-tekken' (Mistral Nemo), 'v7-tekken' (Mistral Small 3), 'v11-tekken' (Small 3.2, Devstral) or "
+            "'v13-tekken' (Magistral)"
         )
     return _SPECS[version]
 
@@ -486,18 +501,22 @@ def reference_chat_ids(
     messages: Sequence[Mapping[str, Any]],
     version: str = "v3",
     *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
     continue_final_message: bool = False,
 ) -> list[int]:
     """Token ids `mistral_common` gives a conversation (``encode_chat_completion``).
 
-    The validation mode follows the request: a conversation ending with an assistant message (not
-    continued, no generation prompt) is a training example (``"finetuning"``), anything else a prompt
-    (``"test"``); a continued final message is an assistant message with ``prefix=True``.
+    The OpenAI-style messages and tools are converted by mistral_common's own
+    ``ChatCompletionRequest.from_openai`` (tool calls, tool results, ``reasoning_content``; a ``thinking``
+    field is passed as ``reasoning_content``). The validation mode follows the request: a conversation ending
+    with an assistant message (not continued, no generation prompt) is a training example (``"finetuning"``),
+    anything else a prompt (``"test"``); a continued final message is an assistant message with ``prefix=True``.
 
     Args:
-        messages: ``{"role": ..., "content": ...}`` dicts with roles system/user/assistant.
-        version: ``"v3"`` or ``"v1"``.
+        messages: OpenAI-style message dicts (system, user, assistant with ``tool_calls``, tool).
+        version: any version of `load_tokenizer`.
+        tools: OpenAI-style tool definitions (``{"type": "function", "function": {...}}``).
         add_generation_prompt: encode as a prompt for a new assistant message.
         continue_final_message: leave the final assistant message open (no ``</s>``).
 
@@ -508,29 +527,28 @@ def reference_chat_ids(
         TokenizerError: `mistral_common` rejects the conversation (its message is included).
     """
     from mistral_common.exceptions import MistralCommonException
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from pydantic import ValidationError
 
     last_is_assistant = bool(messages) and messages[-1].get("role") == "assistant"
     training = last_is_assistant and not (continue_final_message or add_generation_prompt)
-    converted: list[Any] = []
+    converted = []
+    for i, message in enumerate(messages):
+        if message.get("role") not in ("system", "user", "assistant", "tool"):
+            raise TokenizerError(f"message {i}: role {message.get('role')!r} is not supported by reference_chat_ids")
+        message = dict(message)
+        if message.get("thinking") is not None and message.get("reasoning_content") is None:
+            message["reasoning_content"] = message.pop("thinking")
+        converted.append(message)
     try:
-        for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            if role == "user":
-                converted.append(UserMessage(content=content))
-            elif role == "system":
-                converted.append(SystemMessage(content=content))
-            elif role == "assistant":
-                prefix = continue_final_message and i == len(messages) - 1
-                converted.append(AssistantMessage(content=content, prefix=prefix))
-            else:
-                raise TokenizerError(f"message {i}: role {role!r} is not supported by reference_chat_ids")
         if continue_final_message and not last_is_assistant:
             raise TokenizerError("continue_final_message=True needs a final assistant message")
+        request = ChatCompletionRequest.from_openai(
+            converted, list(tools) if tools else None, continue_final_message=continue_final_message
+        )
         reference = reference_tokenizer(version, "finetuning" if training else "test")
-        return list(reference.encode_chat_completion(ChatCompletionRequest(messages=converted)).tokens)
-    except (MistralCommonException, ValueError, AssertionError) as exc:
+        return list(reference.encode_chat_completion(request).tokens)
+    except (MistralCommonException, ValueError, AssertionError, TypeError, KeyError, ValidationError) as exc:
         if isinstance(exc, TokenizerError):
             raise
         raise TokenizerError(f"mistral_common rejects the conversation: {type(exc).__name__}: {exc}") from exc
@@ -622,6 +640,7 @@ def _find_special_string(text: str, version: str) -> str | None:
 def validate_conversation(
     messages: Sequence[Mapping[str, Any]],
     version: str | None = "v3",
+    tools: Sequence[Mapping[str, Any]] | None = None,
     *,
     add_generation_prompt: bool = False,
     continue_final_message: bool = False,
@@ -636,9 +655,15 @@ def validate_conversation(
     the user, and the last message is the assistant's (there must be an answer to learn). Errors read
     ``messages[i]: what is wrong — what to do``; the data stage puts ``file:line`` in front.
 
+    Tool conversations (OpenAI style: assistant ``tool_calls``, ``{"role": "tool", "tool_call_id", "content"}``,
+    ``tools``) and reasoning traces (v13) get the checks below (`_check_tools`) and then mistral_common's own
+    verdict, since its rules on them (call/result pairing per version, id formats, content/call exclusivity)
+    are the reference.
+
     Args:
-        messages: ``{"role": ..., "content": ...}`` dicts; roles system, user, assistant.
-        version: ``"v3"`` or ``"v1"`` (whose control-token strings are checked); None skips that check.
+        messages: ``{"role": ..., "content": ...}`` dicts; roles system, user, assistant, tool.
+        version: any `load_tokenizer` version (whose control-token strings are checked); None skips that check.
+        tools: OpenAI-style tool definitions offered to the model, if any.
         add_generation_prompt: the conversation is a prompt for a new assistant message.
         continue_final_message: the final assistant message is to be continued.
         training: apply the training-data rules too.
@@ -657,14 +682,27 @@ def validate_conversation(
         )
     if version is not None:
         _spec(version)
+    uses_tools = bool(tools) or any(_has_tool_parts(m) for m in messages)
     previous = None
     for i, message in enumerate(messages):
-        role = _check_message(i, message)
-        _check_content(i, role, message["content"], previous, len(messages), version, training=training)
+        role = _check_message(i, message, version)
+        text = _flat_text(message)
+        if not (role == "assistant" and message.get("tool_calls")) and not (role == "tool" and not training):
+            _check_content(i, role, text, previous, len(messages), version, training=training)
         previous = role
-    if version == "v7-tekken":
+    if version in ("v7-tekken", "v11-tekken", "v13-tekken") and not uses_tools:
         _check_assistant_runs(messages)
     _check_ending(messages, add_generation_prompt, continue_final_message, training=training)
+    if uses_tools:
+        _check_tools(messages, version, tools)
+        if version is not None:
+            reference_chat_ids(
+                messages,
+                version,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
 
 
 def _check_content(
@@ -738,31 +776,193 @@ def _check_ending(
         )
 
 
-def _check_message(index: int, message: Any) -> str:
+def _check_message(index: int, message: Any, version: str | None = None) -> str:
     """Check one message's shape; return its role."""
     if not isinstance(message, Mapping) or "role" not in message:
         raise TokenizerError(f'messages[{index}]: not a {{"role": ..., "content": ...}} mapping: {message!r:.80}')
     role = message["role"]
-    if role not in _ROLES:
+    tools_ok = version != "v1"
+    if role not in (*_ROLES, "tool") or (role == "tool" and not tools_ok):
         raise TokenizerError(
-            f"messages[{index}]: unknown role {role!r} — use one of system, user, assistant "
-            "(tool calls are not supported by mistral_fast's Mistral templates)"
+            f"messages[{index}]: unknown role {role!r} — use one of system, user, assistant"
+            + (", tool" if tools_ok else " (the v1 format has no tool messages)")
         )
-    if message.get("tool_calls"):
+    if message.get("tool_calls") and (role != "assistant" or not tools_ok):
         raise TokenizerError(
-            f"messages[{index}]: tool_calls are not supported by mistral_fast's Mistral templates — put the call "
-            "in the content as text or drop the message"
+            f"messages[{index}]: tool_calls are only possible in assistant messages of v3 and later formats "
+            "— put the call in the content as text or drop the message"
         )
-    if not isinstance(message.get("content"), str):
+    content = message.get("content")
+    plain = isinstance(content, str) or (content is None and (message.get("tool_calls") or role == "tool"))
+    if not plain and not (tools_ok and isinstance(content, list)):
+        raise TokenizerError(f"messages[{index}] ({role}): content must be a string, got {type(content).__name__}")
+    if (_think_of(message) is not None) and version is not None and version != "v13-tekken":
         raise TokenizerError(
-            f"messages[{index}] ({role}): content must be a string, got {type(message.get('content')).__name__}"
+            f"messages[{index}] ({role}): a reasoning trace (reasoning_content / thinking) needs the v13 format "
+            f"(Magistral); {version} has no thinking tokens — drop it or use a v13 tokenizer"
         )
     return role
 
 
+def _think_of(message: Mapping[str, Any]) -> str | None:
+    """The reasoning trace of a message: ``reasoning_content``, ``thinking`` or a leading thinking chunk."""
+    for key in ("reasoning_content", "thinking"):
+        if message.get(key) is not None:
+            return str(message[key])
+    content = message.get("content")
+    if isinstance(content, list):
+        chunks = [c for c in content if isinstance(c, Mapping) and c.get("type") == "thinking"]
+        return str(chunks[0].get("thinking", "")) if chunks else None
+    return None
+
+
+def _flat_text(message: Mapping[str, Any]) -> str:
+    """A message's text: the string content, or its text chunks joined by a blank line (as mistral_common)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n\n".join(str(c.get("text")) for c in content if isinstance(c, Mapping) and c.get("text"))
+    return content if isinstance(content, str) else ""
+
+
+def _has_tool_parts(message: Any) -> bool:
+    """Whether a message uses what only the tool-capable formats have (tool role, calls, chunks, traces)."""
+    if not isinstance(message, Mapping):
+        return False
+    return (
+        message.get("role") == "tool"
+        or bool(message.get("tool_calls"))
+        or isinstance(message.get("content"), list)
+        or _think_of(message) is not None
+    )
+
+
+_CALL_ID = re.compile(r"[A-Za-z0-9]{9}")
+
+
+def _check_tools(
+    messages: Sequence[Mapping[str, Any]], version: str | None, tools: Sequence[Mapping[str, Any]] | None
+) -> None:
+    """The tool rules with their message index: call shape and id, results matching a call, control strings."""
+    pending: list[str] = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        for k, call in enumerate(message.get("tool_calls") or []):
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+                raise TokenizerError(
+                    f'messages[{i}].tool_calls[{k}]: not {{"id", "type": "function", "function": {{"name", '
+                    '"arguments"}}}} — give the function name and arguments'
+                )
+            call_id = call.get("id")
+            last = i == len(messages) - 1
+            if version != "v13-tekken" and not (call_id is None and last) and not _CALL_ID.fullmatch(str(call_id)):
+                raise TokenizerError(
+                    f"messages[{i}].tool_calls[{k}]: call id {call_id!r} is not 9 letters or digits, which "
+                    "Mistral's format requires — rewrite the ids (consistently in the call and its result)"
+                )
+            if role == "assistant" and k == 0 and message.get("tool_calls"):
+                pending = []
+            pending.append(str(call_id))
+        if role == "tool" and message.get("tool_call_id") not in pending:
+            raise TokenizerError(
+                f"messages[{i}] (tool): tool_call_id {message.get('tool_call_id')!r} matches no call of the "
+                f"assistant message before it ({pending or 'none'}) — give the id of the call it answers"
+            )
+    if version is not None:
+        texts = [json.dumps(tools or [], ensure_ascii=False)]
+        texts += [json.dumps(m.get("tool_calls") or [], ensure_ascii=False) for m in messages]
+        texts += [_flat_text(m) for m in messages if m["role"] == "tool"] + [_think_of(m) or "" for m in messages]
+        for text in texts:
+            found = _find_special_string(text, version)
+            if found:
+                raise TokenizerError(
+                    f"tools or tool messages contain the control-token string {found!r}, which the chat template "
+                    "turns into that control token — remove or alter it"
+                )
+
+
+def _normalize_tool_json(messages: Sequence[Mapping[str, Any]], version: str) -> list[dict[str, Any]]:
+    """Messages with tool JSON written as mistral_common writes it, for the chat template to copy verbatim.
+
+    A Jinja template cannot parse JSON; mistral_common parses call arguments (and, in v3, tool results) and
+    dumps them again (``json.dumps(..., ensure_ascii=False)``). Arguments become that canonical JSON text
+    (a non-JSON string: a JSON string of it; missing: ``{}``); in v3 a tool result that is JSON gets
+    ``content_json``, its canonical JSON text, which the template writes instead of quoting the result.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_canonical_call(call) for call in message["tool_calls"]]
+        if message.get("role") == "tool" and version in ("v3", "v3-tekken") and isinstance(message.get("content"), str):
+            with contextlib.suppress(ValueError):
+                message["content_json"] = json.dumps(json.loads(message["content"] or "{}"), ensure_ascii=False)
+        out.append(message)
+    return out
+
+
+def _canonical_call(call: Any) -> Any:
+    if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+        return call
+    arguments = call["function"].get("arguments")
+    if arguments is None or arguments == "":
+        text = "{}"
+    elif isinstance(arguments, str):
+        try:
+            text = json.dumps(json.loads(arguments), ensure_ascii=False)
+        except ValueError:
+            text = json.dumps(arguments, ensure_ascii=False)
+    else:
+        text = json.dumps(json.loads(json.dumps(arguments)), ensure_ascii=False)
+    return {**call, "function": {**call["function"], "arguments": text}}
+
+
+def parse_tool_calls(text: str, version: str) -> list[dict[str, Any]]:
+    """The tool calls in what a model generated after (or from) ``[TOOL_CALLS]``: the inverse of the format.
+
+    v3 / v3-tekken / v7-tekken write ``[TOOL_CALLS][{"name", "arguments", "id"}, …]``; v11 writes
+    ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{…}`` per call, v13 ``[TOOL_CALLS]name[ARGS]{…}``. Text before the first
+    ``[TOOL_CALLS]`` (if any) and after the calls (``</s>``) is ignored.
+
+    Args:
+        text: decoded generation, special tokens kept (``skip_special_tokens=False``).
+        version: the tokenizer version that wrote it.
+
+    Returns:
+        ``[{"name": str, "arguments": parsed JSON, "id": str | None}, …]``; empty when nothing parses.
+    """
+    if "[TOOL_CALLS]" in text:
+        text = text[text.index("[TOOL_CALLS]") :]
+    decoder = json.JSONDecoder()
+    calls: list[dict[str, Any]] = []
+    if version in ("v11-tekken", "v13-tekken"):
+        for part in text.split("[TOOL_CALLS]")[1:]:
+            head, sep, rest = part.partition("[ARGS]")
+            if not sep:
+                continue
+            name, _, call_id = head.partition("[CALL_ID]")
+            try:
+                arguments, _ = decoder.raw_decode(rest.strip())
+            except ValueError:
+                continue
+            calls.append({"name": name.strip(), "arguments": arguments, "id": call_id.strip() or None})
+        return calls
+    body = text.removeprefix("[TOOL_CALLS]").strip()
+    try:
+        parsed, _ = decoder.raw_decode(body)
+    except ValueError:
+        return []
+    for item in parsed if isinstance(parsed, list) else [parsed]:
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            arguments = item.get("arguments", {})
+            if isinstance(arguments, str):
+                with contextlib.suppress(ValueError):
+                    arguments = json.loads(arguments)
+            calls.append({"name": item["name"], "arguments": arguments, "id": item.get("id")})
+    return calls
+
 
 # ------------------------------------------------------------------------------ ids + assistant-only labels
-
 
 
 @dataclass
@@ -780,11 +980,12 @@ class TokenizedExample:
 
 def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     max_length: int,
     *,
     version: str,
     assistant_only: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> TokenizedExample:
     """Encode a conversation with the chat template; only assistant tokens and their `</s>` are trained.
 
@@ -794,10 +995,19 @@ def tokenize_conversation(
     strings the validator refuses in the text. With ``assistant_only=False`` (``train.assistant_only_loss=false``)
     every token is a target, as TRL does without an assistant mask: labels = input_ids (BOS at position 0 is
     never predicted by the causal shift; padding is masked by the collator).
+
+    Tool conversations: ``tools`` (OpenAI-style definitions) go to ``[AVAILABLE_TOOLS]``; assistant tool
+    calls (``[TOOL_CALLS]…</s>``) and reasoning traces (``[THINK]…[/THINK]``, v13) are trained, tool results
+    and ``[AVAILABLE_TOOLS]`` are not. Call arguments (and v3 tool results) are first written as mistral_common
+    writes JSON (`_normalize_tool_json`), which a template cannot do.
     """
-    validate_conversation(messages, version)
+    validate_conversation(messages, version, tools)
     encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        _normalize_tool_json(messages, version),
+        tools=list(tools) if tools else None,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
     labels = [tok if keep or not assistant_only else IGNORE_INDEX for tok, keep in zip(ids, mask, strict=True)]
@@ -837,6 +1047,11 @@ def tokenize_example(
     """
     if example.messages is not None:
         return tokenize_conversation(
-            tokenizer, example.messages, max_length, version=version, assistant_only=assistant_only
+            tokenizer,
+            example.messages,
+            max_length,
+            version=version,
+            assistant_only=assistant_only,
+            tools=getattr(example, "tools", None),
         )
     return tokenize_text(tokenizer, example.text or "", max_length)

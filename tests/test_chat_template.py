@@ -256,8 +256,10 @@ def test_validator_errors_say_what_and_where(conversation, match):
 def test_template_errors_name_the_message(toks):
     with pytest.raises(jinja2.TemplateError, match="message 4 is a system message directly after an assistant"):
         toks["v3"].apply_chat_template([_u(0), _a(0), _u(1), _a(1), _s(0)], return_dict=False)
-    with pytest.raises(jinja2.TemplateError, match="message 1 has role tool"):
+    with pytest.raises(jinja2.TemplateError, match="message 1 is a tool result that does not follow an assistant"):
         toks["v3"].apply_chat_template([_u(0), {"role": "tool", "content": "x"}], return_dict=False)
+    with pytest.raises(jinja2.TemplateError, match="message 1 has role tool"):  # v1 has no tool format
+        toks["v1"].apply_chat_template([_u(0), {"role": "tool", "content": "x"}], return_dict=False)
 
 
 @pytest.mark.parametrize("version", ["v3", "v1"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_module, write_minimal_gguf
+from tool_conversations import check_gguf_tool_prompts
 
 from mistral_fast.export import export_gguf, write_modelfile
 from mistral_fast.export.gguf import OLLAMA_TEMPLATE
@@ -101,3 +102,12 @@ def test_what_go_templates_cannot_do_is_documented(render, vocab) -> None:
     assert reference_chat_ids(stripped, "v3", add_generation_prompt=True) == reference_chat_ids(
         messages, "v3", add_generation_prompt=True
     )
+
+
+# ------------------------------------------------------------------- tools in the GGUF's embedded template
+
+
+def test_gguf_template_renders_tool_prompts_to_mistral_common_ids(vocab) -> None:
+    """v3: [AVAILABLE_TOOLS], [TOOL_CALLS] and [TOOL_RESULTS] JSON written by the template's own JSON writer,
+    so plain Jinja2 (whose tojson sorts keys and escapes non-ASCII) renders it as mistral_common writes it."""
+    assert check_gguf_tool_prompts(vocab, "v3") == 40

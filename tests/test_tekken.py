@@ -127,9 +127,12 @@ def test_load_a_model_directory_with_tekken_json(tmp_path):
     assert check_tokenizer(tok, "v7-tekken") == []
     _tekken_copy(tmp_path / "nemo", "v3")
     assert load_tokenizer(path=tmp_path / "nemo").chat_template == CHAT_TEMPLATE_V3
-    _tekken_copy(tmp_path / "v13", "v13")
-    with pytest.raises(TokenizerError, match=r"config.version is 'v13'.*v3.*v7"):
+    _tekken_copy(tmp_path / "v13", "v13")  # no special_tokens table: mistral_common refuses it too
+    with pytest.raises(TokenizerError, match=r"control tokens \['\[ARGS\]'\] are missing.*v13-tekken"):
         load_tokenizer(path=tmp_path / "v13")
+    _tekken_copy(tmp_path / "v15", "v15")
+    with pytest.raises(TokenizerError, match=r"config.version is 'v15'.*v11-tekken.*v13-tekken"):
+        load_tokenizer(path=tmp_path / "v15")
     with pytest.raises(TokenizerError, match="no tekken file"):
         read_tekken(tmp_path / "missing")
 

@@ -121,6 +121,17 @@ def test_llama_cpp_tokenises_like_mistral_common(exported):
     assert np.array_equal(llm.tokenize(b"", add_bos=True), [1])
 
 
+def test_gguf_template_renders_tool_prompts(exported):
+    """Tekken GGUFs: prompts with tools, calls and results, from the embedded template (plain Jinja2 and
+    llama-cpp-python) through llama.cpp's tokenizer, give mistral_common's ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tool_conversations import check_gguf_tool_prompts
+
+    version, _, ours = exported
+    llm = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
+    assert check_gguf_tool_prompts(llm, version, count=20) == 20
+
+
 def test_modelfile_template_follows_the_format(exported):
     from mistral_fast.export import write_modelfile
 
