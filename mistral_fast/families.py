@@ -407,25 +407,26 @@ FAMILIES: tuple[Family, ...] = (
         text_model_type="mistral",
     ),
     # Magistral Small 2506 / 2507 and Devstral Small 2505 / 2507: Small 3.1's language model alone
-    # (MistralForCausalLM). Tokenizers: 2507s are v13 (llama.cpp maps v13 to "unsloth-mistral-Devstral-Small-
-    # 2507.jinja"); the 2505/2506 releases' v11 is NOT verified here against their tekken.json.
-    Family(
-        name="magistral-small",
-        hub_names=("mistralai/Magistral-Small-2506", "mistralai/Magistral-Small-2507"),
-        architecture="MistralForCausalLM",
-        tokenizer_kind="tekken",
-        tokenizer="v13-tekken",
-        vocab_size=131072,
-        shapes=_SMALL_31_TEXT_SHAPES,
-    ),
-    Family(
-        name="devstral-small",
-        hub_names=("mistralai/Devstral-Small-2505", "mistralai/Devstral-Small-2507"),
-        architecture="MistralForCausalLM",
-        tokenizer_kind="tekken",
-        tokenizer="v13-tekken",
-        vocab_size=131072,
-        shapes=_SMALL_31_TEXT_SHAPES,
+    # (MistralForCausalLM, no vision tower). Tokenizers: the 2507 releases are v13 (llama.cpp's converter maps
+    # TokenizerVersion.v13 to the template "unsloth-mistral-Devstral-Small-2507.jinja", conversion/mistral.py; v13
+    # has [THINK]/[/THINK], Magistral 1.1's reasoning format); v11 for the 2505/2506 releases is NOT verified here
+    # against their tekken.json. Matched by hub name; a local copy's config.json looks like Small 3's.
+    *(
+        Family(
+            name=name,
+            hub_names=(hub,),
+            architecture="MistralForCausalLM",
+            tokenizer_kind="tekken",
+            tokenizer=version,
+            vocab_size=131072,
+            shapes=_SMALL_31_TEXT_SHAPES,
+        )
+        for name, hub, version in (
+            ("magistral-small-2506", "mistralai/Magistral-Small-2506", "v11-tekken"),
+            ("magistral-small-2507", "mistralai/Magistral-Small-2507", "v13-tekken"),
+            ("devstral-small-2505", "mistralai/Devstral-Small-2505", "v11-tekken"),
+            ("devstral-small-2507", "mistralai/Devstral-Small-2507", "v13-tekken"),
+        )
     ),
     # Ministral 3 (2512): Mistral3ForConditionalGeneration with a "ministral3" language model (YaRN RoPE, llama 4
     # attention scaling); llama.cpp converts it as "mistral3" (conversion/mistral3.py Ministral3Model). Official
@@ -577,6 +578,13 @@ def _closest(candidates: list[Family], config: Mapping[str, Any]) -> Family:
     neither (a tiny test model) gets the first row.
     """
     rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")  # transformers 5
+    for family in candidates:  # Ministral 3's sizes: told apart by width and depth
+        shape = (family.shapes.get("hidden_size"), family.shapes.get("num_hidden_layers"))
+        if family.shapes.get("text_model_type") == "ministral3" and shape == (
+            config.get("hidden_size"),
+            config.get("num_hidden_layers"),
+        ):
+            return family
     for family in candidates:
         if family.shapes and (config.get("intermediate_size"), rope) == (
             family.shapes.get("intermediate_size"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -174,10 +174,10 @@ def vision_parameters(config: dict[str, Any]) -> int:
     linear_2 (text hidden²). For Small 3.1's vision_config this gives 438,958,080, the figure measured on
     the meta device by a third-party estimator (families.py).
     """
-    if isinstance(config.get("vision"), dict):
+    if isinstance(config.get("vision"), Mapping):
         return int(config["vision"]["parameters"])
     vision = config.get("vision_config")
-    if not isinstance(vision, dict):
+    if not isinstance(vision, Mapping):
         return 0
     h, inter, layers = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["num_hidden_layers"])
     patch, merge = int(vision.get("patch_size", 14)), int(config.get("spatial_merge_size", 2))
