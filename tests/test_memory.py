@@ -285,7 +285,15 @@ def test_estimate_matches_the_real_trainer_step(tmp_path, case):
 
 @pytest.mark.parametrize(
     ("preset", "gpu", "at_most_gib"),
-    [("nemo-t4", "t4", 13.5), ("small24b-l4", "l4", 20.0), ("small24b-a100", "a100-40gb", 26.0)],
+    [
+        ("nemo-t4", "t4", 13.5),
+        ("small24b-l4", "l4", 20.0),
+        ("small24b-a100", "a100-40gb", 26.0),
+        ("ministral3-8b-t4", "t4", 11.0),
+        ("ministral3-14b-l4", "l4", 15.0),
+        ("small32-a100", "a100-40gb", 23.0),
+        ("magistral-long", "a100-80gb", 49.0),
+    ],
 )
 def test_tekken_presets_fit_their_gpu(preset, gpu, at_most_gib):
     """Nemo on a T4 and Small 24B on an L4 / A100-40GB, from the built-in shapes (no hub)."""
