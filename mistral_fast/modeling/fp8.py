@@ -85,11 +85,12 @@ def _write_dequantized(source: Path, out: Path, dtype: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mistral_fast.export.checkpoint import checkpoint_files
-
     target = getattr(torch, dtype)
     weight_map: dict[str, str] = {}
-    for file in checkpoint_files(source):
+    files = sorted(source.glob("*.safetensors"))  # every shard (the index, if any, is rewritten below)
+    if not files:
+        raise ModelError(f"{source}: an FP8 checkpoint with no .safetensors files")
+    for file in files:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(file, framework="pt") as f:
             names = set(f.keys())
