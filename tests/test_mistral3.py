@@ -146,6 +146,14 @@ def test_gguf_and_mmproj_equal_llama_cpp_converter(run, llama_cpp_source: Path, 
         assert got_kv["general.architecture"][0] == ("clip" if args else "mistral3")
 
 
+def test_adapter_gguf_is_refused_with_what_to_use(run, tmp_path: Path) -> None:
+    from mistral_fast.export import export_adapter_gguf
+
+    run_dir, _, _ = run
+    with pytest.raises(mf.ModelError, match=r"Mistral3ForConditionalGeneration.*set export.gguf"):
+        export_adapter_gguf(run_dir, tmp_path / "adapter.gguf", "f16")
+
+
 def test_unsloth_backend_is_refused_with_unsloth_s_reason() -> None:
     cfg = mf.load_config("smoke-mistral3", ["model.backend=unsloth"])
     with pytest.raises(mf.ModelError, match=r"FastLanguageModel.*AutoModelForCausalLM.*model.backend=hf"):
