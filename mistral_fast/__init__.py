@@ -47,6 +47,7 @@ _LAZY = {
     "evaluate_run": "notebook",
     "comparison_table": "notebook",
     "samples_frame": "notebook",
+    "call_samples_frame": "notebook",
     "preview_data": "notebook",
     "run_notebook": "runner",
     "run_sweep": "runner",
@@ -62,6 +63,12 @@ _LAZY = {
     "SAMPLE_PREFERENCES": "preference",
     "preference_config": "notebook",
     "preference_table": "notebook",
+    "grpo_table": "notebook",
+    "prepare_prompts": "grpo",
+    "preview_prompt": "grpo",
+    "SAMPLE_GRPO": "grpo",
+    "rewards_from_callables": "rewards",
+    "resolve_rewards": "rewards",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -46,6 +46,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     tokenizer = tokenizer_for(cfg.model)
+    if cfg.train.method == "grpo":  # prompts and the columns their rewards read
+        from mistral_fast.grpo import prepare_prompts, preview_prompt
+        from mistral_fast.rewards import resolve_rewards
+
+        t = cfg.train
+        rewards = resolve_rewards(t.rewards, tolerance=t.reward_tolerance, pattern=t.reward_pattern)
+        prompts = prepare_prompts(cfg, rewards, tokenizer)
+        print(prompts.summary() + "\n\nprompt 0:\n" + preview_prompt(tokenizer, prompts.train[0]))
+        if args.json:
+            print(json.dumps(prompts.stats))
+        return 0
     if cfg.train.method != "sft":  # dpo/orpo: preference pairs
         from mistral_fast.preference import prepare_preferences, preview_pair
 
@@ -189,7 +200,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a notebook once per variation of a sweep file; write the results table and plot."""
     from mistral_fast.runner import run_sweep
 
-    rows, paths = run_sweep(args.sweep, out=args.out)
+    executor = "ray" if args.ray is not None else "local"
+    rows, paths = run_sweep(args.sweep, out=args.out, executor=executor, jobs=args.jobs, address=args.ray or None)
     failed = [r["name"] for r in rows if r["status"] != "done"]
     print(paths["markdown"].read_text(encoding="utf-8"), end="")
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -340,6 +352,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
         lambda p: (
             p.add_argument("sweep", help="sweep YAML: notebook, parameters, grid and/or variations"),
             p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/sweeps/NAME)"),
+            p.add_argument("--jobs", type=int, default=1, metavar="N", help="run N variations at once on this machine"),
+            p.add_argument(
+                "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                help="one Ray task per variation: on the cluster at ADDRESS (auto, ray://host:10001), or on a "
+                "local one started for the command when ADDRESS is left out",
+            ),
         ),
     ),
     "verify": (

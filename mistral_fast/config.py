@@ -38,6 +38,10 @@ PREFERENCE_LOSS_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+# train.report_to: TensorBoard writes into the run directory; the others go through transformers' integrations
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "trackio", "none")
+
+
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
@@ -119,8 +123,18 @@ class DataConfig:
     system_prompt: str = ""  # added as a system message to conversations that have none
     seed: int = 42  # seed of the train/eval split
     num_proc: int = -1  # processes that prepare the data (-1: the cores available; 0 or 1: in this process)
+    # tool call ids: keep (refuse ids that are not 9 letters/digits, as Mistral's format needs) or
+    # regenerate (new 9-character ids, the same in a call and its result: data written for other models)
+    tool_call_ids: Literal["keep", "regenerate"] = "keep"
 
     def __post_init__(self) -> None:
+        # presets name the shipped sample sets as data/<file>: found from any working directory (and from
+        # a pip install, which has no checkout), unless the working directory has such a file itself
+        shipped = DATA_DIR / self.path.removeprefix("data/")
+        if self.path.startswith("data/") and not Path(self.path).exists() and shipped.is_file():
+            self.path = str(shipped)
+        if self.tool_call_ids not in ("keep", "regenerate"):
+            _fail("data.tool_call_ids", self.tool_call_ids, "one of 'keep', 'regenerate'")
         if not 0 <= self.eval_fraction < 1:
             _fail("data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _positive("data.max_examples", self.max_examples, zero_ok=True)
@@ -153,17 +167,33 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # trade compute for memory (Unsloth's mode on unsloth)
     seed: int = 42  # seed of model init, dropout and data order
     resume: bool = False  # continue from the last complete checkpoint in output_dir
-    method: Literal["sft", "dpo", "orpo"] = "sft"  # sft: answers; dpo/orpo: preference pairs (chosen > rejected)
-    beta: float = 0.1  # dpo: how far from the reference the policy may move (KL weight); orpo: odds-ratio weight
+    method: Literal["sft", "dpo", "orpo", "grpo"] = "sft"  # sft: answers; dpo/orpo: preference pairs; grpo: rewards
+    beta: float = 0.1  # dpo/grpo: KL weight to the reference (grpo 0: no reference); orpo: odds-ratio weight
     loss_type: str = "sigmoid"  # dpo: sigmoid (the DPO paper), ipo, hinge, robust, …; orpo: sigmoid only
     max_prompt_length: int = 1024  # dpo/orpo: longest prompt in tokens; longer pairs are refused (or skipped)
     max_answer_length: int = 1024  # dpo/orpo: answers (chosen, rejected) longer than this are cut (</s> lost)
+    num_generations: int = 8  # grpo: completions sampled per prompt (the group whose rewards are compared)
+    temperature: float = 1.0  # grpo: sampling temperature of the group's completions
+    max_completion_length: int = 256  # grpo: longest completion in tokens (</s> included); longer ones are cut
+    rewards: list[str] = field(default_factory=list)  # grpo: built-in names (numeric_answer, …) or module:function
+    reward_weights: list[float] = field(default_factory=list)  # grpo: one weight per reward (empty: all 1.0)
+    reward_tolerance: float = 1e-6  # grpo numeric_answer: relative tolerance of the number
+    reward_pattern: str = r"-?\d+(\.\d+)?"  # grpo regex_format: the regular expression a completion must match
+    sft_warmup_steps: int = 0  # grpo: first N SFT steps on the reference column (no reward, nothing to learn)
+    sft_warmup_learning_rate: float = 2e-4  # grpo: the warm-up's SFT learning rate (batches of 8 prompts)
+    sft_warmup_column: str = "answer"  # grpo: the column holding the reference answer the SFT warm-up trains on
     router_aux_loss: bool = True  # Mixtral: add the router's load-balancing loss (logged as aux_loss)
     router_aux_loss_coef: float | None = None  # its weight; None: the model's config.json (0.02 for 8x7B)
+    # where metrics go: tensorboard (run_dir/tensorboard), mlflow, wandb, trackio (optional extra `tracking`), none
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    experiment: str = ""  # MLflow experiment / W&B and Trackio project; "": MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, …
+    run_name: str = ""  # the run's name in the trackers; "": the run directory's name
 
     def __post_init__(self) -> None:
         _positive("train.learning_rate", self.learning_rate)
-        _positive("train.beta", self.beta)
+        _positive("train.beta", self.beta, zero_ok=self.method not in ("dpo", "orpo"))  # grpo: 0 = reference-free
+        if self.method == "grpo":
+            self._check_grpo()
         allowed = PREFERENCE_LOSS_TYPES.get(self.method, ("sigmoid",))
         if self.loss_type not in allowed:
             _fail("train.loss_type", self.loss_type, f"one of {list(allowed)} with train.method={self.method}")
@@ -198,6 +228,49 @@ class TrainConfig:
         _positive("train.max_grad_norm", self.max_grad_norm, zero_ok=True)
         if self.router_aux_loss_coef is not None:
             _positive("train.router_aux_loss_coef", self.router_aux_loss_coef, zero_ok=True)
+        self.report_to = _trackers(self.report_to)
+
+    def _check_grpo(self) -> None:
+        """GRPO's own fields: a completion budget, a group, rewards, and a batch made of whole groups."""
+        from mistral_fast.rewards import check_regex
+
+        budget = self.max_completion_length
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            _fail("train.max_completion_length", budget, "an empty completion budget: give at least 1 token (e.g. 64)")
+        if isinstance(self.num_generations, bool) or self.num_generations < 2:
+            _fail("train.num_generations", self.num_generations, "an integer >= 2 (a group to compare)")
+        _positive("train.temperature", self.temperature)
+        if not self.rewards:
+            _fail("train.rewards", self.rewards, "give at least one reward, e.g. [numeric_answer] or [mymodule:fn]")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            _fail("train.reward_weights", self.reward_weights, f"one weight per reward ({len(self.rewards)}) or []")
+        completions = self.per_device_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            _fail(
+                "train.per_device_batch_size",
+                self.per_device_batch_size,
+                f"with grpo, per_device_batch_size x gradient_accumulation_steps ({completions} completions) must be "
+                f"a multiple of train.num_generations={self.num_generations}",
+            )
+        _positive("train.sft_warmup_steps", self.sft_warmup_steps, zero_ok=True)
+        check_regex(self.reward_pattern)
+
+
+def _trackers(value: list[str] | str) -> list[str]:
+    """``train.report_to`` as a list: ``"mlflow"`` and ``"mlflow,wandb"`` (what ``--set`` gives) are accepted.
+
+    ``none`` (or an empty list) becomes ``[]``: no tracker, not even TensorBoard.
+
+    Raises:
+        ConfigError: an unknown tracker, or ``none`` together with another one.
+    """
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        _fail("train.report_to", value, f"a list of {list(REPORT_TO)} (e.g. [tensorboard, mlflow])")
+    if "none" in names and len(names) > 1:
+        _fail("train.report_to", value, "`none` alone, or a list of trackers without it")
+    return [] if names == ["none"] else list(dict.fromkeys(names))
 
 
 @dataclass

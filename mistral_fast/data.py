@@ -5,6 +5,19 @@ parquet, ``name[split][i]`` for a `datasets` data set) so that a bad record is r
 ``where: what is wrong — what to do`` before any model is loaded. With ``skip_invalid`` the bad
 records are dropped instead, counted, and the first few reasons are kept for the summary.
 
+Tool calls: a ``tools`` column (a list per row, or that list as a JSON string: CSV, or parquet and
+`datasets` where nested schemas differ row to row) beside ``messages`` holds the functions the model may
+call, ``[{"type": "function", "function": {"name", "description", "parameters"}}]``. Conversations use
+OpenAI's message shapes (assistant ``tool_calls: [{"id", "type": "function", "function": {"name",
+"arguments"}}]``, ``{"role": "tool", "tool_call_id", "content"}``), which is also OpenAI's fine-tuning
+format (its legacy ``functions``/``function_call``/``"function"`` role and ``parallel_tool_calls`` are
+mapped too); ShareGPT's ``function_call``/``observation`` turns (LLaMA-Factory's layout) become the same
+messages, with call ids made from the conversation. `check_tool_calls` refuses, with ``file:line``, what
+Mistral's format or the tools cannot take: a call id that is not 9 letters or digits (``data.tool_call_ids:
+regenerate`` rewrites them, the same way in a call and its result), a result whose id matches no call, a
+result not preceded by a call, a call to a tool that is not in ``tools``, and arguments that are not a JSON
+object or do not fit the tool's ``parameters`` JSON schema (checked with `jsonschema`).
+
 Tokenisation (ids + assistant-only labels) is the tokenizer stage's job: see
 `mistral_fast.dataset.prepare_data`.
 """
@@ -12,8 +25,10 @@ Tokenisation (ids + assistant-only labels) is the tokenizer stage's job: see
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +38,7 @@ from mistral_fast.atomic import atomic_path
 from mistral_fast.config import DataConfig
 from mistral_fast.constants import MAX_REASONS
 from mistral_fast.errors import DataError, TokenizerError
+from mistral_fast.example import Example  # re-exported: `from mistral_fast.data import Example` keeps working
 from mistral_fast.tokenizer import validate_conversation
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -39,6 +55,10 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# ShareGPT turns that carry tool calls and their results (LLaMA-Factory's names)
+SHAREGPT_CALL, SHAREGPT_RESULT = "function_call", "observation"
+TOOL_CALL_ID = re.compile(r"[A-Za-z0-9]{9}")  # Mistral's call ids (mistral_common refuses any other)
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass
@@ -46,15 +66,6 @@ class Record:
     """One raw record and the place it came from."""
 
     data: dict[str, Any]
-    where: str
-
-
-@dataclass
-class Example:
-    """One normalised training example: a conversation, or raw text for continued pre-training."""
-
-    messages: list[dict[str, str]] | None
-    text: str | None
     where: str
 
 
@@ -238,14 +249,20 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
-    """Normalise one record of format `fmt` to a list of ``{"role", "content"}`` messages."""
+def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, Any]]:
+    """Normalise one record of format `fmt` to a list of ``{"role", "content"}`` messages.
+
+    Conversations keep their tool calls (assistant ``tool_calls``) and results (``tool`` messages with
+    ``tool_call_id``); see the module docstring for the shapes accepted.
+    """
     if fmt == "messages":
         _require(record, ("messages",))
-        return _chat(record.get("messages"), "messages", "role", "content", None)
+        messages = _chat(_json_column(record.get("messages"), "messages"), "messages", "role", "content", None)
+        _check_parallel(messages, record.get("parallel_tool_calls"))
+        return messages
     if fmt == "sharegpt":
         _require(record, ("conversations",))
-        return _chat(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+        return _sharegpt(_json_column(record.get("conversations"), "conversations"))
     if fmt == "alpaca":
         _require(record, ("instruction", "output"))
         instruction = _text(record["instruction"], "instruction")
@@ -272,19 +289,37 @@ def _require(record: dict[str, Any], columns: tuple[str, ...]) -> None:
         raise DataError(f"missing column(s) {missing}; the record has {sorted(record)} — all records need one format")
 
 
+def _json_column(value: Any, column: str) -> Any:
+    """A nested column as read: CSV (and some parquet files) hold lists as JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"column {column!r} must be a list (or its JSON text); got text that is not JSON ({err.msg})"
+        ) from None
+
+
 def _chat(
     turns: Any, column: str, role_key: str, content_key: str, role_map: dict[str, str] | None
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise DataError(f"column {column!r} must be a list of turns, got {type(turns).__name__}")
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        calls = isinstance(turn, dict) and bool(turn.get("tool_calls") or turn.get("function_call"))
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and not calls):
             raise DataError(f"{column}[{i}] must be an object with {role_key!r} and {content_key!r}")
         role = turn[role_key]
         role = role_map.get(str(role).lower(), role) if role_map else role
         _refuse_images(turn, f"{column}[{i}]")
-        messages.append({"role": role, "content": _text(turn[content_key], f"{column}[{i}].{content_key}")})
+        content = turn.get(content_key)
+        content = None if content is None and calls else _text(content, f"{column}[{i}].{content_key}")
+        message: dict[str, Any] = {"role": "tool" if role == "function" else role, "content": content}
+        if role_map is None:
+            message |= _tool_fields(turn, f"{column}[{i}]")
+        messages.append(message)
     return messages
 
 
@@ -310,12 +345,264 @@ def _refuse_images(turn: dict[str, Any], where: str) -> None:
         )
 
 
-def normalise(record: Record, fmt: str, system_prompt: str = "", version: str | None = None) -> Example:
+def _tool_fields(turn: dict[str, Any], at: str) -> dict[str, Any]:
+    """The tool-call keys of an OpenAI-style message (None values, as parquet pads them, are absent)."""
+    out: dict[str, Any] = {}
+    if turn.get("tool_calls"):
+        out["tool_calls"] = turn["tool_calls"]
+    elif turn.get("function_call"):  # OpenAI's legacy single call: no id (data.tool_call_ids=regenerate adds one)
+        out["tool_calls"] = [{"id": None, "type": "function", "function": turn["function_call"]}]
+    if turn.get("role") == "function":  # the legacy result: named, no id; matched to the call by name
+        out["name"] = turn.get("name")
+        out["tool_call_id"] = None
+    for key in ("tool_call_id", "name"):
+        if turn.get(key) is not None:
+            out[key] = turn[key]
+    if "tool_calls" in out and not isinstance(out["tool_calls"], list):
+        raise DataError(f"{at}.tool_calls must be a list of calls, got {type(out['tool_calls']).__name__}")
+    return out
+
+
+def _check_parallel(messages: list[dict[str, Any]], parallel: Any) -> None:
+    """OpenAI's ``parallel_tool_calls: false``: every assistant turn makes at most one call."""
+    if parallel is False:
+        for i, message in enumerate(messages):
+            if len(message.get("tool_calls") or []) > 1:
+                raise DataError(
+                    f"messages[{i}]: {len(message['tool_calls'])} tool calls in one turn but the record sets "
+                    "parallel_tool_calls=false — split the turn or drop the flag"
+                )
+
+
+def _sharegpt(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT turns → messages; a ``function_call`` turn (a JSON call or list of calls) becomes an assistant
+    message with ``tool_calls`` and each following ``observation`` the result of the next call, in order."""
+    if not isinstance(turns, list):
+        raise DataError(f"column 'conversations' must be a list of turns, got {type(turns).__name__}")
+    messages: list[dict[str, Any]] = []
+    pending: list[str] = []  # ids of the last call turn not yet given a result
+    for i, turn in enumerate(turns):
+        at = f"conversations[{i}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{at} must be an object with 'from' and 'value'")
+        _refuse_images(turn, at)
+        speaker, value = str(turn["from"]).lower(), _text(turn["value"], f"{at}.value")
+        if speaker == SHAREGPT_CALL:
+            calls = _json_column(value, f"{at}.value")
+            calls = calls if isinstance(calls, list) else [calls]
+            if not all(isinstance(c, dict) and "name" in c for c in calls):
+                raise DataError(f"{at}: a function_call value must be a JSON object with 'name' (or a list of them)")
+            ids = [_make_id(f"{value}\0{i}\0{n}") for n in range(len(calls))]
+            tool_calls = [
+                {"id": id_, "type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                for id_, c in zip(ids, calls, strict=True)
+            ]
+            messages.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
+            pending = ids
+        elif speaker == SHAREGPT_RESULT:
+            result_id = pending.pop(0) if pending else None  # None: the validator says there was no call
+            messages.append({"role": "tool", "content": value, "tool_call_id": result_id})
+        else:
+            pending = []
+            messages.append({"role": SHAREGPT_ROLES.get(speaker, turn["from"]), "content": value})
+    return messages
+
+
+# ------------------------------------------------------------------------------------------- tool calls
+
+
+def _make_id(seed: str) -> str:
+    """A 9-character alphanumeric call id derived from ``seed``: the same data always gets the same ids."""
+    number = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big")
+    chars = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_ALPHABET))
+        chars.append(_ID_ALPHABET[digit])
+    return "".join(chars)
+
+
+def record_tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The record's ``tools`` (or legacy ``functions``) column as ``[{"type": "function", "function": …}]``.
+
+    A JSON string is parsed; a bare function ``{"name", "parameters"}`` is wrapped; keys whose value is
+    None are dropped (parquet and `datasets` pad differing nested schemas with them). None: no tools.
+
+    Raises:
+        DataError: not a list (or its JSON), or a tool without a name.
+    """
+    column = "tools" if record.get("tools") is not None else "functions"
+    value = _json_column(record.get(column), column)
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"column {column!r} must be a list of tools (or its JSON), got {type(value).__name__}")
+    tools = []
+    for i, tool in enumerate(value):
+        tool = _drop_nulls(tool)
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(
+                f"{column}[{i}] must be {{'type': 'function', 'function': {{'name', 'description', 'parameters'}}}}"
+            )
+        if not isinstance(function.get("parameters", {}), dict):
+            raise DataError(f"{column}[{i}] ({function['name']}): parameters must be a JSON schema object")
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def regenerate_tool_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``data.tool_call_ids: regenerate``: new 9-character ids for every call, the same one in its result.
+
+    Each call's new id is derived from its old id, its place and the conversation's text (deterministic).
+    A result takes the new id of the call of the turn before it with the same old id (or, for legacy
+    results with no id, the same function name); one that matches no call keeps its id, for the validator
+    to report.
+    """
+    seed = json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
+    out: list[dict[str, Any]] = []
+    renamed: dict[Any, str] = {}
+    by_name: dict[Any, list[str]] = {}
+    for i, message in enumerate(messages):
+        message = dict(message)
+        if message.get("tool_calls"):
+            renamed, by_name = {}, {}
+            calls = []
+            for j, call in enumerate(message["tool_calls"]):
+                new = _make_id(f"{seed}\0{i}\0{j}")
+                if isinstance(call, dict):
+                    renamed.setdefault(call.get("id"), new)
+                    name = (call.get("function") or {}).get("name") if isinstance(call.get("function"), dict) else None
+                    by_name.setdefault(name, []).append(new)
+                    call = {**call, "id": new}
+                calls.append(call)
+            message["tool_calls"] = calls
+        elif message["role"] == "tool":
+            old = message.get("tool_call_id")
+            if old is not None and old in renamed:
+                message["tool_call_id"] = renamed[old]
+            elif old is None and by_name.get(message.get("name")):
+                message["tool_call_id"] = by_name[message.get("name")].pop(0)
+        else:
+            renamed, by_name = {}, {}
+        out.append(message)
+    return out
+
+
+def check_tool_calls(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    """Refuse the tool calls and results that Mistral's format or the record's tools cannot take.
+
+    Mistral's templates (and mistral_common) need 9-character alphanumeric call ids and a result that
+    answers a call of the assistant turn just before it; a call must name one of ``tools`` with
+    arguments that are a JSON object fitting that tool's ``parameters`` schema, or the model learns to
+    call what does not exist. Errors read ``messages[i]…: what — what to do`` (the caller adds file:line).
+
+    Raises:
+        DataError: the first problem found.
+    """
+    known = {t["function"]["name"]: t["function"] for t in tools or []}
+    calls: dict[Any, str] = {}  # id -> tool name, of the last assistant turn with calls
+    call_turn: int | None = None
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            calls, call_turn = {}, i
+            for j, call in enumerate(message["tool_calls"]):
+                id_, name = _check_call(f"messages[{i}].tool_calls[{j}]", call, known)
+                if id_ in calls:
+                    raise DataError(
+                        f"messages[{i}].tool_calls[{j}]: call id {id_!r} is used twice in this turn "
+                        "— give each call its own id (or set data.tool_call_ids=regenerate)"
+                    )
+                calls[id_] = name
+        elif message["role"] == "tool":
+            _check_result(i, message, calls, call_turn)
+        else:
+            calls, call_turn = {}, None
+
+
+def _check_call(at: str, call: Any, known: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """One call of an assistant turn: its id and tool name, after checking both and its arguments."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise DataError(f"{at}: a call must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+    id_, name = call.get("id"), function["name"]
+    if not isinstance(id_, str) or not TOOL_CALL_ID.fullmatch(id_):
+        raise DataError(
+            f"{at}: call id {id_!r} is not 9 letters or digits, which Mistral's format needs — set "
+            "data.tool_call_ids=regenerate to rewrite the ids (the same in the call and its result)"
+        )
+    if name not in known:
+        where = f"this record's tools {sorted(known)}" if known else "this record, which has no tools column"
+        raise DataError(f"{at}: call to {name!r}, which is not in {where} — add the tool to `tools` or fix the name")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{at}: the arguments of {name!r} are not valid JSON ({err.msg} at column {err.colno}) "
+                "— write them as a JSON object"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise DataError(f"{at}: the arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
+    problem = _schema_problem(arguments, known[name].get("parameters"))
+    if problem:
+        raise DataError(
+            f"{at}: the arguments of {name!r} do not fit its parameters schema: {problem} "
+            "— fix the arguments or the tool's schema"
+        )
+    return id_, name
+
+
+def _schema_problem(arguments: dict[str, Any], schema: dict[str, Any] | None) -> str | None:
+    """The first way ``arguments`` breaks the JSON schema (required keys, types, enums, …); None if it fits."""
+    if not schema:
+        return None
+    import jsonschema  # a dependency of mistral_common
+
+    try:
+        validator_class = jsonschema.validators.validator_for(schema)
+        validator_class.check_schema(schema)
+    except jsonschema.SchemaError as err:
+        return f"the schema itself is invalid ({err.message})"
+    error = jsonschema.exceptions.best_match(validator_class(schema).iter_errors(arguments))
+    if error is None:
+        return None
+    path = "".join(f"[{p!r}]" for p in error.absolute_path)
+    return f"{error.message}" + (f" (at arguments{path})" if path else "")
+
+
+def _check_result(i: int, message: dict[str, Any], calls: dict[Any, str], call_turn: int | None) -> None:
+    if call_turn is None:
+        raise DataError(
+            f"messages[{i}] (tool): a tool result not preceded by an assistant tool call — add the call "
+            "(assistant tool_calls) before it or drop the result"
+        )
+    id_ = message.get("tool_call_id")
+    if id_ not in calls:
+        raise DataError(
+            f"messages[{i}] (tool): tool_call_id {id_!r} matches no call of messages[{call_turn}] "
+            f"(ids {list(calls)}) — use the id of the call it answers"
+        )
+
+
+def normalise(
+    record: Record, fmt: str, system_prompt: str = "", version: str | None = None, *, tool_call_ids: str = "keep"
+) -> Example:
     """Turn one record into a validated `Example`; errors carry the record's location.
 
     Conversations go through `mistral_fast.tokenizer.validate_conversation` with the training rules:
     the one validator, so data files and chat calls are held to the same rules in the same words.
-    ``version`` (the run's tokenizer version) also checks for control-token strings in the text.
+    ``version`` (the run's tokenizer version) also checks for control-token strings in the text. Tool
+    calls are checked against the record's ``tools`` first (`check_tool_calls`), after
+    ``tool_call_ids="regenerate"`` (``data.tool_call_ids``) has rewritten their ids.
     """
     try:
         if fmt == "text":
@@ -325,10 +612,14 @@ def normalise(record: Record, fmt: str, system_prompt: str = "", version: str | 
                 raise DataError("empty text")
             return Example(None, text, record.where)
         messages = to_messages(record.data, fmt)
+        tools = record_tools(record.data)
         if system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        validate_conversation(messages, version, training=True)
-        return Example(messages, None, record.where)
+        if tool_call_ids == "regenerate":
+            messages = regenerate_tool_call_ids(messages)
+        check_tool_calls(messages, tools)
+        validate_conversation(messages, version, tools, training=True)
+        return Example(messages, None, record.where, tools)
     except (DataError, TokenizerError) as err:
         raise DataError(f"{record.where}: {err}") from None
 
@@ -358,7 +649,7 @@ def load_messages(cfg: DataConfig | None = None, source: Any = None, *, version:
                 except DataError as err:
                     raise DataError(f"{record.where}: {err} (or set data.format)") from None
                 loaded.format = fmt
-            loaded.examples.append(normalise(record, fmt, cfg.system_prompt, version))
+            loaded.examples.append(normalise(record, fmt, cfg.system_prompt, version, tool_call_ids=cfg.tool_call_ids))
         except DataError as err:
             if not cfg.skip_invalid:
                 raise DataError(f"{err} (or set data.skip_invalid=true to skip bad records)") from None

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral_fast")
 
 # Bump when the preparation's output changes for the same inputs (old cache entries are then never hit).
-PREP_VERSION = 2  # 2: splits stored in file order with their seeded order as an index (`_save_rows`)
+PREP_VERSION = 3  # 2: splits stored in file order with their seeded order as an index (`_save_rows`); 3: tools
 # Below this many rows per process, a worker costs more to start than it saves (auto num_proc only).
 MIN_ROWS_PER_PROC = 5000
 BATCH_ROWS = 1000  # rows per map batch and per written Arrow batch: what one process holds at a time
@@ -138,13 +138,25 @@ class ExampleRows(Sequence[Example]):
 
     def __iter__(self) -> Iterator[Example]:
         for batch in self.rows.iter(batch_size=BATCH_ROWS):
-            for where, messages, text in zip(batch["where"], batch["messages"], batch["text"], strict=True):
-                yield _example({"where": where, "messages": messages, "text": text})
+            yield from map(_example, _rows(batch))
+
+
+def _rows(batch: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """The rows of a columnar batch of examples (``where``, ``messages``, ``text``, ``tools``)."""
+    columns = _EXAMPLE_COLUMNS
+    for values in zip(*(batch[c] for c in columns), strict=True):
+        yield dict(zip(columns, values, strict=True))
+
+
+# An example as Arrow columns: conversations and tools as JSON text, so the schema is the same for every
+# row whatever the tools' parameters look like (nested structs would have to be unified across rows)
+_EXAMPLE_COLUMNS = ("where", "messages", "text", "tools")
 
 
 def _example(row: dict[str, Any]) -> Example:
     messages = json.loads(row["messages"]) if row["messages"] is not None else None
-    return Example(messages, row["text"], row["where"])
+    tools = json.loads(row["tools"]) if row.get("tools") is not None else None
+    return Example(messages, row["text"], row["where"], tools)
 
 
 def prepare_data_in_memory(
@@ -300,6 +312,7 @@ def cache_key(cfg: RunConfig, content: str, source: str, tokenizer: str, version
         "eval_fraction": d.eval_fraction,
         "seed": d.seed,
         "max_examples": d.max_examples,
+        "tool_call_ids": d.tool_call_ids,
         "assistant_only_loss": cfg.train.assistant_only_loss,
     }
 
@@ -442,6 +455,7 @@ def _validate_batch(
     first: int,
     system_prompt: str,
     version: str,
+    tool_call_ids: str = "keep",
     tokenise: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
     """Pass one: parse, normalise and validate a batch of raw rows; errors become columns.
@@ -449,11 +463,11 @@ def _validate_batch(
     With ``tokenise`` (`_tokenise_batch`'s keywords) the valid rows are tokenised in the same pass: one
     pass instead of two when every valid example is used (no ``data.max_examples`` pick).
     """
-    out: dict[str, list[Any]] = {"status": [], "error": [], "where": [], "messages": [], "text": []}
+    out: dict[str, list[Any]] = {"status": [], "error": [], "where": [], "messages": [], "text": [], "tools": []}
     if tokenise is not None:
         out |= {key: [] for key in _TOKEN_COLUMNS}
     for n, index in enumerate(indices):
-        status, error, where, messages, text, example = OK, "", "", None, None, None
+        status, error, where, messages, text, tools, example = OK, "", "", None, None, None, None
         try:
             record = _record(kind, path, {key: column[n] for key, column in batch.items()})
         except DataError as err:
@@ -465,13 +479,14 @@ def _validate_batch(
         else:
             where = record.where
             try:
-                example = normalise(record, fmt, system_prompt, version)
+                example = normalise(record, fmt, system_prompt, version, tool_call_ids=tool_call_ids)
             except DataError as err:
                 status, error = INVALID, str(err)
             else:
                 messages = None if example.messages is None else json.dumps(example.messages, ensure_ascii=False)
                 text = example.text
-        values: tuple[Any, ...] = (status, error, where, messages, text)
+                tools = None if example.tools is None else json.dumps(example.tools, ensure_ascii=False)
+        values: tuple[Any, ...] = (status, error, where, messages, text, tools)
         if tokenise is not None:
             values += _tokenise_one(example, **tokenise) if example is not None else _NOT_TOKENISED
         for key, value in zip(out, values, strict=True):
@@ -504,8 +519,8 @@ def _tokenise_one(
 def _tokenise_batch(batch: dict[str, list[Any]], **tokenise: Any) -> dict[str, list[Any]]:
     """Pass two: template, tokenise and mask a batch of examples; errors become columns."""
     out: dict[str, list[Any]] = {key: [] for key in _TOKEN_COLUMNS}
-    for where, messages, text in zip(batch["where"], batch["messages"], batch["text"], strict=True):
-        values = _tokenise_one(_example({"where": where, "messages": messages, "text": text}), **tokenise)
+    for row in _rows(batch):
+        values = _tokenise_one(_example(row), **tokenise)
         for key, value in zip(_TOKEN_COLUMNS, values, strict=True):
             out[key].append(value)
     return out
@@ -589,12 +604,13 @@ def _build(
             "fmt": fmt,
             "first": first,
             "system_prompt": d.system_prompt,
+            "tool_call_ids": d.tool_call_ids,
             "version": version,
             "tokenise": tokenise if fused else None,
         },
         features=Features(
             {"status": Value("int8"), "error": Value("string"), "where": Value("string")}
-            | {"messages": Value("string"), "text": Value("string")}
+            | {"messages": Value("string"), "text": Value("string"), "tools": Value("string")}
             | (dict(token_features) if fused else {})
         ),
         num_proc=procs if procs > 1 else None,
@@ -658,7 +674,7 @@ def _build(
     for name, ids in (("train", train_ids), ("eval", eval_ids)):
         if ids.size:
             _save_rows(tokenised, rows[kept[ids]], ["input_ids", "labels"], out / name)
-            _save_rows(validated, valid[kept[ids]], ["where", "messages", "text"], out / f"{name}_examples")
+            _save_rows(validated, valid[kept[ids]], list(_EXAMPLE_COLUMNS), out / f"{name}_examples")
     stats = {
         "train_examples": len(train_ids),
         "eval_examples": len(eval_ids),

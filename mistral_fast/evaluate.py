@@ -12,6 +12,12 @@ Definitions (so the numbers can be checked by hand):
 * ROUGE-L: mean F-measure of `rouge_score`'s rougeL (longest common subsequence), 0..1.
 * BLEU: sacrebleu's corpus BLEU, 0..100.
 * exact match: share of answers equal to the reference after stripping and collapsing whitespace.
+* tool-call accuracy (conversations with ``tools``): for each held-out conversation with a tool call, the
+  prompt is the conversation up to its last assistant turn with calls (with its tools); the generated
+  ``[TOOL_CALLS]`` are parsed by `mistral_fast.tokenizer.parse_tool_calls` and the prompt counts as right
+  when the calls are those of the data: the same tool names and arguments equal as JSON (``1`` equals
+  ``1.0``, ``true`` is not ``1``; keys in any order; several calls in any order). Call ids are not
+  compared: they are random by design. A generation that does not parse is a miss.
 
 torch and transformers are imported inside the functions: `write_json_atomic` and the metric helpers
 stay usable from the runner without loading them.
@@ -38,7 +44,7 @@ from mistral_fast.errors import ModelError
 
 if TYPE_CHECKING:
     from mistral_fast.config import EvalConfig
-    from mistral_fast.data import Example
+    from mistral_fast.example import Example
     from mistral_fast.modeling import LoadedModel
 
 log = logging.getLogger("mistral_fast")
@@ -72,6 +78,9 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)  # prompt, reference, tuned, base answers
     generation: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    call_accuracy: float | None = None  # share of held-out tool-call prompts answered with the right calls
+    call_prompts: int = 0  # how many prompts that accuracy is over
+    call_samples: list[dict[str, Any]] = field(default_factory=list)  # prompt, reference and generated calls
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -81,6 +90,8 @@ class EvalResult:
         """Base vs tuned figures as a Markdown table."""
         rows = [("loss", "loss"), ("perplexity", "perplexity"), ("ROUGE-L", "rouge_l"), ("BLEU", "bleu")]
         rows.append(("exact match", "exact_match"))
+        if self.call_prompts:
+            rows.append((f"tool-call accuracy ({self.call_prompts} prompts)", "call_accuracy"))
         base = self.base or {}
         lines = ["| metric | base | tuned |", "| --- | --- | --- |"]
         for label, key in rows:
@@ -177,13 +188,61 @@ def split_prompt(example: Example) -> tuple[list[dict[str, str]], str] | None:
     """(prompt messages, reference answer) of a conversation: everything before its last assistant turn.
 
     Returns:
-        None for raw-text examples or conversations without an assistant turn.
+        None for raw-text examples, conversations without an assistant turn, or whose last assistant
+        turn is a tool call (scored by `split_call_prompt` instead).
     """
     messages = example.messages or []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
+    if last is None or last == 0 or messages[last].get("tool_calls"):
         return None
     return messages[:last], messages[last]["content"]
+
+
+def split_call_prompt(example: Example) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """(prompt messages, reference calls) of a conversation: everything before its last assistant turn
+    with tool calls, and those calls as ``{"name", "arguments"}`` (arguments parsed from JSON text).
+
+    Returns:
+        None for examples without a tool call.
+    """
+    messages = example.messages or []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")), default=None)
+    if last is None or last == 0:
+        return None
+    calls = []
+    for call in messages[last]["tool_calls"]:
+        arguments = call["function"].get("arguments", {})
+        calls.append({"name": call["function"]["name"], "arguments": _json(arguments)})
+    return messages[:last], calls
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON value as a comparable key: numbers by value (1 == 1.0), booleans apart from numbers."""
+    if isinstance(value, dict):
+        return ("object", tuple(sorted((str(k), _canonical(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("array", tuple(_canonical(v) for v in value))
+    if isinstance(value, bool) or value is None:
+        return ("literal", repr(value))
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    return ("string", str(value))
+
+
+def calls_match(predicted: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> bool:
+    """Whether generated calls are the reference calls: names exact, arguments equal as JSON, any order."""
+
+    def key(calls: Sequence[dict[str, Any]]) -> list[Any]:
+        return sorted((str(c.get("name")), _canonical(_json(c.get("arguments", {})))) for c in calls)
+
+    try:
+        return bool(reference) and key(predicted) == key(reference)
+    except (json.JSONDecodeError, TypeError):  # arguments that are not JSON text: not the reference's
+        return False
 
 
 def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:
@@ -213,9 +272,15 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation up to the point where the assistant answers (exact chat template)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+def encode_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of a conversation up to the point where the assistant answers (exact chat template);
+    with ``tools``, the functions the model may call (``[AVAILABLE_TOOLS]``)."""
+    extra = {"tools": tools} if tools else {}
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+    )
     return list(encoded["input_ids"])
 
 
@@ -224,6 +289,8 @@ def generate(
     tokenizer: Any,
     conversations: list[list[dict[str, str]]],
     settings: GenerationSettings | None = None,
+    *,
+    tools: Sequence[list[dict[str, Any]] | None] | None = None,
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Answer each conversation; stops at ``</s>`` or after ``max_new_tokens``.
@@ -233,11 +300,13 @@ def generate(
         tokenizer: the exact Mistral tokenizer with its chat template.
         conversations: message lists ending with a user turn.
         settings: sampling parameters (greedy by default).
+        tools: the tools of each conversation (None: none), put in the prompt as the template does.
         **generate_kwargs: passed on to ``model.generate`` (e.g. ``logits_processor``).
 
     Returns:
-        One dict per conversation: ``text`` (special tokens removed), ``tokens`` (new ids up to and
-        including ``</s>``) and ``stopped`` (whether ``</s>`` ended it).
+        One dict per conversation: ``text`` (special tokens removed), ``raw`` (with them, before
+        ``</s>``: what `parse_tool_calls` reads), ``tokens`` (new ids up to and including ``</s>``) and
+        ``stopped`` (whether ``</s>`` ended it).
     """
     import torch
 
@@ -249,7 +318,13 @@ def generate(
     outputs: list[dict[str, Any]] = []
     try:
         for start in range(0, len(conversations), settings.batch_size):
-            prompts = [encode_prompt(tokenizer, c) for c in conversations[start : start + settings.batch_size]]
+            stop = start + settings.batch_size
+            prompts = [
+                encode_prompt(tokenizer, c, t)
+                for c, t in zip(
+                    conversations[start:stop], (tools or [None] * len(conversations))[start:stop], strict=True
+                )
+            ]
             ids, mask = _left_pad(prompts, pad)
             device = _device(model)
             with torch.no_grad():
@@ -264,7 +339,8 @@ def generate(
                 stopped = eos in row
                 tokens = row[: row.index(eos) + 1] if stopped else row
                 text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                outputs.append({"text": text, "tokens": tokens, "stopped": stopped})
+                raw = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=False)
+                outputs.append({"text": text, "raw": raw, "tokens": tokens, "stopped": stopped})
     finally:
         model.train(was_training)
     return outputs
@@ -345,15 +421,58 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 # ---------------------------------------------------------------------------------------------
 
 
-def _measure(loaded: LoadedModel, rows: Any, prompts: list, references: list[str], settings, batch_size) -> dict:
-    """Loss, perplexity, generations and text metrics of the model as it is now (adapter on or off)."""
+@dataclass
+class _Prompts:
+    """What `_measure` generates from: text prompts with their references, and tool-call prompts."""
+
+    text: list[list[dict[str, Any]]]
+    references: list[str]
+    text_tools: list[list[dict[str, Any]] | None]
+    calls: list[list[dict[str, Any]]]  # prompts that end before an assistant turn with tool calls
+    call_references: list[list[dict[str, Any]]]
+    call_tools: list[list[dict[str, Any]] | None]
+    version: str | None
+
+
+def _prompts(eval_examples: Sequence[Example], count: int, version: str | None) -> _Prompts:
+    """The first ``count`` text prompts and the first ``count`` tool-call prompts of the held-out split
+    (only those: a large eval split, read from Arrow on demand, is not decoded whole)."""
+    text = list(islice(((e, p) for e in eval_examples if (p := split_prompt(e)) is not None), count))
+    calls = list(islice(((e, c) for e in eval_examples if (c := split_call_prompt(e)) is not None), count))
+    if calls and version is None:
+        raise ModelError("the held-out data has tool calls: pass version= (the tokenizer version) to parse them")
+    return _Prompts(
+        [p for _, (p, _) in text],
+        [r for _, (_, r) in text],
+        [e.tools for e, _ in text],
+        [p for _, (p, _) in calls],
+        [r for _, (_, r) in calls],
+        [e.tools for e, _ in calls],
+        version,
+    )
+
+
+def _measure(loaded: LoadedModel, rows: Any, prompts: _Prompts, settings, batch_size) -> dict:
+    """Loss, perplexity, generations, text metrics and tool-call accuracy of the model as it is now
+    (adapter on or off)."""
+    from mistral_fast.tokenizer import parse_tool_calls
+
     tok = loaded.tokenizer
     loss, tokens = (
         eval_loss(loaded.model, rows, pad_token_id=tok.pad_token_id, batch_size=batch_size) if rows else (None, 0)
     )
-    answers = generate(loaded.model, tok, prompts, settings) if prompts else []
-    metrics = text_metrics([a["text"] for a in answers], references)
-    return {"loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "answers": answers, **metrics}
+    answers = generate(loaded.model, tok, prompts.text, settings, tools=prompts.text_tools) if prompts.text else []
+    metrics = text_metrics([a["text"] for a in answers], prompts.references)
+    figures = {"loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "answers": answers, **metrics}
+    if prompts.calls:
+        generated = generate(loaded.model, tok, prompts.calls, settings, tools=prompts.call_tools)
+        parsed = [parse_tool_calls(g["raw"], prompts.version or "v3") for g in generated]  # [] if it does not parse
+        hits = [calls_match(p, r) for p, r in zip(parsed, prompts.call_references, strict=True)]
+        figures["call_accuracy"] = sum(hits) / len(hits)
+        figures["call_answers"] = [
+            {"raw": g["raw"], "calls": p, "right": h} for g, p, h in zip(generated, parsed, hits, strict=True)
+        ]
+    return figures
 
 
 @contextmanager
@@ -390,6 +509,7 @@ def evaluate_model(
     compare_base: bool = True,
     batch_size: int = 4,
     seed: int = 42,
+    version: str | None = None,
 ) -> EvalResult:
     """Measure the tuned model (and the base, with the adapter switched off) on the held-out split.
 
@@ -402,20 +522,21 @@ def evaluate_model(
         compare_base: also measure the base model under ``model.disable_adapter()``.
         batch_size: rows per forward pass for the loss.
         seed: sampling seed.
+        version: the tokenizer version (`mistral_fast.families.tokenizer_version`), whose ``[TOOL_CALLS]``
+            format the generated calls are parsed in; needed when the held-out data has tool calls, whose
+            first ``cfg.num_samples`` are scored for tool-call accuracy (see the module docstring).
     """
     start = time.perf_counter()
-    # only the first num_samples: a large eval split (read from Arrow on demand) is not decoded whole
-    pairs = list(islice((p for p in map(split_prompt, eval_examples) if p is not None), cfg.num_samples))
-    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    prompts = _prompts(eval_examples, cfg.num_samples, version)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
     if compare_base and not callable(getattr(loaded.model, "disable_adapter", None)):
         raise ModelError("compare_base needs a peft model (model.disable_adapter()); pass compare_base=False")
     with _inference_mode(loaded):
-        tuned = _measure(loaded, eval_rows, prompts, refs, settings, batch_size)
+        tuned = _measure(loaded, eval_rows, prompts, settings, batch_size)
         base = None
         if compare_base:
             with loaded.model.disable_adapter():
-                base = _measure(loaded, eval_rows, prompts, refs, settings, batch_size)
+                base = _measure(loaded, eval_rows, prompts, settings, batch_size)
     samples = [
         {
             "prompt": p,
@@ -424,9 +545,18 @@ def evaluate_model(
             "tuned_stopped": tuned["answers"][i]["stopped"],
             **({"base": base["answers"][i]["text"]} if base else {}),
         }
-        for i, (p, r) in enumerate(pairs)
+        for i, (p, r) in enumerate(zip(prompts.text, prompts.references, strict=True))
     ]
-    base_figures = {k: v for k, v in base.items() if k != "answers"} if base else None
+    call_samples = [
+        {
+            "prompt": p,
+            "reference": r,
+            **{f"tuned_{k}": v for k, v in tuned["call_answers"][i].items()},
+            **({f"base_{k}": v for k, v in base["call_answers"][i].items()} if base else {}),
+        }
+        for i, (p, r) in enumerate(zip(prompts.calls, prompts.call_references, strict=True))
+    ]
+    base_figures = {k: v for k, v in base.items() if k not in ("answers", "call_answers")} if base else None
     return EvalResult(
         loss=tuned["loss"],
         perplexity=tuned["perplexity"],
@@ -438,6 +568,9 @@ def evaluate_model(
         samples=samples,
         generation=asdict(settings),
         seconds=round(time.perf_counter() - start, 2),
+        call_accuracy=tuned.get("call_accuracy"),
+        call_prompts=len(prompts.calls),
+        call_samples=call_samples,
     )
 
 

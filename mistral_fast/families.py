@@ -17,12 +17,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mistral_fast.errors import ModelError
 
-if TYPE_CHECKING:
-    from mistral_fast.config import ModelConfig
+
+class ModelRef(Protocol):
+    """What the table reads of a run's model: `config.ModelConfig` satisfies it.
+
+    A structural type here, not ``config.ModelConfig`` itself: `config` validates LoRA targets against this
+    table, so the table naming config's class would tie the two modules in an import cycle.
+    """
+
+    name_or_path: str
+    tokenizer: str
 
 # LoRA target sets of the dense Mistral decoder (same module names in every dense generation).
 DENSE_TARGETS: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -603,7 +611,7 @@ def known_config(name: str) -> dict[str, Any] | None:
     return None
 
 
-def tokenizer_version(model: ModelConfig, config: Mapping[str, Any] | None = None) -> str:
+def tokenizer_version(model: ModelRef, config: Mapping[str, Any] | None = None) -> str:
     """The tokenizer / chat-template version a run uses: the one rule every stage asks.
 
     ``model.tokenizer`` names it (``"v3"``, ``"v1"``); with ``"model"`` (the model's own tokenizer files)
@@ -627,7 +635,7 @@ def model_types() -> tuple[str, ...]:
     return tuple(dict.fromkeys(f.model_type for f in FAMILIES))
 
 
-def family_of(model: ModelConfig, config: Mapping[str, Any] | None = None) -> Family:
+def family_of(model: ModelRef, config: Mapping[str, Any] | None = None) -> Family:
     """The row of a run's model (`family_for_model` on ``model.name_or_path``)."""
     return family_for_model(model.name_or_path, config)
 

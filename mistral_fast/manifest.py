@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from mistral_fast.config import RunConfig
 
 MANIFEST = "manifest.json"
-EXCLUDED_DIRS = ("checkpoints",)  # intermediate state; see the module docstring
+# checkpoints: intermediate state (see the module docstring); wandb: W&B's own run files (train.report_to),
+# which W&B keeps writing until its run is finished, after the manifest
+EXCLUDED_DIRS = ("checkpoints", "wandb")
 PACKAGES = (
     "torch",
     "transformers",

@@ -204,8 +204,9 @@ class Plan:
     double_quant: bool = True
     on_gpu: bool = True
     world_size: int = 1
-    objective: str = "sft"  # sft | dpo | orpo (train.method)
-    answer_len: int = 0  # dpo: longest answer in tokens (the LM head runs on answer positions only)
+    objective: str = "sft"  # sft | dpo | orpo | grpo (train.method)
+    answer_len: int = 0  # dpo: longest answer; grpo: max_completion_length (the LM head scores those positions only)
+    kl_reference: bool = False  # grpo with beta > 0: a reference forward (adapter off) without gradients
     fsdp: bool = False  # FSDP + QLoRA (FULL_SHARD): weights, adapters, gradients, optimizer state sharded
     # the loss projects and scores a chunk of tokens at a time (TRL's fused head on CUDA, ours on CPU,
     # Unsloth's fused cross-entropy): False for transformers' plain loss over the full logits
@@ -224,7 +225,7 @@ class Plan:
     @property
     def scored_tokens(self) -> int:
         """Positions whose fp32 logits are built: all of them, except DPO's fused head (answers only)."""
-        if self.objective == "dpo":
+        if self.objective in ("dpo", "grpo"):
             return self.sequences * min(self.answer_len or self.seq_len, self.seq_len)
         return self.tokens
 
@@ -232,6 +233,9 @@ class Plan:
     def effective_batch(self) -> int:
         """Examples per optimizer step over all devices."""
         return self.batch_size * self.accumulation * self.world_size
+
+
+CPU_RAM = "CPU RAM (available)"  # MemoryEstimate.device of a CPU run's estimate (compared with MemAvailable)
 
 
 @dataclass
@@ -282,7 +286,10 @@ class MemoryEstimate:
         lines.append(f"| **total** | **{self.total / GiB:.2f}** |")
         if self.capacity is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines += ["", f"{verdict} on {self.device} ({self.capacity / GiB:.1f} GiB)"]
+            if self.device == CPU_RAM:  # a CPU run: say which memory, not a card's name
+                lines += ["", f"{verdict} in this machine's CPU RAM ({self.capacity / GiB:.1f} GiB available)"]
+            else:
+                lines += ["", f"{verdict} on {self.device} ({self.capacity / GiB:.1f} GiB)"]
         if self.suggestion:
             lines += ["", self.suggestion]
         return "\n".join(lines)
@@ -482,10 +489,24 @@ def activation_terms(shapes: MistralShapes, plan: Plan) -> dict[str, int]:
         terms = {"activations (saved)": saved, "activations (transient peak)": max(logits, per_layer)}
     else:
         terms = {"activations (saved)": shapes.layers * per_layer + final_norm, "activations (transient peak)": logits}
-    if plan.objective == "dpo":
+    if plan.objective == "dpo" or plan.kl_reference:
         transient = terms["activations (transient peak)"]
         terms["reference pass (no gradients)"] = reference_pass_bytes(shapes, plan, transient)
+    if plan.objective == "grpo":
+        terms["group generation (above the step)"] = max(0, generation_bytes(shapes, plan) - sum(terms.values()))
     return terms
+
+
+def generation_bytes(shapes: MistralShapes, plan: Plan) -> int:
+    """GRPO's sampling of the group before the step: every completion of a generation batch at once, no gradients.
+
+    ``generate`` keeps a KV cache (keys and values, every layer) for batch x accumulation sequences of up to
+    ``seq_len`` tokens, and one step's fp32 logits per sequence. It runs before the training forward, so only
+    the part above the step's own activations adds to the peak (`activation_terms`).
+    """
+    sequences = plan.batch_size * plan.accumulation
+    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * _DTYPE_BYTES[plan.compute_dtype]
+    return sequences * (plan.seq_len * kv + shapes.vocab * 4)
 
 
 def reference_pass_bytes(shapes: MistralShapes, plan: Plan, transient: int) -> int:
@@ -611,6 +632,7 @@ def plan_from_config(
         name = gpu_capacity(gpu)[0].lower() if gpu is not None else ""
         dtype = auto_compute_dtype(cuda_capability=_OLD_GPU_CAPABILITY.get(name, BF16_CAPABILITY))[0]
     optimizer = resolve_optimizer(cfg.train.optimizer, on_cuda=on_gpu)
+    t = cfg.train
     return Plan(
         method=method,
         batch_size=cfg.train.per_device_batch_size,
@@ -626,7 +648,8 @@ def plan_from_config(
         on_gpu=on_gpu,
         world_size=world_size,
         objective=cfg.train.method,
-        answer_len=cfg.train.max_answer_length if cfg.train.method == "dpo" else 0,
+        answer_len={"dpo": t.max_answer_length, "grpo": t.max_completion_length}.get(t.method, 0),
+        kl_reference=cfg.train.method == "grpo" and cfg.train.beta > 0,
         chunked_loss=on_gpu if chunked_loss is None else chunked_loss,  # estimate_memory resolves it by vocabulary
     )
 
@@ -852,19 +875,31 @@ def preflight(cfg: RunConfig, *, gpu: str | float | None = None) -> MemoryEstima
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
         return check_fits(cfg, props.total_memory / GiB, world_size=world_size, device_name=props.name)
+    estimate = cpu_estimate(cfg, world_size=world_size)
+    if estimate.fits is False:
+        logging.getLogger("mistral_fast").warning(
+            "this run needs about %.1f GiB of RAM but %.1f GiB is available: it may be killed (OOM)",
+            estimate.total / GiB,
+            estimate.capacity / GiB,
+        )
+    return estimate
+
+
+def cpu_estimate(
+    cfg: RunConfig, *, world_size: int = 1, model_config: dict[str, Any] | None = None
+) -> MemoryEstimate:
+    """The estimate of training `cfg` on this machine's CPU, compared with the RAM the kernel reports available.
+
+    The compute dtype is the one training resolves on this CPU (bf16 where it is native, else fp32) and the
+    optimizer a CPU run's, so the figure is that of the run that would start here.
+    """
     from mistral_fast.modeling import resolve_compute_dtype
 
     dtype = str(resolve_compute_dtype(cfg.model.compute_dtype)[0]).removeprefix("torch.")
-    estimate = estimate_memory(cfg, on_gpu=False, compute_dtype=dtype, world_size=world_size)
+    estimate = estimate_memory(cfg, model_config=model_config, on_gpu=False, compute_dtype=dtype, world_size=world_size)
     available = available_ram()
     if available is not None:
-        estimate.device, estimate.capacity = "CPU RAM (available)", available
-        if not estimate.fits:
-            logging.getLogger("mistral_fast").warning(
-                "this run needs about %.1f GiB of RAM but %.1f GiB is available: it may be killed (OOM)",
-                estimate.total / GiB,
-                available / GiB,
-            )
+        estimate.device, estimate.capacity = CPU_RAM, available
     return estimate
 
 
@@ -886,11 +921,39 @@ def memory_report(
     gpu: str | float | None = None,
     world_size: int = 1,
     model_config: dict[str, Any] | None = None,
+    here: bool = False,
 ) -> str:
-    """Markdown for the CLI and notebooks: the run's own breakdown, then the three methods side by side."""
+    """Markdown for the CLI and notebooks: the run's own breakdown, then the three methods side by side.
+
+    Args:
+        cfg: the run config.
+        gpu: the card to check against (a name or GiB, see `gpu_capacity`); None: no verdict.
+        world_size: data-parallel processes.
+        model_config: the model's config.json as a dict; read from ``cfg.model.name_or_path`` if None.
+        here: the notebooks' pre-flight, about a run on this machine. Without CUDA here a run trains on the
+            CPU, so its estimate is the CPU run's against this machine's RAM, and the report says that `gpu`
+            was not checked (a verdict "fits on A100-80GB" on a laptop answered a question nobody asked).
+            With CUDA, or ``here=False`` (`mistral-fast memory`: planning for a card), `gpu` is the check.
+    """
     config = model_config or model_config_for(cfg)
-    own = estimate_memory(cfg, model_config=config, gpu=gpu, world_size=world_size)
-    methods = compare_methods(cfg, model_config=config, gpu=gpu, world_size=world_size)
+    if here and not _cuda_available():
+        own = cpu_estimate(cfg, world_size=world_size, model_config=config)
+        note = "No GPU on this machine, so a run here trains on the CPU: the estimate above is for that run."
+        if gpu is not None:
+            note += f" gpu={gpu!r} was not checked: run this on that card, or `mistral-fast memory CONFIG --gpu {gpu}`."
+        methods = compare_methods(cfg, model_config=config, world_size=world_size)  # no card: no verdict
+        head = [own.table(), "", note]
+    else:
+        own = estimate_memory(cfg, model_config=config, gpu=gpu, world_size=world_size)
+        methods = compare_methods(cfg, model_config=config, gpu=gpu, world_size=world_size)
+        head = [own.table()]
     return "\n".join(
-        [own.table(), "", "Full fine-tuning, LoRA (16-bit base) and QLoRA, same batch:", "", comparison_table(methods)]
+        [*head, "", "Full fine-tuning, LoRA (16-bit base) and QLoRA, same batch:", "", comparison_table(methods)]
     )
+
+
+def _cuda_available() -> bool:
+    """Whether this process sees a CUDA GPU (imports torch: only the `here` report, which precedes a run, asks)."""
+    import torch
+
+    return torch.cuda.is_available()

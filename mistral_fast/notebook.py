@@ -49,6 +49,19 @@ SMOKE_KEEPS = frozenset(
 )
 
 
+# GRPO's smoke run also keeps its preset's sampling and learning settings (a 7B run's 256-token completions and
+# 5e-6 rate would not fit or not move the tiny model); the group size and beta still apply, so a sweep over them
+# is meaningful.
+GRPO_SMOKE_KEEPS = SMOKE_KEEPS | {
+    "train.max_completion_length",
+    "train.temperature",
+    "train.learning_rate",
+    "train.sft_warmup_steps",
+    "train.rewards",
+    "data.path",
+}
+
+
 @functools.cache
 def config_fields() -> frozenset[str]:
     """Every dotted field of `RunConfig` (``"lora.rank"``, …)."""
@@ -92,12 +105,14 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     """Build the run config from a notebook's parameters (pass ``globals()``).
 
     Args:
-        params: the notebook namespace; only ``smoke``, ``preset``, ``overrides`` and names that map
-            to config fields are read. Empty strings leave the preset's value (e.g. ``data_path = ""``
+        params: the notebook namespace; only ``smoke``, ``smoke_preset``, ``preset``, ``overrides`` and
+            names that map to config fields are read. Empty strings leave the preset's value (e.g. ``data_path = ""``
             keeps the sample data shipped with the package).
 
     Returns:
-        ``smoke`` preset (when ``smoke``) or ``preset``, then the mapped parameters, then ``overrides``.
+        ``smoke_preset`` (default ``smoke``; when ``smoke``) or ``preset``, then the mapped parameters, then
+        ``overrides``. A notebook whose task needs its own tiny schedule (``06_tools``: ``tools-smoke``)
+        names it in ``smoke_preset``.
 
     Raises:
         ConfigError: a parameter that looks like a config field but is none (`check_parameter_names`), or
@@ -105,11 +120,16 @@ def notebook_config(params: dict[str, Any]) -> RunConfig:
     """
     check_parameter_names(params)
     smoke = bool(params.get("smoke", False))
-    cfg = load_config("smoke" if smoke else params.get("preset") or None)
+    # a notebook whose task needs its own tiny schedule names it (06_tools: tools-smoke); GRPO's smoke run has
+    # its own too: whole groups per batch, the sample prompt set, an SFT warm-up
+    default_smoke = "grpo-smoke" if params.get("train_method") == "grpo" else "smoke"
+    smoke_preset = params.get("smoke_preset") or default_smoke
+    cfg = load_config(smoke_preset if smoke else params.get("preset") or None)
+    keeps = GRPO_SMOKE_KEEPS if smoke_preset == "grpo-smoke" else SMOKE_KEEPS
     mapped: dict[str, Any] = {}
     for name, value in params.items():
         key = config_key(name) if not name.startswith("_") else None
-        if key is None or (isinstance(value, str) and value == "") or (smoke and key in SMOKE_KEEPS):
+        if key is None or (isinstance(value, str) and value == "") or (smoke and key in keeps):
             continue
         mapped[key] = value
     mapped.update(params.get("overrides") or {})
@@ -176,6 +196,19 @@ def preference_table(evaluation: dict[str, Any] | None) -> str:
         "| --- | ---: | ---: |",
     ]
     lines += [f"| {name} | {r['accuracy']:.3f} | {r['mean_margin']:.2f} |" for name, r in rows]
+    return "\n".join(lines)
+
+
+def grpo_table(evaluation: dict[str, Any] | None) -> str:
+    """Held-out mean reward before and after GRPO (each reward and the total), then greedy answers side by side."""
+    if not evaluation or "grpo" not in evaluation:
+        return "no GRPO evaluation"
+    g = evaluation["grpo"]
+    lines = [f"held-out prompts: {evaluation['prompts']} ({evaluation['split']}), greedy answers", ""]
+    lines += ["| reward | before | after |", "| --- | ---: | ---: |"]
+    lines += [f"| {n} | {g['rewards_before'][n]:.3f} | {g['rewards_after'][n]:.3f} |" for n in g["rewards_before"]]
+    lines += ["", "| prompt | before | after |", "| --- | --- | --- |"]
+    lines += [f"| {s['prompt']} | {s['before']!r} | {s['after']!r} |" for s in evaluation.get("samples", [])]
     return "\n".join(lines)
 
 
@@ -278,8 +311,16 @@ def evaluate_run(
     cfg = RunDir.open(loaded.path).config
     data = prepare_data(cfg, loaded.tokenizer)
     settings = EvalConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature)
+    from mistral_fast.families import tokenizer_version
+
     result = evaluate_model(
-        loaded, data.eval, data.eval_examples, settings, compare_base=compare_base, seed=cfg.train.seed
+        loaded,
+        data.eval,
+        data.eval_examples,
+        settings,
+        compare_base=compare_base,
+        seed=cfg.train.seed,
+        version=tokenizer_version(cfg.model),
     )
     save_eval(result, loaded.path)
     return result
@@ -294,6 +335,31 @@ def comparison_table(evaluation: EvalResult | dict[str, Any] | None) -> str:
     if isinstance(evaluation, dict):
         evaluation = EvalResult(**evaluation)
     return evaluation.comparison_table()
+
+
+def call_samples_frame(result: EvalResult | dict[str, Any]) -> Any:
+    """The held-out tool-call prompts with the reference calls and the tuned and base model's calls (a
+    pandas DataFrame; ``name(arguments)`` per call, ``right`` as scored for the tool-call accuracy)."""
+    import json
+
+    import pandas as pd
+
+    samples = result.get("call_samples", []) if isinstance(result, dict) else result.call_samples
+
+    def shown(calls: list[dict[str, Any]]) -> str:
+        return "; ".join(f"{c.get('name')}({json.dumps(c.get('arguments'), ensure_ascii=False)})" for c in calls)
+
+    rows = [
+        {
+            "prompt": s["prompt"][-1]["content"],
+            "reference": shown(s["reference"]),
+            "tuned": shown(s["tuned_calls"]),
+            "tuned right": s["tuned_right"],
+            "base": shown(s.get("base_calls", [])),
+        }
+        for s in samples
+    ]
+    return pd.DataFrame(rows, columns=["prompt", "reference", "tuned", "tuned right", "base"])
 
 
 def samples_frame(result: EvalResult | dict[str, Any]) -> Any:

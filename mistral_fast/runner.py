@@ -19,8 +19,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -215,23 +218,55 @@ def pinned_kernel() -> Iterator[str]:
 
     Written to a private temp directory, so nothing in the user's Jupyter set-up is touched, and the
     notebook's own kernel metadata (``python3``, which may be any Python on the machine) is overridden.
+    Notebooks running at once in several threads (``sweep --jobs N``) share one such directory, kept on
+    JUPYTER_PATH until the last of them is done (each thread swapping the variable would hide another's).
     """
     name = "mistral-fast-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:8]
-    with tempfile.TemporaryDirectory(prefix="mistral_fast_jupyter.") as root:
-        spec = Path(root) / "kernels" / name
-        spec.mkdir(parents=True)
-        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        kernel = {"argv": argv, "display_name": f"mistral_fast ({sys.executable})", "language": "python"}
-        (spec / "kernel.json").write_text(json.dumps(kernel))
-        old = os.environ.get("JUPYTER_PATH")
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, old) if p)
-        try:
-            yield name
-        finally:
-            if old is None:
-                os.environ.pop("JUPYTER_PATH", None)
-            else:
-                os.environ["JUPYTER_PATH"] = old
+    with _PINNED_LOCK:
+        if _PINNED["users"] == 0:
+            root = tempfile.mkdtemp(prefix="mistral_fast_jupyter.")
+            spec = Path(root) / "kernels" / name
+            spec.mkdir(parents=True)
+            argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+            kernel = {"argv": argv, "display_name": f"mistral_fast ({sys.executable})", "language": "python"}
+            kernel["metadata"] = {"supported_encryption": ["curve"]}  # ipykernel reads CurveZMQ keys
+            (spec / "kernel.json").write_text(json.dumps(kernel))
+            old = os.environ.get("JUPYTER_PATH")
+            _PINNED.update(root=root, old=old)
+            os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (root, old) if p)
+        _PINNED["users"] += 1
+    try:
+        yield name
+    finally:
+        with _PINNED_LOCK:
+            _PINNED["users"] -= 1
+            if _PINNED["users"] == 0:
+                if _PINNED["old"] is None:
+                    os.environ.pop("JUPYTER_PATH", None)
+                else:
+                    os.environ["JUPYTER_PATH"] = _PINNED["old"]
+                shutil.rmtree(_PINNED["root"], ignore_errors=True)
+
+
+_PINNED_LOCK = threading.Lock()
+_PINNED: dict[str, Any] = {"users": 0, "root": None, "old": None}
+
+
+def encrypted_kernel_config() -> Any:
+    """Kernel manager config that gives the kernel CurveZMQ keys: its sockets are encrypted.
+
+    ipykernel 7 warns at every start that a kernel on TCP without encryption is open to eavesdropping
+    (issue 26: the first line of `mistral-fast demo`'s output). jupyter_client 8.10 provisions keys when
+    asked (``transport_encryption``) and the kernelspec declares support (`pinned_kernel` does). An older
+    jupyter_client, or a libzmq without Curve, runs the kernel as before.
+    """
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    if not (zmq.has("curve") and KernelManager.class_traits().get("transport_encryption")):
+        return Config()
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
 
 
 def secret_values() -> list[str]:
@@ -285,6 +320,8 @@ def _scrubbing_engine() -> str:
     from papermill.log import logger
     from papermill.utils import merge_kwargs, remove_args
 
+    from mistral_fast.terminal import TerminalLog
+
     class ScrubbingManager(NotebookExecutionManager):
         def save(self, **kwargs: Any) -> None:
             if kwargs.get("nb"):
@@ -293,9 +330,36 @@ def _scrubbing_engine() -> str:
             super().save(**kwargs)
 
     class ScrubbingClient(PapermillNotebookClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.terminal = TerminalLog(lambda: self.widget_state)  # what of each output the log shows, when
+            self.message: dict[str, Any] = {}
+
+        def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+            self.message = msg  # papermill hands log_output_message the output only; its display_id is here
+            output = super().process_message(msg, cell, cell_index)
+            if msg["msg_type"].startswith("comm") and self.log_output:
+                self._log(self.terminal.on_comm(msg["msg_type"], msg["content"].get("comm_id", "")))
+            return output
+
         def log_output_message(self, output: Any) -> None:
             scrub_secrets(output, secret_values())  # in place: the node the notebook holds, before the log
-            super().log_output_message(output)
+            if output.output_type == "stream" or not self.log_output:
+                return super().log_output_message(output)
+            display_id = (self.message.get("content", {}).get("transient") or {}).get("display_id")
+            self._log(self.terminal.on_output(output, display_id))
+            return None
+
+        def execute_cell(self, cell: Any, cell_index: int, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().execute_cell(cell, cell_index, *args, **kwargs)
+            finally:
+                if self.log_output:
+                    self._log(self.terminal.end_cell())
+
+        def _log(self, texts: list[str]) -> None:
+            for text in texts:
+                self.log.info(scrub_secrets(text, secret_values())[0])
 
     class ScrubbingEngine(NBClientEngine):
         @classmethod
@@ -327,7 +391,7 @@ def _scrubbing_engine() -> str:
             final_kwargs = merge_kwargs(
                 safe_kwargs, timeout=execution_timeout if execution_timeout else kwargs.get("timeout"),
                 startup_timeout=start_timeout, kernel_name=kernel_name, log=logger, log_output=log_output,
-                stdout_file=stdout_file, stderr_file=stderr_file,
+                stdout_file=stdout_file, stderr_file=stderr_file, config=encrypted_kernel_config(),
             )  # fmt: skip
             return ScrubbingClient(nb_man, **final_kwargs).execute()
 
@@ -364,7 +428,6 @@ def finalise_output(path: Path, source: Path) -> int:
     return found
 
 
-_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 _WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
@@ -380,23 +443,18 @@ def plain_progress_bars(nb: dict[str, Any]) -> int:
     Returns:
         How many progress bars were rewritten.
     """
-    import html
+    from mistral_fast.terminal import WIDGET_VIEW, tqdm_bar_parts, tqdm_bar_text
 
     states = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    state_of = lambda model_id: states.get(model_id, {}).get("state", {})  # noqa: E731
     done = 0
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []):
-            view = output.get("data", {}).get(_WIDGET_VIEW)
-            box = states.get(view.get("model_id", "")) if view else None
-            children = (box or {}).get("state", {}).get("children", [])
-            parts = [states.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in children]
-            if [p.get("model_name") for p in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            parts = tqdm_bar_parts(state_of(view.get("model_id", "")), state_of) if view else None
+            if parts is None:
                 continue  # not a tqdm bar: left as it is
-            left, bar, right = (p["state"] for p in parts)
-            filled = int(10 * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
-            text = f"{html.unescape(left.get('value', ''))}|{'█' * filled}{' ' * (10 - filled)}|"
-            text += html.unescape(right.get("value", ""))
-            output["data"]["text/plain"] = text.replace("\u2007", " ")
+            output["data"]["text/plain"] = tqdm_bar_text(parts)
             done += 1
     return done
 
@@ -561,6 +619,25 @@ class SweepSpec:
     variations: list[dict[str, Any]]
     out: str
     timeout: int = DEFAULT_TIMEOUT_S
+    name: str = ""  # the sweep's name: its trackers' experiment (train.experiment), default the file's stem
+    resources: dict[str, float] = field(default_factory=dict)  # Ray: what each variation asks for (num_gpus, …)
+    cwd: str = ""  # where relative paths resolve (the driver's directory; Ray workers run elsewhere)
+
+
+SWEEP_KEYS = ("notebook", "parameters", "grid", "variations", "out", "timeout", "name", "resources")
+RAY_RESOURCES = ("num_cpus", "num_gpus", "memory")
+
+
+def _resource_ok(name: str, amount: Any) -> bool:
+    return name in RAY_RESOURCES and isinstance(amount, int | float) and not isinstance(amount, bool) and amount >= 0
+
+
+def _resources(path: Path, value: Any) -> dict[str, float]:
+    """The sweep file's ``resources`` (each variation's Ray request), checked."""
+    value = value or {}
+    if not isinstance(value, dict) or not all(_resource_ok(k, v) for k, v in value.items()):
+        raise ConfigError(f"{path}: resources must map {list(RAY_RESOURCES)} to numbers >= 0 (e.g. num_gpus: 1)")
+    return {k: float(v) for k, v in value.items()}
 
 
 def load_sweep(path: str | os.PathLike[str], out: str | None = None) -> SweepSpec:
@@ -574,9 +651,9 @@ def load_sweep(path: str | os.PathLike[str], out: str | None = None) -> SweepSpe
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
-    unknown = sorted(set(data) - {"notebook", "parameters", "grid", "variations", "out", "timeout"})
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; use notebook, parameters, grid, variations, out, timeout")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; use {', '.join(SWEEP_KEYS)}")
     grid = data.get("grid") or {}
     if any(not isinstance(v, list) or not v for v in grid.values()):
         raise ConfigError(f"{path}: every grid entry must be a non-empty list (e.g. lora_rank: [8, 16])")
@@ -590,6 +667,9 @@ def load_sweep(path: str | os.PathLike[str], out: str | None = None) -> SweepSpe
         variations=variations,
         out=str(out or data.get("out") or Path("runs") / "sweeps" / path.stem),
         timeout=int(data.get("timeout", DEFAULT_TIMEOUT_S)),
+        name=str(data.get("name") or path.stem),
+        resources=_resources(path, data.get("resources")),
+        cwd=os.getcwd(),
     )
     nb = resolve_notebook(spec.notebook)
     for variation in variations:  # every variation is checked before the first kernel starts
@@ -611,36 +691,58 @@ def _status(vdir: Path) -> dict[str, Any]:
 
 
 def run_variation(spec: SweepSpec, index: int, variation: dict[str, Any]) -> dict[str, Any]:
-    """Run (or reuse, when it finished before) one variation; never raises for a failed notebook."""
+    """Run (or reuse, when it finished before) one variation; never raises for a failed notebook.
+
+    ``status.json`` says ``running`` (with the attempt and the host) while it runs, so a variation whose
+    process died is run again by the next attempt or re-run, and its record shows how many tries it took.
+    """
     from mistral_fast.evaluate import write_json_atomic
 
-    vdir = Path(spec.out).resolve() / variation_name(index, variation)
+    vdir = Path(spec.cwd or os.getcwd()).resolve() / spec.out / variation_name(index, variation)
     previous = _status(vdir)
     if previous.get("status") == "done":
         log.info("sweep: %s already finished, skipped", vdir.name)
         return previous
-    params = {**spec.parameters, **variation}
-    nb = resolve_notebook(spec.notebook)
-    if "train_output_dir" in read_parameters(nb):
-        params["train_output_dir"] = str(vdir / "run")
-    status: dict[str, Any] = {"name": vdir.name, "variation": variation}
+    params = _variation_parameters(spec, vdir, variation)
+    status: dict[str, Any] = {"name": vdir.name, "variation": variation, "status": "running"}
+    status |= {"attempt": int(previous.get("attempt", 0)) + 1, "host": socket.gethostname(), "started": time.time()}
     status["output_notebook"] = str(vdir / "notebook.ipynb")
+    write_json_atomic(vdir / "status.json", status)
     start = time.perf_counter()
     try:
-        done = run_notebook(nb, params, output=vdir / "notebook.ipynb", timeout=spec.timeout)
+        done = run_notebook(spec.notebook, params, output=vdir / "notebook.ipynb", cwd=spec.cwd or None,
+                            timeout=spec.timeout)  # fmt: skip
         status |= {"status": "done", "results": done.results}
     except MistralFastError as err:  # one failure must not stop the sweep
         log.error("sweep: %s failed: %s", vdir.name, err)
         status |= {"status": "failed", "error": str(err)}
-    status["wall_seconds"] = round(time.perf_counter() - start, 2)
+    status |= {"wall_seconds": round(time.perf_counter() - start, 2), "finished": time.time()}
     write_json_atomic(vdir / "status.json", status)
     return status
+
+
+def _variation_parameters(spec: SweepSpec, vdir: Path, variation: dict[str, Any]) -> dict[str, Any]:
+    """The notebook parameters of one variation: its run directory, and its trackers' experiment and run name.
+
+    Every variation is logged as a run named after it in one experiment named after the sweep (MLflow
+    experiment, W&B / Trackio project), unless the sweep's own ``overrides`` name them.
+    """
+    params = {**spec.parameters, **variation}
+    known = read_parameters(resolve_notebook(spec.notebook))
+    if "train_output_dir" in known:
+        params["train_output_dir"] = str(vdir / "run")
+    if "overrides" in known:
+        tracking = {"train.experiment": spec.name or Path(spec.out).name, "train.run_name": vdir.name}
+        params["overrides"] = {**tracking, **(params.get("overrides") or {})}
+    return params
 
 
 def _row(status: dict[str, Any]) -> dict[str, Any]:
     run = (status.get("results") or {}).get("run") or {}
     train, evaluation = run.get("train") or {}, run.get("evaluation") or {}
     preference = {"preference_accuracy": evaluation["tuned"]["accuracy"]} if "tuned" in evaluation else {}
+    if "grpo" in evaluation:  # 05_grpo runs: the held-out mean reward before and after GRPO
+        preference = {k: evaluation["grpo"][k] for k in ("reward_before", "reward_after")}
     return {
         "name": status.get("name"),
         **status.get("variation", {}),
@@ -690,13 +792,157 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
 
-def run_sweep(path: str | os.PathLike[str], *, out: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+def run_sweep(
+    path: str | os.PathLike[str],
+    *,
+    out: str | None = None,
+    executor: str = "local",
+    jobs: int = 1,
+    address: str | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run every variation of a sweep file; write the table and plot into its output directory.
 
+    Args:
+        path: the sweep YAML file.
+        out: the sweep directory (default: the file's ``out``).
+        executor: ``local`` (this machine; ``jobs`` variations at once) or ``ray`` (one Ray task per
+            variation, on the cluster at ``address`` or on a local one started for this call).
+        jobs: with ``local``, how many variations run at once (each its own notebook kernel).
+        address: with ``ray``, the cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a
+            local one, unless this process is already connected to one.
+
     Returns:
-        The table rows (one per variation) and the paths of ``sweep.csv``, ``sweep.md``, ``sweep.png``.
+        The table rows (one per variation, in the file's order) and the paths of ``sweep.csv``, ``sweep.md``,
+        ``sweep.png``.
+
+    Raises:
+        ConfigError: an unknown executor or a bad ``jobs``, or a bad sweep file (before anything runs).
     """
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor={executor!r}: use 'local' (with jobs=N) or 'ray'")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r}: a positive number of variations to run at once")
+    if executor == "ray" and jobs != 1:
+        raise ConfigError(f"jobs={jobs} with executor='ray': Ray runs as many at once as the cluster's resources allow")
     spec = load_sweep(path, out)
-    statuses = [run_variation(spec, i, v) for i, v in enumerate(spec.variations)]
+    spec.out = str(Path(spec.out).resolve())
+    spec.notebook = str(resolve_notebook(spec.notebook).resolve())
+    _prepare_trackers(spec)
+    items = list(enumerate(spec.variations))
+    if executor == "ray":
+        statuses = run_on_ray(spec, items, address=address)
+    elif jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep") as pool:
+            statuses = list(pool.map(lambda item: run_variation(spec, *item), items))
+    else:
+        statuses = [run_variation(spec, i, v) for i, v in items]
     rows = [_row(s) for s in statuses]
-    return rows, write_table(rows, Path(spec.out).resolve())
+    return rows, write_table(rows, Path(spec.out))
+
+
+def variation_config(spec: SweepSpec, index: int, variation: dict[str, Any]) -> Any:
+    """The `RunConfig` a variation's notebook will build (None for a notebook that builds none)."""
+    from mistral_fast.notebook import config_key, notebook_config
+
+    known = read_parameters(resolve_notebook(spec.notebook))
+    if not any(config_key(name) for name in known):
+        return None
+    vdir = Path(spec.out) / variation_name(index, variation)
+    namespace = {name: p.default for name, p in known.items()} | _variation_parameters(spec, vdir, variation)
+    return notebook_config(namespace)
+
+
+def _prepare_trackers(spec: SweepSpec) -> None:
+    """Create the sweep's MLflow experiment once, before variations run at once.
+
+    Two processes creating MLflow's sqlite tables, or the same experiment, at the same moment collide; the
+    variations then only add runs to it.
+    """
+    configs = [c for i, v in enumerate(spec.variations) if (c := variation_config(spec, i, v)) is not None]
+    if not any(set(c.train.report_to) - {"tensorboard"} for c in configs):
+        return
+    from mistral_fast.tracking import check_trackers, mlflow_experiment, project_name
+
+    for cfg in configs:
+        check_trackers(cfg)
+    for name in sorted({project_name(c, "mlflow") for c in configs if "mlflow" in c.train.report_to} - {None}):
+        mlflow_experiment(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps on Ray
+# ---------------------------------------------------------------------------------------------
+
+RAY_RETRIES = 1  # a variation whose worker (or node) dies is run once more, then reported failed
+
+
+def variation_resources(spec: SweepSpec, index: int, variation: dict[str, Any]) -> dict[str, float]:
+    """What a variation's Ray task asks for: the sweep's ``resources``, else one GPU unless it trains a tiny
+    local model (``smoke``, ``name_or_path: tiny``), which runs on one CPU."""
+    from mistral_fast.families import TINY_MODELS
+
+    if spec.resources:
+        return dict(spec.resources)
+    cfg = variation_config(spec, index, variation)
+    if cfg is not None and cfg.model.name_or_path not in TINY_MODELS:
+        return {"num_cpus": 1.0, "num_gpus": 1.0}
+    return {"num_cpus": 1.0}
+
+
+def _ray_variation(spec: SweepSpec, index: int, variation: dict[str, Any]) -> dict[str, Any]:
+    """One variation on a Ray worker: the same `run_variation` as on one machine (a shared ``out`` directory)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_variation(spec, index, variation)
+
+
+def run_on_ray(spec: SweepSpec, items: list[tuple[int, dict[str, Any]]], *, address: str | None) -> list[dict]:
+    """Run each variation as a Ray task; the statuses in the order of `items`.
+
+    Finished variations are skipped (as on one machine) before any task is sent. A task whose worker dies
+    is retried once by Ray; a variation lost after that is recorded ``failed`` with Ray's reason, and the
+    others go on. Connects to the cluster at `address`, or starts a local one for this call (shut down at
+    the end); a process already connected (``ray.init`` before) keeps its cluster.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address in (None, "", "local") else address, log_to_driver=True)
+    try:
+        statuses: dict[int, dict[str, Any]] = {}
+        pending: dict[Any, tuple[int, dict[str, Any]]] = {}
+        for index, variation in items:
+            vdir = Path(spec.out) / variation_name(index, variation)
+            if _status(vdir).get("status") == "done":
+                statuses[index] = run_variation(spec, index, variation)  # logs "skipped", runs nothing
+                continue
+            task = ray.remote(_ray_variation).options(
+                name=vdir.name, max_retries=RAY_RETRIES, **variation_resources(spec, index, variation)
+            )
+            pending[task.remote(spec, index, variation)] = (index, variation)
+        waiting = list(pending)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            index, variation = pending[ready[0]]
+            try:
+                statuses[index] = ray.get(ready[0])
+            except ray.exceptions.RayError as err:  # the worker or its node died, more often than retried
+                statuses[index] = _lost_variation(spec, index, variation, err)
+        return [statuses[index] for index, _ in items]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _lost_variation(spec: SweepSpec, index: int, variation: dict[str, Any], err: Exception) -> dict[str, Any]:
+    """Record a variation whose Ray task was lost as ``failed`` (the next run of the sweep retries it)."""
+    from mistral_fast.evaluate import write_json_atomic
+
+    vdir = Path(spec.out) / variation_name(index, variation)
+    status = _status(vdir) | {"name": vdir.name, "variation": variation, "status": "failed"}
+    status["error"] = f"Ray task lost after {RAY_RETRIES + 1} attempt(s): {type(err).__name__}: {_one_line(str(err))}"
+    log.error("sweep: %s failed: %s", vdir.name, status["error"])
+    write_json_atomic(vdir / "status.json", status)
+    return status

@@ -13,6 +13,11 @@ file as ``data/tekken_240718.json`` (config version v3). Two versions are built 
   system message stays where it is, as ``[SYSTEM_PROMPT]text[/SYSTEM_PROMPT]``. ``mistral_common`` gives
   this format to a copy of Nemo's file whose ``config.version`` is ``v7``, which is what `tekken_reference`
   loads (by ``MistralTokenizer.from_file``, the path real users take).
+* ``"v11-tekken"`` / ``"v13-tekken"`` — Mistral Small 3.2 and Devstral (v11), Magistral (v13): the v7 format
+  with other tool formats (``[TOOL_CALLS]name[CALL_ID]id[ARGS]{…}``; v13: no call ids, tools before the first
+  user turn, ``[THINK]…[/THINK]`` reasoning traces). Their files carry a ``special_tokens`` table (``[ARGS]``,
+  ``[CALL_ID]``, ``[THINK]``, ``[/THINK]`` at ranks 32-35); `write_tekken_file` writes one from Nemo's
+  vocabulary, which is also what the built-in v11/v13 tokenizers are read from.
 
 How the tiktoken ranks become a `tokenizers` BPE (`_build_backend`):
 
@@ -668,13 +673,15 @@ _JSON_ESCAPES = "".join(
     f" | replace({_jinja_literal(c)}, {_jinja_literal(json.dumps(c)[1:-1])})" for c in ["\\", '"', *map(chr, range(32))]
 )
 
-# A JSON writer in Jinja, equal to Python's json.dumps(value, ensure_ascii=False) on JSON data. Not the
-# `tojson` filter: transformers defines its own (json.dumps), but plain Jinja2 (llama-cpp-python's formatter)
-# sorts keys and escapes non-ASCII and <>&', and other engines differ again.
+# A JSON writer in Jinja, equal to Python's json.dumps(value, ensure_ascii=False) on JSON data. `tojson` only
+# where it is that (transformers' and llama-cpp-python's filter: json.dumps; probed once, `mf_native`, as it is
+# 4x faster): plain Jinja2's sorts keys and escapes non-ASCII and <>&', and other engines differ again.
 _JSON_MACRO = (
     """\
+{%- set mf_native = ({'b': 'é<', 'a': [1, none, true]} | tojson) == '{"b": "é<", "a": [1, null, true]}' -%}
 {%- macro mf_json(v) -%}
-  {%- if v is none -%}{{- 'null' -}}
+  {%- if mf_native -%}{{- v | tojson -}}
+  {%- elif v is none -%}{{- 'null' -}}
   {%- elif v is sameas true -%}{{- 'true' -}}
   {%- elif v is sameas false -%}{{- 'false' -}}
   {%- elif v is string -%}{{- '"' ~ (v"""

@@ -91,7 +91,13 @@ assistant message when a generation prompt is requested, or a continuation whose
 assistant message. It accepts a conversation starting with an assistant message (if more follow), two user
 messages in a row, and one ending with a system message. Its validator has modes: "test" (the default)
 rejects a final assistant message, "finetuning" requires one; `reference_chat_ids` picks the mode from the
-request. Roles other than system/user/assistant (tools) are not supported by these templates.
+request.
+
+Tool calls (v3 and every tekken version; not v1) and reasoning traces (v13): see
+`mistral_fast.tekken.instruct_turns` for the formats and README "Tool calls and reasoning traces: encoding".
+The templates take OpenAI-style messages (assistant ``tool_calls``, ``tool`` messages, content chunks) and
+``tools``; `tokenize_conversation` first writes call arguments (and v3 tool results) as mistral_common writes
+JSON (`_normalize_tool_json`), which a template cannot do (it cannot parse JSON).
 
 ``continue_final_message``: transformers appends ``"CONTINUE_FINAL_MESSAGE_TAG "`` to the last message,
 renders, and cuts at the tag — stripping *all* trailing whitespace if the template changed the spacing,
@@ -136,7 +142,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     from mistral_fast.config import ModelConfig
-    from mistral_fast.data import Example
+    from mistral_fast.example import Example
 
 __all__ = [
     "CHAT_TEMPLATE_V1",
@@ -656,9 +662,9 @@ def validate_conversation(
     ``messages[i]: what is wrong — what to do``; the data stage puts ``file:line`` in front.
 
     Tool conversations (OpenAI style: assistant ``tool_calls``, ``{"role": "tool", "tool_call_id", "content"}``,
-    ``tools``) and reasoning traces (v13) get the checks below (`_check_tools`) and then mistral_common's own
-    verdict, since its rules on them (call/result pairing per version, id formats, content/call exclusivity)
-    are the reference.
+    ``tools``) and reasoning traces (v13) get mistral_common's rules on them (`_check_tools`: names, call ids
+    per version, results after their calls and matching them, calls and text not together in v3), written
+    out rather than asked of mistral_common per row (an encode per conversation: ~20 ms).
 
     Args:
         messages: ``{"role": ..., "content": ...}`` dicts; roles system, user, assistant, tool.
@@ -695,14 +701,6 @@ def validate_conversation(
     _check_ending(messages, add_generation_prompt, continue_final_message, training=training)
     if uses_tools:
         _check_tools(messages, version, tools)
-        if version is not None:
-            reference_chat_ids(
-                messages,
-                version,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-            )
 
 
 def _check_content(
@@ -727,7 +725,7 @@ def _check_content(
     if training and role != "system":
         if previous is None and role != "user":
             raise TokenizerError(f"messages[{i}]: the conversation starts with {role!r}; it must start with 'user'")
-        if role == previous:
+        if role == previous and role != "tool":  # several results in a row answer several calls in one turn
             raise TokenizerError(f"messages[{i}]: two {role!r} turns in a row — merge them or add the missing turn")
     found = _find_special_string(content, version) if version is not None else None
     if found:
@@ -839,46 +837,124 @@ def _has_tool_parts(message: Any) -> bool:
 _CALL_ID = re.compile(r"[A-Za-z0-9]{9}")
 
 
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_AFTER = {"system": ("user", "assistant", "system"), "user": ("assistant", "system", "user"),
+          "assistant": ("assistant", "user", "tool"), "tool": ("assistant", "tool", "user")}  # fmt: skip
+
+
 def _check_tools(
     messages: Sequence[Mapping[str, Any]], version: str | None, tools: Sequence[Mapping[str, Any]] | None
 ) -> None:
-    """The tool rules with their message index: call shape and id, results matching a call, control strings."""
+    """mistral_common's tool rules, with the message index: order, names, call ids, results matching calls."""
+    for k, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not _NAME.fullmatch(str(function.get("name"))):
+            raise TokenizerError(
+                f'tools[{k}]: not {{"type": "function", "function": {{"name", "description", "parameters"}}}} '
+                "with a name of 1-64 letters, digits, _ or - — fix the tool definition"
+            )
     pending: list[str] = []
+    answered: list[str] = []
     for i, message in enumerate(messages):
         role = message["role"]
-        for k, call in enumerate(message.get("tool_calls") or []):
-            function = call.get("function") if isinstance(call, Mapping) else None
-            if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-                raise TokenizerError(
-                    f'messages[{i}].tool_calls[{k}]: not {{"id", "type": "function", "function": {{"name", '
-                    '"arguments"}}}} — give the function name and arguments'
-                )
-            call_id = call.get("id")
-            last = i == len(messages) - 1
-            if version != "v13-tekken" and not (call_id is None and last) and not _CALL_ID.fullmatch(str(call_id)):
-                raise TokenizerError(
-                    f"messages[{i}].tool_calls[{k}]: call id {call_id!r} is not 9 letters or digits, which "
-                    "Mistral's format requires — rewrite the ids (consistently in the call and its result)"
-                )
-            if role == "assistant" and k == 0 and message.get("tool_calls"):
-                pending = []
-            pending.append(str(call_id))
-        if role == "tool" and message.get("tool_call_id") not in pending:
+        if i == 0 and role == "tool":
             raise TokenizerError(
-                f"messages[{i}] (tool): tool_call_id {message.get('tool_call_id')!r} matches no call of the "
-                f"assistant message before it ({pending or 'none'}) — give the id of the call it answers"
+                "messages[0]: a tool result with no assistant tool call before it — a conversation starts with a "
+                "user (or system) message"
             )
+        if i and role not in _AFTER[messages[i - 1]["role"]]:
+            raise TokenizerError(
+                f"messages[{i}]: a {role} message after a {messages[i - 1]['role']} message, which Mistral's "
+                "format (mistral_common) rejects — a tool result follows the assistant's call or another result"
+            )
+        if role == "assistant":
+            _check_answered(i, version, pending, answered)
+            if message.get("tool_calls"):
+                pending, answered = _check_calls(i, message, version, last=i == len(messages) - 1), []
+            elif messages[i - 1]["role"] != "assistant":
+                pending, answered = [], []
+        if role == "tool":
+            _check_result(i, message, version, pending, answered)
+            answered.append(str(message.get("tool_call_id")))
     if version is not None:
-        texts = [json.dumps(tools or [], ensure_ascii=False)]
-        texts += [json.dumps(m.get("tool_calls") or [], ensure_ascii=False) for m in messages]
-        texts += [_flat_text(m) for m in messages if m["role"] == "tool"] + [_think_of(m) or "" for m in messages]
-        for text in texts:
-            found = _find_special_string(text, version)
-            if found:
-                raise TokenizerError(
-                    f"tools or tool messages contain the control-token string {found!r}, which the chat template "
-                    "turns into that control token — remove or alter it"
-                )
+        _check_tool_strings(messages, version, tools)
+
+
+def _check_calls(i: int, message: Mapping[str, Any], version: str | None, *, last: bool) -> list[str]:
+    """One assistant message's calls: shape, function name, id format (v13: any id); returns the ids."""
+    if version in ("v3", "v3-tekken") and _flat_text(message):
+        raise TokenizerError(
+            f"messages[{i}]: text and tool_calls in one assistant message, which the v3 format (mistral_common) "
+            "rejects — put the text in a message of its own"
+        )
+    ids = []
+    for k, call in enumerate(message["tool_calls"]):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not _NAME.fullmatch(str(function.get("name"))):
+            raise TokenizerError(
+                f'messages[{i}].tool_calls[{k}]: not {{"id", "type": "function", "function": {{"name", '
+                '"arguments"}}}} with a name of 1-64 letters, digits, _ or - — give the function name and arguments'
+            )
+        call_id = call.get("id")
+        if version == "v13-tekken":
+            bad = not call_id or call_id == "null"
+        else:
+            bad = not (call_id is None and last) and not _CALL_ID.fullmatch(str(call_id))
+        if bad:
+            raise TokenizerError(
+                f"messages[{i}].tool_calls[{k}]: call id {call_id!r} is not 9 letters or digits, which "
+                "Mistral's format requires — rewrite the ids (consistently in the call and its result)"
+            )
+        if str(call_id) in ids and version in ("v11-tekken", "v13-tekken"):
+            raise TokenizerError(f"messages[{i}].tool_calls[{k}]: call id {call_id!r} is used twice in the message")
+        ids.append(str(call_id))
+    return ids
+
+
+def _check_result(i: int, message: Mapping[str, Any], version: str | None, pending: list[str], answered: list[str]):
+    """A tool result answers a call of the assistant message before it, once (v11+), with an id (v3+)."""
+    call_id = message.get("tool_call_id")
+    name = message.get("name")
+    if name is not None and not _NAME.fullmatch(str(name)):
+        raise TokenizerError(f"messages[{i}] (tool): name {name!r} is not 1-64 letters, digits, _ or -")
+    if call_id is None or (version != "v13-tekken" and not _CALL_ID.fullmatch(str(call_id))):
+        raise TokenizerError(
+            f"messages[{i}] (tool): tool_call_id {call_id!r} is not 9 letters or digits — give the id of the call "
+            "it answers"
+        )
+    strict = version in ("v11-tekken", "v13-tekken")  # v3/v7 count results, v11+ match them by id
+    if (strict and call_id not in pending) or (not strict and len(answered) >= len(pending)):
+        raise TokenizerError(
+            f"messages[{i}] (tool): tool_call_id {call_id!r} matches no call of the assistant message before "
+            f"it ({pending or 'none'}) — give the id of the call it answers"
+        )
+    if strict and call_id in answered:
+        raise TokenizerError(f"messages[{i}] (tool): a second result for call {call_id!r} — drop one")
+
+
+def _check_answered(i: int, version: str | None, pending: list[str], answered: list[str]) -> None:
+    """Before the next assistant message, every call of the previous one has its result (mistral_common)."""
+    if pending and len(answered) != len(pending):
+        raise TokenizerError(
+            f"messages[{i}]: the assistant speaks again before every call has its result ({len(answered)} of "
+            f"{len(pending)} answered) — add the missing tool messages"
+        )
+
+
+def _check_tool_strings(
+    messages: Sequence[Mapping[str, Any]], version: str, tools: Sequence[Mapping[str, Any]] | None
+) -> None:
+    """No control-token string inside tools, calls, results or traces (the template would make it a token)."""
+    texts = [json.dumps(tools or [], ensure_ascii=False)]
+    texts += [json.dumps(m.get("tool_calls") or [], ensure_ascii=False) for m in messages]
+    texts += [_flat_text(m) for m in messages if m["role"] == "tool"] + [_think_of(m) or "" for m in messages]
+    for text in texts:
+        found = _find_special_string(text, version)
+        if found:
+            raise TokenizerError(
+                f"tools or tool messages contain the control-token string {found!r}, which the chat template "
+                "turns into that control token — remove or alter it"
+            )
 
 
 def _normalize_tool_json(messages: Sequence[Mapping[str, Any]], version: str) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from mistral_fast.distributed import accumulation_for_world, rank, using_fsdp, w
 from mistral_fast.errors import ConfigError
 from mistral_fast.pause import pause_point
 from mistral_fast.policies import resolve_optimizer, uses_chunked_loss
+from mistral_fast.tracking import TrackerCallback, abort_run, external_trackers, trainer_arguments
 
 if TYPE_CHECKING:
     from mistral_fast.dataset import PreparedData
@@ -186,7 +187,8 @@ def build_sft_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_di
         # Unsloth applies its own (offloaded) gradient checkpointing in get_peft_model.
         gradient_checkpointing=t.gradient_checkpointing and loaded.backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        report_to="none",  # TensorBoard is added as an explicit callback writing into the run directory
+        # mlflow / wandb / trackio through transformers' integrations; TensorBoard is our callback (run directory)
+        **trainer_arguments(cfg),
         disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
         **_router_aux_loss_args(cfg, loaded),
@@ -207,16 +209,25 @@ def _router_aux_loss_args(cfg: RunConfig, loaded: LoadedModel) -> dict[str, Any]
     return {"router_aux_loss_coef": cfg.train.router_aux_loss_coef}
 
 
-def _callbacks(run_dir: Path) -> list[TrainerCallback]:
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
+def _callbacks(cfg: RunConfig, run_dir: Path) -> list[TrainerCallback]:
+    """Our callbacks: metrics.jsonl, checkpoint markers, fp32 adapters, and what ``train.report_to`` asks for.
 
-    return [
+    TensorBoard writes into the run directory (``tensorboard/``); `TrackerCallback` opens the MLflow / W&B /
+    Trackio runs whose metrics transformers' own integrations (``report_to``) log.
+    """
+    callbacks: list[TrainerCallback] = [
         MetricsCallback(run_dir / "metrics.jsonl"),
         CompleteCheckpointCallback(),
         TrainableFp32Callback(),
-        TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
     ]
+    if "tensorboard" in cfg.train.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    if external_trackers(cfg):
+        callbacks.append(TrackerCallback(cfg, run_dir))
+    return callbacks
 
 
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -321,9 +332,13 @@ def _timed_train(trainer: Any, resume: Path | None, evaluate: bool) -> tuple[Any
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the result's peak memory is the training's own
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - start
+        eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    except BaseException:
+        abort_run()  # the tracker runs say FAILED rather than staying open
+        raise
     return output, seconds, eval_loss
 
 
@@ -345,7 +360,7 @@ def train(cfg: RunConfig, loaded: LoadedModel, data: PreparedData) -> TrainResul
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=loaded.tokenizer,
-        callbacks=[*_callbacks(run_dir), steps],
+        callbacks=[*_callbacks(cfg, run_dir), steps],
     )
     if not using_fsdp():
         cast_trainable_to_fp32(trainer.model)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mistral_fast.config import RunConfig
 from mistral_fast.distributed import accumulation_for_world, using_fsdp
 from mistral_fast.policies import resolve_optimizer
+from mistral_fast.tracking import trainer_arguments
 from mistral_fast.train import (
     TrainResult,
     _callbacks,
@@ -86,7 +87,7 @@ def _common_args(cfg: RunConfig, loaded: LoadedModel, has_eval: bool, run_dir: P
         "max_length": cfg.model.max_seq_length,
         "gradient_checkpointing": t.gradient_checkpointing and loaded.backend == "hf",
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        "report_to": "none",
+        **trainer_arguments(cfg),  # mlflow / wandb / trackio (mistral_fast.tracking)
         "disable_tqdm": False,
         "remove_unused_columns": False,
     }
@@ -110,8 +111,10 @@ def build_preference_config(cfg: RunConfig, loaded: LoadedModel, has_eval: bool,
     )
 
 
-def _torch_fused_lm_head(model: Any) -> None:
+def _torch_fused_lm_head(model: Any, temperature: float = 1.0) -> None:
     """Give `model` TRL's ``fused_lm_head=True`` forward in plain torch (TRL's own is a Triton kernel).
+
+    ``temperature`` divides the logits, as TRL's head does for GRPO's sampling temperature.
 
     TRL 1.15's DPOTrainer asks the model for per-token log-probs through ``fused_lm_head=True``; the
     kernel behind it needs a CUDA device. This computes the same fields from the LM head's logits on the
@@ -133,7 +136,7 @@ def _torch_fused_lm_head(model: Any) -> None:
         hidden = self.base_model(*args, **kw).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
         mask = labels != -100
-        logits = self.get_output_embeddings()(hidden[mask]).float()
+        logits = self.get_output_embeddings()(hidden[mask]).float() / temperature
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1).detach()
@@ -237,7 +240,7 @@ def train_preference(cfg: RunConfig, loaded: LoadedModel, data: PreferenceData) 
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(run_dir),
+        callbacks=_callbacks(cfg, run_dir),
     )
     if cfg.train.method == "dpo" and not cfg.model.adapter:
         drop_fresh_reference_adapter(trainer.model)

@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what it needs into .venv, then runs the whole suite.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k tokenizer`). `--quick`: the fast lane for the
+# edit-test loop (no slow, end-to-end notebook, converter or multi-process test; <= 5 min on 2 cores, see
+# tests/conftest.py); CI runs everything.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/setup.sh
-# Go renders our Ollama Modelfile template the way Ollama does (tests/ollama_template). Debian's golang-go;
-# installed here when we may (root with apt-get, as in CI), else those tests skip locally (and fail in CI).
-if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) >/dev/null || echo "test: could not install golang-go" >&2
-fi
+bash scripts/setup.sh --test  # the demo layer plus the test suite's packages (llama-cpp-python, Unsloth, Go)
 # Two cores shared by tiny matrix products: one thread each is fastest (see DESIGN.md).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

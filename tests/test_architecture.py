@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mistral_fast"
 # Each module's layer; a module may import modules of lower layers only (its own package's siblings too,
 # as long as they form no cycle). Entry points come last: nothing below them imports them.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "constants", "policies", "pause", "quiet"),
-    ("atomic", "resources"),
+    ("errors", "constants", "policies", "pause", "quiet", "example", "terminal"),
+    ("atomic", "resources", "rewards"),
     ("families",),
     ("config",),
     ("distributed",),
@@ -26,8 +26,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("dataset", "preference"),
     ("modeling",),
+    ("tracking",),
     ("train", "evaluate", "manifest"),
+    ("grpo",),
     ("train_preference",),
+    ("train_grpo",),
     ("rundir",),
     ("export", "memory"),
     ("pipeline",),
@@ -112,7 +115,9 @@ def test_no_stage_imports_an_entry_point() -> None:
 
 
 def test_no_import_cycle() -> None:
-    graph = _graph()
+    """Also through ``if TYPE_CHECKING:`` imports: a type that two layers need belongs in the lower one (a
+    cycle there still ties the modules together, and turns into a real cycle the day the import runs)."""
+    graph = _graph(typing=True)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:

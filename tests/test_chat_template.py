@@ -240,7 +240,8 @@ def test_rejected_conversations(version, conversation, kwargs, toks):
     ("conversation", "match"),
     [
         ([], "empty"),
-        ([{"role": "tool", "content": "42"}], r"messages\[0\]: unknown role 'tool'"),
+        ([{"role": "tool", "content": "42"}], r"messages\[0\]: a tool result with no assistant tool call"),
+        ([{"role": "function", "content": "42"}], r"messages\[0\]: unknown role 'function'"),
         ([_u(0), {"role": "assistant", "content": None}], "content must be a string"),
         ([_u(0), {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}], "tool_calls"),
         (["hello"], "mapping"),

@@ -148,6 +148,7 @@ def test_second_call_reuses_the_cache_without_tokenising(tmp_path, tok, monkeypa
         {"data.max_examples": 20},
         {"data.format": "messages"},
         {"train.assistant_only_loss": False},
+        {"data.tool_call_ids": "regenerate"},
     ],
     ids=lambda c: next(iter(c)),
 )

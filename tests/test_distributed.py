@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from mistral_fast.config import CONFIGS_DIR, load_config
 from mistral_fast.distributed import accumulation_for_world
@@ -91,7 +92,8 @@ def _launch(launcher: list[str], tmp_path: Path, *overrides: str) -> tuple[subpr
         *overrides,
     ]
     cmd = [*launcher, "-m", "mistral_fast.cli", "train", "smoke", *[x for s in sets for x in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    port = str(free_port())  # from the OS: torchrun reads PET_MASTER_PORT (its --master-port), others MASTER_PORT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port, "PET_MASTER_PORT": port}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc, run_dir

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_optional
 
 from mistral_fast.errors import ModelError
 from mistral_fast.export import export_gguf, export_run, quantize_gguf, write_modelfile
@@ -44,7 +45,7 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export.report import gguf_side
 
     ids = load_tokenizer("v3")(TEXT).input_ids
@@ -59,7 +60,7 @@ def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model)
 
 
 def test_gguf_tokenizer_gives_mistral_common_ids(f16_gguf: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export.report import TOKENIZER_TEXTS, open_gguf
 
     reference = reference_tokenizer("v3").instruct_tokenizer.tokenizer
@@ -118,6 +119,41 @@ def test_gguf_types_hold_the_weights_in_llama_cpp_layout(
     assert int(field.parts[field.data[0]][0]) == gguf_export._file_type(qtype)
 
 
+@pytest.fixture(scope="module")
+def f32_gguf(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_gguf(model_dir, tmp_path_factory.mktemp("gguf32") / "tiny-f32.gguf", "f32")
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_0"])
+def test_legacy_quants_are_what_llama_cpps_own_quantiser_writes(
+    model_dir: Path, f32_gguf: Path, tmp_path: Path, qtype: str
+) -> None:
+    """q4_0/q5_0 (which llama.cpp's converter does not write) against llama.cpp's C quantiser: the f32 GGUF
+    quantised by ``llama_model_quantize`` (``pure``: every 2-D tensor in `qtype`, none promoted to Q6_K) holds
+    the same bytes, tensor by tensor, as our direct export (gguf-py's numpy quantiser on each row range)."""
+    require_optional("llama_cpp")
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    ours = export_gguf(model_dir, tmp_path / f"ours-{qtype}.gguf", qtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.pure, params.nthread = True, 1
+    theirs = tmp_path / f"llama-cpp-{qtype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert got.keys() == ref.keys()
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    quantised = [name for name, t in ref.items() if t.tensor_type == kind]
+    assert len(quantised) == 16, "every 2-D weight (2 layers × 7, embeddings, output) in " + qtype
+    for name, tensor in ref.items():
+        assert got[name].tensor_type == tensor.tensor_type, name
+        assert np.array_equal(np.asarray(got[name].data), np.asarray(tensor.data)), name
+
+
 def test_q_k_permutation_is_inverted_by_transformers_gguf_loader() -> None:
     # Rows of each head go from HF's halves layout to llama.cpp's interleaved pairs, as llama.cpp's
     # converter does; transformers' GGUF loader applies the inverse.
@@ -131,7 +167,7 @@ def test_q_k_permutation_is_inverted_by_transformers_gguf_loader() -> None:
 
 
 def test_k_quant_through_llama_cpp(f16_gguf: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import gguf
 
     out = quantize_gguf(f16_gguf, tmp_path / "m-q4_k_m.gguf", "q4_k_m")
@@ -179,17 +215,17 @@ def test_modelfile(f16_gguf: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_run_writes_everything_and_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
-    from test_export_merge import make_adapter_run
+def test_export_run_writes_everything_and_the_report(adapter_run_dir: Path, tmp_path: Path) -> None:
+    require_optional("llama_cpp")
+    import shutil
 
     from mistral_fast.config import RunConfig
 
     run_dir = tmp_path / "run"
-    make_adapter_run(run_dir)
-    cfg = RunConfig.from_dict(
-        {**_yaml(run_dir / "run_config.yaml"), "export": {"merged": True, "gguf": ["f16", "q8_0", "q4_k_m"]}}
-    )
+    shutil.copytree(adapter_run_dir, run_dir)  # a copy of the session's run: this test exports into it
+    saved = _yaml(run_dir / "run_config.yaml")
+    train = {**saved["train"], "output_dir": str(run_dir)}
+    cfg = RunConfig.from_dict({**saved, "train": train, "export": {"merged": True, "gguf": ["f16", "q8_0", "q4_k_m"]}})
     result = export_run(cfg)
     out = run_dir / "export"
     assert sorted(result["gguf"]) == ["f16", "q4_k_m", "q8_0"] and (out / "merged" / "model.safetensors").is_file()
@@ -217,7 +253,7 @@ def _yaml(path: Path) -> dict:
 
 def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_model, tmp_path: Path) -> None:
     """A model whose first greedy token is </s>: both runtimes must stop there (the report's EOS check)."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -240,12 +276,8 @@ def test_eos_stop_agrees_between_transformers_and_llama_cpp(model_dir: Path, hf_
 
 
 @pytest.fixture(scope="module")
-def adapter_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_export_merge import make_adapter_run
-
-    run_dir = tmp_path_factory.mktemp("one-pass") / "run"
-    make_adapter_run(run_dir)
-    return run_dir
+def adapter_run_dir(shared_adapter_run) -> Path:
+    return shared_adapter_run[0]  # built once per session (conftest)
 
 
 @pytest.mark.parametrize(("qtype", "base"), [("f16", "dequantized"), ("q8_0", "dequantized"), ("bf16", "original")])
@@ -281,7 +313,7 @@ def test_export_run_without_merged_writes_no_checkpoint(adapter_run_dir: Path, t
 
 def test_perplexity_of_f16_gguf_matches_merged_model(adapter_run_dir: Path, tmp_path: Path) -> None:
     """The report's perplexity: llama.cpp's logits of an f16 GGUF score the eval split like transformers does."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from mistral_fast.export import export_merged_gguf, merge_adapter
     from mistral_fast.export.report import eval_rows, gguf_side, merged_side
     from mistral_fast.rundir import RunDir
@@ -331,3 +363,19 @@ def test_q8_0_rounds_ties_away_from_zero_as_ggml_does() -> None:
     got = q8_0_rows(blocks).numpy()
     assert np.array_equal(got, gguf.quants.quantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0))
     assert got[0, 2 + 1] == 1 and got[0, 2 + 2] == 2  # 0.5 -> 1, 1.5 -> 2 (not 0, 2)
+
+
+def test_gguf_export_without_the_gguf_package_stops_first_and_says_how_to_get_it(
+    model_dir: Path, f16_gguf: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """scripts/setup.sh's demo layer has neither gguf nor llama-cpp-python (issue 26): each export says what to
+    install and what it costs, before any file is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ModelError, match=r"compiles llama\.cpp once, about 3 min"):
+        quantize_gguf(f16_gguf, tmp_path / "x.gguf", "q4_k_m")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what the demo layer's environment sees
+    with pytest.raises(ModelError, match=r"qtype='f16': GGUF files are written with the gguf package.*pip install"):
+        export_gguf(model_dir, tmp_path / "m.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []

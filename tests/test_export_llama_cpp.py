@@ -57,13 +57,9 @@ def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 
 @pytest.fixture(scope="module")
-def merged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def merged_dir(shared_adapter_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny merged checkpoint as `merge_adapter` writes it (NF4-dequantised base + non-zero LoRA)."""
-    from test_export_merge import make_adapter_run
-
-    root = tmp_path_factory.mktemp("llama-cpp")
-    make_adapter_run(root / "run")
-    return merge_adapter(root / "run", root / "merged")
+    return merge_adapter(shared_adapter_run[0], tmp_path_factory.mktemp("llama-cpp") / "merged")
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +118,11 @@ def test_gguf_equals_llama_cpp_converter(llama_cpp_source: Path, merged_dir: Pat
 
 @pytest.mark.slow
 def test_large_tensors_read_by_row_ranges_still_equal_the_converter(
-    llama_cpp_source: Path, merged_dir: Path, tmp_path: Path, monkeypatch
+    llama_cpp_source: Path, merged_dir: Path, shared_adapter_run, tmp_path: Path, monkeypatch
 ) -> None:
     """Past `LARGE_TENSOR_BYTES` (a 131k vocabulary's embeddings and lm_head) a tensor is read row range by
     row range as it is encoded; with the limit at 0 every matrix goes that way, and the GGUF of a merged
     checkpoint must still hold the converter's bytes, the one-pass export the bytes it writes otherwise."""
-    from test_export_merge import make_adapter_run
-
     import mistral_fast.export.merge as merge_module
     from mistral_fast.export import export_merged_gguf
 
@@ -136,11 +130,11 @@ def test_large_tensors_read_by_row_ranges_still_equal_the_converter(
     run_converter(
         llama_cpp_source, "convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(theirs), "--outtype", "q8_0"]
     )
-    make_adapter_run(tmp_path / "run")
-    one_pass_whole = export_merged_gguf(tmp_path / "run", tmp_path / "one-pass-whole.gguf", "q8_0")
+    run = shared_adapter_run[0]  # the run merged_dir was merged from (only read here)
+    one_pass_whole = export_merged_gguf(run, tmp_path / "one-pass-whole.gguf", "q8_0")
     monkeypatch.setattr(merge_module, "LARGE_TENSOR_BYTES", 0)
     ours = export_gguf(merged_dir, tmp_path / "ours-q8_0.gguf", "q8_0")
-    one_pass = export_merged_gguf(tmp_path / "run", tmp_path / "one-pass.gguf", "q8_0")
+    one_pass = export_merged_gguf(run, tmp_path / "one-pass.gguf", "q8_0")
     reference = gguf_tensors(theirs)
     assert gguf_tensors(ours) == reference
     assert gguf_tensors(one_pass) == gguf_tensors(one_pass_whole)

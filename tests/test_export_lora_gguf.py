@@ -23,12 +23,8 @@ TEXT = "Convert 3 miles to kilometres, please. The answer is"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_export_merge import make_adapter_run
-
-    run = tmp_path_factory.mktemp("lora-gguf") / "run"
-    make_adapter_run(run)
-    return run
+def run_dir(shared_adapter_run) -> Path:
+    return shared_adapter_run[0]  # built once per session (conftest)
 
 
 @pytest.mark.slow

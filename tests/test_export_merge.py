@@ -50,9 +50,8 @@ def make_adapter_run(
 
 
 @pytest.fixture(scope="module")
-def adapter_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, mf.LoadedModel]:
-    run_dir = tmp_path_factory.mktemp("run")
-    return run_dir, make_adapter_run(run_dir)
+def adapter_run(shared_adapter_run: tuple[Path, mf.LoadedModel]) -> tuple[Path, mf.LoadedModel]:
+    return shared_adapter_run  # built once per session (conftest), shared with the GGUF export tests
 
 
 def _peft_merged(

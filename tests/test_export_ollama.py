@@ -1,9 +1,14 @@
 """The Modelfile's TEMPLATE executed as Ollama executes it (Go's text/template after Ollama's collation),
 then tokenised by llama.cpp with BOS: mistral_common's ids.
 
-``ollama_template/render.go`` is a small standard-library Go program written for this test from Ollama's
-documented behaviour (``template/template.go``): system messages gathered into ``.System`` (joined by a blank
-line), consecutive same-role messages merged with ``"\\n\\n"``, then the template on ``.System``/``.Messages``.
+No Ollama build is reachable here, so this is not Ollama's own code. ``ollama_template/render.go`` is a small
+standard-library Go program written for this test. From Ollama's ``template/template.go`` (ollama/ollama at commit
+0097ef5ff1f3, read, not copied) it re-implements exactly: ``collate`` (every system message's text gathered into
+``.System``, joined by a blank line; consecutive same-role messages but ``tool`` merged with ``"\\n\\n"``) and the
+value map ``Template.Execute`` passes on the ``.Messages`` path (System, Messages, Tools, Response "", Think,
+IsThinkSet). The rendering itself is Go's own ``text/template`` with ``missingkey=zero`` (what Ollama's ``Parse``
+sets). Not re-implemented: Ollama's ``json`` template function (our template does not call it), its legacy
+``.Prompt``/``.Response`` path (our template uses ``.Messages``), image tags, server-side context truncation.
 What Go templates cannot do, and so what Ollama prompts differ on (documented in gguf.py and README): no
 right-strip of assistant history (mistral_common strips trailing spaces), no skipping of empty messages.
 """

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import require_platform
 from rss_harness import estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig, load_config
@@ -24,6 +26,7 @@ from mistral_fast.memory import (
     estimate_plan,
     gpu_capacity,
     lora_parameters,
+    memory_report,
     nf4_bytes,
     preflight,
     suggest_plan,
@@ -210,9 +213,9 @@ def _measure(tmp_path, sizes, overrides, batch, seq):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimate_matches_measured_cpu_peak(tmp_path, case):
+    require_platform(sys.platform.startswith("linux"), "reads /proc for the peak RSS")
 
     sizes, overrides, batch, seq = CASES[case]
     measured = _measure(tmp_path, sizes, overrides, batch, seq)
@@ -238,6 +241,25 @@ def test_preflight_on_cpu_compares_with_available_ram():
     assert not est.plan.on_gpu and est.plan.optimizer == "adamw_torch"
 
 
+def test_the_notebooks_report_checks_a_cpu_run_against_this_machines_ram():
+    """Issue 26: a CPU demo's pre-flight ended "fits on A100-80GB"; it now names what it compared with."""
+    import torch
+
+    cfg = load_config("smoke")
+    here = memory_report(cfg, gpu="a100-80gb", here=True)
+    planned = memory_report(cfg, gpu="a100-80gb")  # `mistral-fast memory --gpu`: planning for a card, unchanged
+    assert "fits on A100-80GB (80.0 GiB)" in planned
+    if torch.cuda.is_available():  # a run here trains on the card: the `gpu` parameter's verdict stays
+        assert here == planned
+        return
+    with open("/proc/meminfo", encoding="ascii") as handle:  # what the kernel says is available, in GiB
+        ram = next(int(line.split()[1]) / 2**20 for line in handle if line.startswith("MemAvailable:"))
+    verdict = re.search(r"fits in this machine's CPU RAM \(([\d.]+) GiB available\)", here)
+    assert verdict and float(verdict.group(1)) == pytest.approx(ram, abs=0.5), here
+    assert "A100-80GB" not in here and "gpu='a100-80gb' was not checked" in here
+    assert "| fits |" not in here, "no card: the side-by-side table has no verdict row"
+
+
 def test_double_quant_and_world_size():
     cfg = _cfg_7b()
     dq = estimate_memory(cfg, model_config=MISTRAL_7B)
@@ -256,9 +278,9 @@ TRAINER_CASES = {k: CASES[k] for k in ("qlora-512x4", "qlora-512x4-checkpointing
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(TRAINER_CASES))
 def test_estimate_matches_the_real_trainer_step(tmp_path, case):
+    require_platform(sys.platform.startswith("linux"), "reads /proc for the peak RSS")
     from pathlib import Path
 
 

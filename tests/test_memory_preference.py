@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_platform
 from rss_harness import STEP_PARTS, estimate_measured, measure_in_fresh_process, step_estimate
 
 from mistral_fast.config import RunConfig
@@ -69,9 +70,9 @@ CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
 @pytest.mark.parametrize("case", list(CASES))
 def test_preference_estimate_matches_measured_cpu_peak(tmp_path: Path, case: str) -> None:
+    require_platform(sys.platform.startswith("linux"), "reads /proc for the peak RSS")
 
     overrides, (batch, prompt, answer) = CASES[case]
     args = [

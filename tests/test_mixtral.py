@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, require_optional
 
 from mistral_fast.config import RunConfig
 from mistral_fast.errors import ModelError
@@ -351,7 +352,7 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
     llama_cpp_source: Path, merged_mixtral: Path, tmp_path: Path, qtype: str
 ) -> None:
     """Stacked ffn_{gate,up,down}_exps + ffn_gate_inp, every tensor's bytes and every metadata key, as the converter."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     from test_export_llama_cpp import assert_equals_converter
 
     reference, reference_kv, _ = assert_equals_converter(llama_cpp_source, merged_mixtral, tmp_path, qtype)
@@ -366,7 +367,7 @@ def test_mixtral_gguf_equals_llama_cpp_converter(
 @pytest.mark.slow
 def test_llama_cpp_logits_equal_the_merged_mixtral(merged_mixtral: Path, tmp_path: Path) -> None:
     """llama.cpp runs our GGUF (f16) with its own MoE kernels: its logits equal transformers' on the merged model."""
-    pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
     import numpy as np
     from transformers import AutoModelForCausalLM
 
@@ -542,7 +543,8 @@ def test_ddp_tiny_mixtral_two_cpu_processes_identical_adapters(tmp_path: Path) -
     sets += ["train.gradient_accumulation_steps=2", "train.logging_steps=1", f"train.output_dir={run_dir}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mistral_fast.cli"]
     cmd += ["train", "mixtral-smoke", *[x for s in sets for x in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + (os.getpid() + 7) % 1000)}
+    port = str(free_port())  # from the OS: torchrun reads PET_MASTER_PORT (its --master-port), others MASTER_PORT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port, "PET_MASTER_PORT": port}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     digests = dict(re.findall(r"rank (\d)/2 adapter sha256 ([0-9a-f]{64})", proc.stderr))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_platform
 
 from mistral_fast.config import RunConfig
 from mistral_fast.errors import ModelError
@@ -127,8 +128,7 @@ def test_tiny_model_dir_builds_once_atomically(tmp_path: Path, monkeypatch: pyte
 
 
 def test_auto_backend_on_cpu_is_hf_and_never_imports_unsloth(caplog: pytest.LogCaptureFixture) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CPU behaviour")
+    require_platform(not torch.cuda.is_available(), "CPU behaviour: there is a CUDA GPU here", ci_allowed="cuda")
     with caplog.at_level("INFO", logger="mistral_fast"):
         backend, reason = resolve_backend("auto")
     assert backend == "hf" and "no CUDA" in reason
@@ -306,11 +306,12 @@ def test_disable_cpu_weight_repacking_undoes_bitsandbytes_repack_on_any_cpu(tiny
     assert not lora_without_gradient(model)
 
 
-@pytest.mark.skipif(not __import__("bitsandbytes").functional.has_avx512bf16(), reason="needs a CPU with AVX512-BF16")
 def test_disable_cpu_weight_repacking_repairs_a_real_avx512bf16_repack(tiny_dir: Path) -> None:
     """The trap itself: only a CPU with AVX512-BF16 repacks in a real forward (skipped elsewhere; the test
     above proves the repair on any CPU)."""
     import bitsandbytes.functional as F
+
+    require_platform(F.has_avx512bf16(), "needs a CPU with AVX512-BF16", ci_allowed="avx512bf16")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)

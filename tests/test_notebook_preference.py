@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from test_runner import assert_runs_used
 
 from mistral_fast.runner import NOTEBOOKS_DIR, read_parameters, run_notebook
 
@@ -55,6 +56,8 @@ def test_sweep_over_beta(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(spec))
     rows, files = run_sweep(path, out=str(tmp_path / "out"))
     assert [r.get("train_beta") for r in rows] == [0.05, 0.5] and all(r["status"] == "done" for r in rows)
+    # the beta each run trained with, from its own run_config.yaml (the row only echoes the spec)
+    assert_runs_used(tmp_path / "out", rows, [{"train.beta": 0.05}, {"train.beta": 0.5}])
     assert all(0 <= r["preference_accuracy"] <= 1 for r in rows)
     assert "preference_accuracy" in files["markdown"].read_text()
 

@@ -2,8 +2,8 @@
 
 Colab and Kaggle kill runtimes; with ``storage`` the run directory lives on persistent storage and a
 re-run of the notebook continues from the last complete checkpoint. Here the papermill kernel is killed
-(SIGKILL, as a runtime reset does) once a checkpoint's COMPLETE marker exists, the notebook is run again
-with the same parameters, and the adapter is compared tensor by tensor with an uninterrupted run's.
+(SIGKILL, as a runtime reset does) at a deterministic pause point after checkpoint-3 is complete, the notebook
+is run again with the same parameters, and the adapter is compared tensor by tensor with an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import require_platform
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 OVERRIDES = {
@@ -59,15 +60,20 @@ def test_killed_notebook_rerun_with_storage_resumes_to_the_uninterrupted_adapter
 
     run = tmp_path / "b" / "runs" / "r"
     argv = _notebook(tmp_path / "b", tmp_path / "nb_b")
+    # A deterministic kill point (mistral_fast.pause): the kernel's trainer stops just after step 5's log row
+    # (logging every 5 steps, checkpoints every 3), with checkpoint-3 complete and the adapter not yet written.
+    marker = tmp_path / "paused"
+    pause = {"MISTRAL_FAST_TEST_PAUSE_AT": "log:5", "MISTRAL_FAST_TEST_PAUSE_MARKER": str(marker)}
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        deadline = time.monotonic() + 600
-        while not (run / "checkpoints" / "checkpoint-3" / "COMPLETE").exists():
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**ENV, **pause})
+        while not marker.exists():  # no deadline: the run either pauses or ends (then the assert below fails)
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
             time.sleep(0.05)
+        kernel = int(marker.read_text())
+        assert kernel in {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}, "paused in the kernel"
+        assert (run / "checkpoints" / "checkpoint-3" / "COMPLETE").exists()
+        assert not (run / "checkpoints" / "checkpoint-6").exists() and not (run / "adapter").exists()
         _kill_tree(proc)
-    assert not (run / "adapter").exists(), "killed after training ended: the test did not interrupt anything"
 
     again = subprocess.run(argv, capture_output=True, text=True, env=ENV)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -89,8 +95,8 @@ def test_storage_puts_the_run_under_it_and_resumes(tmp_path) -> None:
     assert resolve_run_dir("runs/r", storage=str(tmp_path)) == tmp_path / "runs" / "r"  # where 02/03 look
 
 
-@pytest.mark.skipif(Path("/content/drive").exists(), reason="Google Drive is mounted here")
 def test_storage_drive_without_the_mount_says_to_run_the_set_up_cell() -> None:
+    require_platform(not Path("/content/drive").exists(), "Google Drive is mounted here (a Colab runtime)")
     from mistral_fast.errors import ConfigError
     from mistral_fast.runner import check_parameters, resolve_notebook
 

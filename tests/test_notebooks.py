@@ -24,7 +24,7 @@ FAKE_TOKEN = "hf_" + "Zq7" * 12  # a made-up token: it must never reach an outpu
 
 
 def test_the_notebooks_exist() -> None:
-    assert [p.stem for p in NOTEBOOKS] == ["01_finetune", "02_evaluate", "03_export", "04_preference"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_finetune", "02_evaluate", "03_export", "04_preference", "06_tools"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

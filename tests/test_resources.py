@@ -7,7 +7,6 @@ PYTHONPATH: `config --list`, the demo, then 02_evaluate and 03_export on the dem
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import require_optional
 
 from mistral_fast.resources import resource_dir
 
@@ -89,16 +89,17 @@ def _pip(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The wheel built from this checkout, installed without its dependencies (the venv supplies them)."""
+    # Built with the venv's hatchling (scripts/setup.sh installs it, pinned), never in an isolated build env that
+    # pip would fill from the package index: the suite needs no network.
+    require_optional("hatchling", "hatchling (pip install 'mistral-fast[dev]'; scripts/setup.sh installs it)")
     tmp = tmp_path_factory.mktemp("wheel")
-    # with hatchling at hand the build needs no index; otherwise pip fetches it into an isolated build env
-    isolation = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
-    _pip("wheel", "--no-deps", "-q", *isolation, "-w", str(tmp / "dist"), str(ROOT), cwd=tmp)
+    _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"), str(ROOT), cwd=tmp)
     (wheel,) = (tmp / "dist").glob("mistral_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("configs/smoke.yaml", "data/sample_sentiment.jsonl", "notebooks/01_finetune.ipynb"):
         assert f"mistral_fast/_resources/{shipped}" in names, shipped
     assert not any(n.startswith(("configs/", "data/", "notebooks/", "tests/")) for n in names), "nothing top-level"
-    _pip("install", "--no-deps", "-q", "--target", str(tmp / "target"), str(wheel), cwd=tmp)
+    _pip("install", "--no-deps", "--no-index", "-q", "--target", str(tmp / "target"), str(wheel), cwd=tmp)
     return tmp / "target"
 
 

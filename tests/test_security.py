@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import require_optional
 
 from mistral_fast.config import CONFIGS_DIR, RunConfig, load_config
 from mistral_fast.errors import ConfigError
@@ -29,8 +30,15 @@ def run_with_token(tmp_path_factory):
     run = root / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": TOKEN}
     env["WANDB_API_KEY"] = "0123456789abcdef" * 2
+    env["MLFLOW_TRACKING_PASSWORD"] = "mlflow-Pa55word-" + "x7" * 8
+    # the trackers in their local modes: MLflow's sqlite store (and its artifacts) and W&B's offline run files
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env |= {"WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data")}
+    for module in ("mlflow", "wandb"):
+        require_optional(module)
     overrides = ["data.max_examples=8", "model.max_seq_length=128", "train.max_steps=2", "train.eval_steps=2"]
     overrides += ["train.save_steps=2", "train.logging_steps=1", "eval.num_samples=1", "eval.max_new_tokens=4"]
+    overrides += ["train.report_to=[tensorboard,mlflow,wandb]"]
     train = subprocess.run(
         cli("--debug", "train", "smoke", *(f"--set={o}" for o in overrides), f"--set=train.output_dir={run}"),
         capture_output=True, text=True, env=env, cwd=root,
@@ -50,14 +58,15 @@ def run_with_token(tmp_path_factory):
 @pytest.mark.slow
 def test_token_from_the_environment_is_in_no_file_or_log(run_with_token) -> None:
     run, logs, env = run_with_token
-    files = [p for p in run.rglob("*") if p.is_file()]
+    # the run directory (with W&B's offline run inside it) and MLflow's store: database and artifacts
+    files = [p for p in run.parent.rglob("*") if p.is_file()]
     kinds = {p.suffix for p in files} | {"tfevents" for p in files if ".tfevents." in p.name}
-    # the scan covers every kind the issue names: notebook, manifest, metrics/logs, TensorBoard events
-    assert {".ipynb", ".json", ".jsonl", ".yaml", "tfevents"} <= kinds, kinds
-    assert (run / "manifest.json").is_file()
-    for secret in (TOKEN, env["WANDB_API_KEY"]):
+    # the scan covers every kind the issue names: notebook, manifest, metrics/logs, TensorBoard events, trackers
+    assert {".ipynb", ".json", ".jsonl", ".yaml", "tfevents", ".wandb", ".db"} <= kinds, kinds
+    assert (run / "manifest.json").is_file() and list(run.parent.glob("mlruns/*/*/artifacts/manifest.json"))
+    for secret in (TOKEN, env["WANDB_API_KEY"], env["MLFLOW_TRACKING_PASSWORD"]):
         for needle in (secret.encode(), secret.encode("utf-16-le"), secret[3:].encode()):
-            leaked = [str(p.relative_to(run)) for p in files if needle in p.read_bytes()]
+            leaked = [str(p.relative_to(run.parent)) for p in files if needle in p.read_bytes()]
             assert not leaked, f"secret found in {leaked}"
         for name, text in logs.items():
             assert secret not in text, f"secret found in {name}"

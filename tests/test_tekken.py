@@ -131,7 +131,7 @@ def test_load_a_model_directory_with_tekken_json(tmp_path):
     with pytest.raises(TokenizerError, match=r"control tokens \['\[ARGS\]'\] are missing.*v13-tekken"):
         load_tokenizer(path=tmp_path / "v13")
     _tekken_copy(tmp_path / "v15", "v15")
-    with pytest.raises(TokenizerError, match=r"config.version is 'v15'.*v11-tekken.*v13-tekken"):
+    with pytest.raises(TokenizerError, match=r"config.version is 'v15'.*'v11', 'v13'"):
         load_tokenizer(path=tmp_path / "v15")
     with pytest.raises(TokenizerError, match="no tekken file"):
         read_tekken(tmp_path / "missing")

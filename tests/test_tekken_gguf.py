@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_optional
 from test_tokenizer import generated_strings
 
 from mistral_fast.export import export_gguf
@@ -26,29 +26,12 @@ from mistral_fast.tokenizer import (
 
 pytestmark = pytest.mark.slow
 
-LLAMA_CPP_PYTHON = "0.3.36"
 _U, _A, _S = "user", "assistant", "system"
 CHATS = [
     [{"role": _U, "content": "Hi"}, {"role": _A, "content": "Hello!"}, {"role": _U, "content": "2+2?"}],
     [{"role": _S, "content": "Be brief."}, {"role": _U, "content": "  Two  spaces: 10 °F in °C?\n"}],
     [{"role": _U, "content": "日本語で 😀"}, {"role": _A, "content": "はい  "}, {"role": _U, "content": "x"}],
 ]
-
-
-def _llama_cpp_source() -> Path:
-    """llama.cpp's converter from the llama-cpp-python sdist, downloaded once into the user cache (not the repo)."""
-    root = Path(os.environ.get("MISTRAL_FAST_CACHE") or Path.home() / ".cache" / "mistral_fast") / "llama-cpp-src"
-    source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (source / "convert_hf_to_gguf.py").is_file():
-        return source
-    root.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(root)]
-    out = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot download the llama-cpp-python sdist: {out.stderr[-300:]}")
-    with tarfile.open(root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as archive:
-        archive.extractall(root, filter="data")
-    return source
 
 
 @pytest.fixture(scope="module", params=[("tiny-nemo", "v3-tekken"), ("tiny-small", "v7-tekken")], ids=["3", "7"])
@@ -75,9 +58,10 @@ print(json.dumps([kv, t]))
     return tuple(json.loads(out.stdout.splitlines()[-1]))
 
 
-def test_same_as_llama_cpp_converter(exported, tmp_path):
+def test_same_as_llama_cpp_converter(exported, llama_cpp_source, tmp_path):
+    """The converter of the installed llama-cpp-python's own commit (conftest's `llama_cpp_source`)."""
     _, directory, ours = exported
-    source = _llama_cpp_source()
+    source = llama_cpp_source
     reference = tmp_path / "converter.gguf"
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(directory), "--outtype", "f16"]
@@ -102,7 +86,9 @@ def _has_mark(text: str) -> bool:
 
 
 def test_llama_cpp_tokenises_like_mistral_common(exported):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
+    import llama_cpp
+
     version, _, ours = exported
     reference = reference_tokenizer(version).instruct_tokenizer.tokenizer
     llm = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
@@ -124,7 +110,8 @@ def test_llama_cpp_tokenises_like_mistral_common(exported):
 def test_gguf_template_renders_tool_prompts(exported):
     """Tekken GGUFs: prompts with tools, calls and results, from the embedded template (plain Jinja2 and
     llama-cpp-python) through llama.cpp's tokenizer, give mistral_common's ids."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    require_optional("llama_cpp")
+    import llama_cpp
     from tool_conversations import check_gguf_tool_prompts
 
     version, _, ours = exported

@@ -3,7 +3,6 @@ hidden/heads (as in Nemo and Small 3), QLoRA training and evaluation on the hf b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_optional
 from safetensors.torch import load_file
 
 from mistral_fast.config import load_config
@@ -106,9 +106,9 @@ print("UNSLOTH_RESULT " + json.dumps({"backend": loaded.backend, "loss": out.los
 
 
 @pytest.mark.unsloth
-@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
 def test_unsloth_backend_trains_the_tiny_nemo(tmp_path):
     """Unsloth's CPU fallback (its own process: importing it patches transformers in place)."""
+    require_optional("unsloth")
     env = {**os.environ, "MISTRAL_FAST_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run(

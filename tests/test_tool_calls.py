@@ -21,6 +21,7 @@ from mistral_fast.errors import TokenizerError
 from mistral_fast.tekken import TEKKEN_VERSIONS, tekken_reference, write_tekken_file
 from mistral_fast.tokenizer import (
     IGNORE_INDEX,
+    _normalize_tool_json,
     load_tokenizer,
     parse_tool_calls,
     preview_example,
@@ -104,11 +105,17 @@ def test_generated_tool_conversations_equal_mistral_common_with_masks(version, t
     wrong = []
     for k, (messages, tools) in enumerate(conversations):
         ids, mask = reference_ids_and_mask(messages, tools, version)
-        if k % 20 == 0:  # the message-by-message reference is mistral_common's encode_chat_completion
+        if k % 10 == 0:  # the message-by-message reference is mistral_common's encode_chat_completion
             assert ids == reference_chat_ids(messages, version, tools=tools)
-        ours = tokenize_conversation(tok, messages, 10**6, version=version, tools=tools)
-        trained = [int(label != IGNORE_INDEX) for label in ours.labels]
-        if (ours.input_ids, trained) != (ids, mask):
+        if k % 10 == 0:  # the training path: validation, normalisation, labels
+            ours = tokenize_conversation(tok, messages, 10**6, version=version, tools=tools)
+            got = (ours.input_ids, [int(label != IGNORE_INDEX) for label in ours.labels])
+        else:  # what it renders, without the validation
+            out = tok.apply_chat_template(
+                _normalize_tool_json(messages, version), tools=tools, return_assistant_tokens_mask=True
+            )
+            got = (list(out["input_ids"]), list(out["assistant_masks"]))
+        if got != (ids, mask):
             wrong.append(k)
         calls = [len(m.get("tool_calls") or []) for m in messages]
         counts["calls"] += sum(calls)
@@ -130,7 +137,7 @@ def test_the_hugging_face_call_equals_mistral_common(version, toks):
     ending on tool results (test mode, add_generation_prompt=True)."""
     tok = toks[version]
     rng = random.Random(version)
-    for _ in range(150):
+    for _ in range(60):
         messages, tools = tool_conversation(
             rng, version, arguments="canonical" if rng.random() < 0.5 else "object", results="text",
             thinking=version == "v13-tekken",
@@ -160,7 +167,8 @@ def test_before_the_fix_none_of_these_came_out(toks):
 
 @pytest.mark.parametrize("version", ["v11", "v13"])
 def test_a_v11_v13_model_directory_loads_and_equals_mistral_common(version, tmp_path):
-    """A model directory with a v11/v13 tekken.json (special_tokens table): strings and chats, from that file."""
+    """A model directory with a v11/v13 tekken.json (special_tokens table): 1,000 strings and chats with tools
+    (and v13 traces) equal mistral_common loading that same file."""
     from test_tokenizer import generated_strings, mismatches
 
     write_tekken_file(tmp_path, version)
@@ -175,7 +183,8 @@ def test_a_v11_v13_model_directory_loads_and_equals_mistral_common(version, tmp_
     finetuning = tekken_reference(ours, "finetuning", str(tmp_path))
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    for messages, tools in tool_conversations(300, ours, seed=3, thinking=version == "v13"):
+    # (the 1,000 generated conversations per version above use such a file too: the built-in v11/v13 one)
+    for messages, tools in tool_conversations(50, ours, seed=3, thinking=version == "v13"):
         request = ChatCompletionRequest.from_openai(_openai(messages), tools)
         expected = finetuning.encode_chat_completion(request).tokens
         assert tokenize_conversation(tok, messages, 10**6, version=ours, tools=tools).input_ids == expected
@@ -284,3 +293,57 @@ def test_v1_has_no_tool_format():
     messages = [{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "abcdefghi", "content": "r"}]
     with pytest.raises(TokenizerError, match="v1 format has no tool messages"):
         validate_conversation(messages, "v1")
+
+
+def _mutations(messages: list[dict], rng: random.Random) -> list[list[dict]]:
+    """Broken variants of a tool conversation: a result dropped, doubled, moved or misaddressed, a bad id,
+    text next to calls, a bad function name."""
+    import copy
+
+    out = []
+    tools_at = [i for i, m in enumerate(messages) if m["role"] == "tool"]
+    calls_at = [i for i, m in enumerate(messages) if m.get("tool_calls")]
+    if tools_at:
+        i = rng.choice(tools_at)
+        out.append(messages[:i] + messages[i + 1 :])
+        out.append([*messages[: i + 1], copy.deepcopy(messages[i]), *messages[i + 1 :]])
+        bad = copy.deepcopy(messages)
+        bad[i]["tool_call_id"] = "zzzzzzzzz"
+        out.append(bad)
+        out.append([*messages[:1], messages[i], *messages[1:i], *messages[i + 1 :]])
+    if calls_at:
+        i = rng.choice(calls_at)
+        for change in ("id", "text", "name"):
+            bad = copy.deepcopy(messages)
+            if change == "id":
+                bad[i]["tool_calls"][0]["id"] = "call_1"
+            elif change == "text":
+                bad[i]["content"] = "Let me check."
+            else:
+                bad[i]["tool_calls"][0]["function"]["name"] = "bad name!"
+            out.append(bad)
+    return out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_validator_agrees_with_mistral_common(version):
+    """Generated conversations and broken variants of them: validate_conversation accepts exactly what
+    mistral_common accepts (finetuning mode), and names the message when it refuses."""
+    rng = random.Random(f"mutate-{version}")
+    outcomes = {"accepted": 0, "rejected": 0}
+    for messages, tools in tool_conversations(40, version, seed=9):
+        for variant in [messages, *_mutations(messages, rng)]:
+            try:
+                reference_chat_ids(variant, version, tools=tools)
+                expected = True
+            except TokenizerError:
+                expected = False
+            try:
+                validate_conversation(variant, version, tools)
+                valid = True
+            except TokenizerError as exc:
+                valid = False
+                assert "messages[" in str(exc) or "tools" in str(exc), exc
+            assert valid == expected, (version, variant)
+            outcomes["accepted" if valid else "rejected"] += 1
+    assert outcomes["accepted"] >= 40 and outcomes["rejected"] > 100

@@ -3,7 +3,6 @@ preference config, each in its own process: importing unsloth patches transforme
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_optional
 
 from mistral_fast.preference import SAMPLE_PREFERENCES
 
 pytestmark = [
     pytest.mark.unsloth,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed"),
 ]
+require_optional("unsloth", module_level=True)
 
 
 def preference_yaml(path: Path, method: str, out: Path) -> Path:

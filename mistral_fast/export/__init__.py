@@ -32,6 +32,7 @@ from mistral_fast.export.gguf import (
     export_gguf,
     export_merged_gguf,
     quantize_gguf,
+    require_gguf,
     write_modelfile,
 )
 from mistral_fast.export.lora_gguf import export_adapter_gguf, export_base_gguf
@@ -110,6 +111,8 @@ def export_run(
         from mistral_fast.errors import ModelError
 
         raise ModelError(f"export.gguf={types}: {INSTALL_LLAMA_CPP}")  # before minutes of merging
+    if types or adapter_type:
+        require_gguf(f"export.gguf={types}" if types else f"export.gguf_adapter={adapter_type!r}")
     out = run_dir / "export"
     result: dict[str, Any] = {"merged": None, "merge_base": base, "gguf": {}, "modelfiles": {}, "report": None}
     if adapter_type:  # first: it refuses adapters llama.cpp cannot apply before minutes of merging

@@ -35,12 +35,35 @@ if TYPE_CHECKING:
 log = logging.getLogger("mistral_fast")
 
 # Written by gguf-py in numpy; k-quants need llama.cpp's quantiser (importance-aware mixes per tensor).
+# Neither is in scripts/setup.sh's demo layer (the demo writes no GGUF; llama-cpp-python compiles for minutes),
+# so a GGUF export without them stops before any work, saying what to install and what it costs.
 INSTALL_LLAMA_CPP = (
-    "k-quants (and the equivalence report) need llama.cpp's Python bindings: "
-    "pip install 'mistral-fast[gguf]' (builds llama-cpp-python from source: ~3 min on 2 cores; "
-    'set CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF '
-    '-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" to keep it short)'
+    "k-quants (and the equivalence report) need llama.cpp's Python bindings, which are not installed: "
+    "pip install 'mistral-fast[gguf]' (in a checkout: bash scripts/setup.sh --test) compiles llama.cpp once, "
+    "about 3 min on 2 cores, and pip reuses the built wheel after that "
+    '(CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF '
+    '-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" keeps it short); '
+    f"{', '.join(GGUF_TYPES)} need only the gguf package"
 )
+INSTALL_GGUF = (
+    "GGUF files are written with the gguf package (llama.cpp's gguf-py, pure Python), which is not installed: "
+    "pip install 'gguf>=0.17' (seconds), or pip install 'mistral-fast[gguf]', which also builds llama-cpp-python "
+    "for the k-quants (compiles llama.cpp once, about 3 min on 2 cores)"
+)
+
+
+def require_gguf(what: str) -> None:
+    """Stop before any work when the gguf package is missing, naming `what` asked for a GGUF.
+
+    Raises:
+        ModelError: gguf is not installed (the message says how to install it).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{what}: {INSTALL_GGUF}")
+
+
 _ARCH = "llama"
 # A Mistral3 wrapper's parts that are not the text model: llama.cpp's converter leaves them out of the text GGUF
 # (TextModel.filter_tensors skips "vision_" and "projector." names) and writes them to the mmproj file instead.
@@ -594,6 +617,7 @@ def _check_qtype(qtype: str) -> None:
         )
     if qtype not in GGUF_TYPES:
         raise ModelError(f"qtype={qtype!r}: use one of {list(GGUF_TYPES)} (or {list(KQUANT_TYPES)} via quantize_gguf)")
+    require_gguf(f"qtype={qtype!r}")
 
 
 def _write_gguf(

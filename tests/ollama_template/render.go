@@ -1,6 +1,9 @@
 // Renders a Modelfile TEMPLATE the way Ollama's chat endpoint does, for tests/test_export_ollama.py.
 //
-// Written for this project from Ollama's documented behaviour (template/template.go, read, not copied):
+// Written for this project from Ollama's template/template.go (ollama/ollama commit 0097ef5ff1f3; read, not
+// copied). Re-implemented: its collate() and the value map Template.Execute passes on the .Messages path.
+// Go's own text/template does the rendering (missingkey=zero, as Ollama's Parse). Not re-implemented: the
+// "json" template function, the legacy .Prompt/.Response path, image tags.
 // the messages are collated first (every system message's text gathered into .System, joined by a
 // blank line; consecutive messages of the same role merged into one, their contents joined by "\n\n"),
 // then the template runs on {.System, .Messages, .Tools, .Response, .Think, ...} with missing keys as
