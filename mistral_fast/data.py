@@ -313,6 +313,7 @@ def _chat(
             raise DataError(f"{column}[{i}] must be an object with {role_key!r} and {content_key!r}")
         role = turn[role_key]
         role = role_map.get(str(role).lower(), role) if role_map else role
+        _refuse_images(turn, f"{column}[{i}]")
         content = turn.get(content_key)
         content = None if content is None and calls else _text(content, f"{column}[{i}].{content_key}")
         message: dict[str, Any] = {"role": "tool" if role == "function" else role, "content": content}
@@ -320,6 +321,28 @@ def _chat(
             message |= _tool_fields(turn, f"{column}[{i}]")
         messages.append(message)
     return messages
+
+
+_IMAGE_CHUNKS = ("image", "image_url", "input_image")
+
+
+def _refuse_images(turn: dict[str, Any], where: str) -> None:
+    """Refuse a turn carrying an image (an ``images`` field or an image content chunk), naming it.
+
+    Why: Mistral 3 models (Mistral3ForConditionalGeneration) see images, but this tool fine-tunes their
+    language model on text only; dropping the image silently would train answers about pictures the model
+    never saw.
+    """
+    content = turn.get("content")
+    chunks = content if isinstance(content, list) else []
+    kinds = [c.get("type") for c in chunks if isinstance(c, dict) and c.get("type") in _IMAGE_CHUNKS]
+    if turn.get("images") or turn.get("image") or kinds:
+        found = f"a {kinds[0]!r} content chunk" if kinds else "an image field"
+        raise DataError(
+            f"{where} has {found}: images are not supported yet; mistral_fast fine-tunes text conversations "
+            "(also for Mistral 3 vision-language models, whose vision tower is kept as it is). Remove the images "
+            "or the records that have them"
+        )
 
 
 def _tool_fields(turn: dict[str, Any], at: str) -> dict[str, Any]:
@@ -362,6 +385,7 @@ def _sharegpt(turns: Any) -> list[dict[str, Any]]:
         at = f"conversations[{i}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{at} must be an object with 'from' and 'value'")
+        _refuse_images(turn, at)
         speaker, value = str(turn["from"]).lower(), _text(turn["value"], f"{at}.value")
         if speaker == SHAREGPT_CALL:
             calls = _json_column(value, f"{at}.value")

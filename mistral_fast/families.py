@@ -119,6 +119,91 @@ _SMALL_24B_SHAPES: Mapping[str, Any] = MappingProxyType(
     {**_NEMO_SHAPES, "intermediate_size": 32768, "rope_theta": 1e8, "max_position_embeddings": 32768}
 )
 
+# The current generation ships as transformers' Mistral3ForConditionalGeneration (model_type "mistral3"): a
+# Mistral language model (``model.language_model``), a Pixtral vision tower (``model.vision_tower``) and a
+# patch-merging projector (``model.multi_modal_projector``). Its config.json nests the language model's figures
+# under "text_config"; the shapes below are that text_config, plus the vision tower's figures under "vision".
+# Sources (stored public copies, found with the search tool; the hub itself is out of reach from here):
+# - Mistral Small 3.1 / 3.2 (24B, 2503 / 2506): config.json as reproduced in diffusers' FLUX.2 tests and docs
+#   (its text encoder is Mistral-Small-3.1-24B-Instruct-2503): text hidden 5120, 40 layers, 32 heads, 8 KV
+#   heads, head_dim 128, MLP 32768, rope_theta 1e9, max_position_embeddings 131072, vocab 131072; vision
+#   (pixtral) hidden 1024, 24 layers, 16 heads, MLP 4096, image 1540, patch 14, spatial_merge_size 2. Small 3.2's
+#   shapes are Small 3.1's (a third-party shape table, "Mistral-Small-3.2-24B-Instruct-2506": same figures).
+# - The vision tower + projector's parameter count, 438,958,080, is the figure a third-party memory estimator
+#   measured on the meta device for Small 3.2 and Ministral 3 14B (same Pixtral tower in both).
+# - Ministral 3 (2512): text model_type "ministral3" (transformers 5's Ministral3Config: YaRN RoPE with
+#   llama_4_scaling_beta), Megatron-Bridge's docs/models/vlm/ministral3.md: 3B = 26 layers x 3072, 8B = 34 x 4096,
+#   14B = 40 x 5120, 32 heads, 8 KV heads; MLP widths 9216 (3B) and 16384 (14B) from third-party shape tables
+#   of the published config.json; 14336 for 8B is NOT verified here (Mistral-7B's 3.5x ratio; check the hub).
+#   3B ties its embeddings (third-party shape table); max_position_embeddings 262144 (the 256k context the
+#   model cards state).
+_PIXTRAL_VISION: Mapping[str, Any] = MappingProxyType(
+    {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "image_size": 1540,
+        "patch_size": 14,
+        "parameters": 438_958_080,  # vision tower + projector
+    }
+)
+_SMALL_31_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {
+        **_SMALL_24B_SHAPES,
+        "model_type": "mistral3",
+        "text_model_type": "mistral",
+        "rope_theta": 1e9,
+        "max_position_embeddings": 131072,
+        "vision": _PIXTRAL_VISION,
+    }
+)
+# Magistral Small 2506 / 2507 and Devstral Small 2505 / 2507 are Small 3.1's language model fine-tuned, shipped
+# as text-only MistralForCausalLM checkpoints (no vision tower); their rope_theta / context figures are Small
+# 3.1's (128k), NOT verified against each hub config here.
+_SMALL_31_TEXT_SHAPES: Mapping[str, Any] = MappingProxyType(
+    {k: v for k, v in _SMALL_31_SHAPES.items() if k not in ("vision", "text_model_type")} | {"model_type": "mistral"}
+)
+
+
+def _ministral3(hidden: int, layers: int, mlp: int, *, tied: bool) -> Mapping[str, Any]:
+    return MappingProxyType(
+        {
+            "model_type": "mistral3",
+            "text_model_type": "ministral3",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "intermediate_size": mlp,
+            "max_position_embeddings": 262144,
+            "sliding_window": None,
+            "tie_word_embeddings": tied,
+            "vision": _PIXTRAL_VISION,
+        }
+    )
+
+
+_MINISTRAL3_3B = _ministral3(3072, 26, 9216, tied=True)
+_MINISTRAL3_8B = _ministral3(4096, 34, 14336, tied=False)
+_MINISTRAL3_14B = _ministral3(5120, 40, 16384, tied=False)
+
+# Where the wrapper keeps its parts (transformers 5 module names), and how checkpoints written in the older
+# layout (``language_model.model.…``, what transformers 5.17's save_pretrained still writes for Mistral3 and
+# what the hub's Small 3.1 files use) name the same tensors: the merge and GGUF export match adapter weights
+# to checkpoint tensors through this.
+MISTRAL3_LANGUAGE_MODEL = "model.language_model"
+MISTRAL3_FROZEN_16BIT = ("model.vision_tower", "model.multi_modal_projector")
+MISTRAL3_CHECKPOINT_PREFIXES: Mapping[str, str] = MappingProxyType(
+    {
+        "language_model.model.": "model.language_model.",
+        "language_model.lm_head.": "lm_head.",
+        "vision_tower.": "model.vision_tower.",
+        "multi_modal_projector.": "model.multi_modal_projector.",
+    }
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -140,6 +225,12 @@ class Family:
         num_experts: experts per layer of a mixture-of-experts generation (0: dense).
         experts_per_token: experts each token is routed to (top-k; 0: dense).
         expert_targets: the module names of one expert's linear layers in our 4-bit model (LoRA targets).
+        language_model: the module holding the decoder inside a wrapper (``model.language_model`` of
+            Mistral3ForConditionalGeneration): LoRA targets are matched inside it only ("" : the whole model).
+        frozen_16bit: modules kept in 16 bits and frozen (a wrapper's vision tower and projector): never
+            quantised, never given LoRA, written back byte for byte by the merge.
+        text_model_type: ``text_config.model_type`` of a wrapper (``"mistral"``, ``"ministral3"``).
+        refused: why this tool refuses the generation ("" : supported).
     """
 
     name: str
@@ -155,14 +246,27 @@ class Family:
     num_experts: int = 0
     experts_per_token: int = 0
     expert_targets: tuple[str, ...] = ()
+    language_model: str = ""
+    frozen_16bit: tuple[str, ...] = ()
+    text_model_type: str = ""
+    refused: str = ""
 
     @property
     def is_moe(self) -> bool:
         """True for a mixture-of-experts generation (Mixtral)."""
         return self.num_experts > 0
 
+    @property
+    def is_wrapper(self) -> bool:
+        """True for a vision-language wrapper whose language model alone is trained (Mistral3)."""
+        return bool(self.language_model)
+
     def config_for(self, hub_name: str) -> dict[str, Any] | None:
-        """The built-in ``config.json`` figures of one of this row's hub models (None if unknown)."""
+        """The built-in ``config.json`` figures of one of this row's hub models (None if unknown).
+
+        A wrapper's figures are its language model's, flat (as every stage reads them), with the vision
+        tower's under ``"vision"``.
+        """
         if self.shapes and hub_name.lower() in {n.lower() for n in self.hub_names}:
             return {**self.shapes, "vocab_size": self.vocab_size, "architectures": [self.architecture]}
         return None
@@ -256,8 +360,123 @@ FAMILIES: tuple[Family, ...] = (
         vocab_size=131072,
         shapes=_SMALL_24B_SHAPES,
     ),
+    # Mistral Small 3.1 (2503): the first Mistral3ForConditionalGeneration; tekken v7 (the chat format of Small 3,
+    # mistral_common's MistralTokenizer.v7 for "mistral-small-2503"). llama.cpp: text model as "mistral3", the
+    # vision tower as an mmproj file (convert_hf_to_gguf.py --mmproj; conversion/mistral3.py and llava.py).
+    Family(
+        name="mistral-small-3.1",
+        hub_names=(
+            "mistralai/Mistral-Small-3.1-24B-Base-2503",
+            "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+            "unsloth/Mistral-Small-3.1-24B-Instruct-2503-bnb-4bit",
+        ),
+        architecture="Mistral3ForConditionalGeneration",
+        tokenizer_kind="tekken",
+        tokenizer="v7-tekken",
+        vocab_size=131072,
+        gguf_arch="mistral3",
+        shapes=_SMALL_31_SHAPES,
+        model_type="mistral3",
+        language_model=MISTRAL3_LANGUAGE_MODEL,
+        frozen_16bit=MISTRAL3_FROZEN_16BIT,
+        text_model_type="mistral",
+    ),
+    # Mistral Small 3.2 (2506): Small 3.1's architecture and shapes; tekken v11 (llama.cpp's converter maps
+    # TokenizerVersion.v11 to the template "Mistral-Small-3.2-24B-Instruct-2506.jinja": conversion/mistral.py).
+    Family(
+        name="mistral-small-3.2",
+        hub_names=("mistralai/Mistral-Small-3.2-24B-Instruct-2506", "unsloth/Mistral-Small-3.2-24B-Instruct-2506"),
+        architecture="Mistral3ForConditionalGeneration",
+        tokenizer_kind="tekken",
+        tokenizer="v11-tekken",
+        vocab_size=131072,
+        gguf_arch="mistral3",
+        shapes=_SMALL_31_SHAPES,
+        model_type="mistral3",
+        language_model=MISTRAL3_LANGUAGE_MODEL,
+        frozen_16bit=MISTRAL3_FROZEN_16BIT,
+        text_model_type="mistral",
+    ),
+    # Magistral Small 2509 (1.2): reasoning ([THINK]…[/THINK]) with the vision tower back, tekken v13. The
+    # architecture (Mistral3ForConditionalGeneration) is what third-party loaders record for its GGUF (text +
+    # image input); the tokenizer version is NOT verified against its tekken.json here.
+    Family(
+        name="magistral-small-2509",
+        hub_names=("mistralai/Magistral-Small-2509", "unsloth/Magistral-Small-2509"),
+        architecture="Mistral3ForConditionalGeneration",
+        tokenizer_kind="tekken",
+        tokenizer="v13-tekken",
+        vocab_size=131072,
+        gguf_arch="mistral3",
+        shapes=_SMALL_31_SHAPES,
+        model_type="mistral3",
+        language_model=MISTRAL3_LANGUAGE_MODEL,
+        frozen_16bit=MISTRAL3_FROZEN_16BIT,
+        text_model_type="mistral",
+    ),
+    # Magistral Small 2506 / 2507 and Devstral Small 2505 / 2507: Small 3.1's language model alone
+    # (MistralForCausalLM, no vision tower). Tokenizers: the 2507 releases are v13 (llama.cpp's converter maps
+    # TokenizerVersion.v13 to the template "unsloth-mistral-Devstral-Small-2507.jinja", conversion/mistral.py; v13
+    # has [THINK]/[/THINK], Magistral 1.1's reasoning format); v11 for the 2505/2506 releases is NOT verified here
+    # against their tekken.json. Matched by hub name; a local copy's config.json looks like Small 3's.
+    *(
+        Family(
+            name=name,
+            hub_names=(hub,),
+            architecture="MistralForCausalLM",
+            tokenizer_kind="tekken",
+            tokenizer=version,
+            vocab_size=131072,
+            shapes=_SMALL_31_TEXT_SHAPES,
+        )
+        for name, hub, version in (
+            ("magistral-small-2506", "mistralai/Magistral-Small-2506", "v11-tekken"),
+            ("magistral-small-2507", "mistralai/Magistral-Small-2507", "v13-tekken"),
+            ("devstral-small-2505", "mistralai/Devstral-Small-2505", "v11-tekken"),
+            ("devstral-small-2507", "mistralai/Devstral-Small-2507", "v13-tekken"),
+        )
+    ),
+    # Ministral 3 (2512): Mistral3ForConditionalGeneration with a "ministral3" language model (YaRN RoPE, llama 4
+    # attention scaling); llama.cpp converts it as "mistral3" (conversion/mistral3.py Ministral3Model). Official
+    # Instruct weights are fine-grained FP8 (dequantised as read: modeling/fp8.py). Tokenizer v13 NOT verified.
+    *(
+        Family(
+            name=f"ministral-3-{size.lower()}",
+            hub_names=tuple(f"mistralai/Ministral-3-{size}-{kind}-2512" for kind in ("Base", "Instruct", "Reasoning")),
+            architecture="Mistral3ForConditionalGeneration",
+            tokenizer_kind="tekken",
+            tokenizer="v13-tekken",
+            vocab_size=131072,
+            gguf_arch="mistral3",
+            shapes=shapes,
+            model_type="mistral3",
+            language_model=MISTRAL3_LANGUAGE_MODEL,
+            frozen_16bit=MISTRAL3_FROZEN_16BIT,
+            text_model_type="ministral3",
+        )
+        for size, shapes in (("3B", _MINISTRAL3_3B), ("8B", _MINISTRAL3_8B), ("14B", _MINISTRAL3_14B))
+    ),
 )
 """Every generation mistral_fast supports; the first is the default (and the tiny model's)."""
+
+# Generations refused with the reason, by hub name (`family_for_model`). Mistral Large 3 (2512) is a 675B
+# mixture of experts with DeepSeek-V3-style attention, published in Mistral's own format (params.json with a
+# "moe" section, consolidated safetensors in FP8): llama.cpp converts it only from that format
+# (convert_hf_to_gguf.py --mistral-format → conversion/mistral.py MistralMoeModel), and nothing here (transformers
+# loading, our merge, our GGUF writer) reads that format or that architecture.
+REFUSED: Mapping[str, str] = MappingProxyType(
+    {
+        "mistralai/Mistral-Large-3-675B-Instruct-2512": (
+            "Mistral Large 3 is a 675B mixture-of-experts model (DeepSeek-V3-style attention and experts) published "
+            "in Mistral's own format (params.json + consolidated safetensors), which llama.cpp converts only with "
+            "convert_hf_to_gguf.py --mistral-format and which this tool's loaders, merge and GGUF export do not read"
+        ),
+        "mistralai/Mistral-Large-3-675B-Base-2512": (
+            "Mistral Large 3 is a 675B mixture-of-experts model published in Mistral's own format (params.json), "
+            "which llama.cpp converts only with --mistral-format and which this tool does not read"
+        ),
+    }
+)
 
 DEFAULT = FAMILIES[0]
 TINY_MODELS: Mapping[str, str] = MappingProxyType(
@@ -266,6 +485,7 @@ TINY_MODELS: Mapping[str, str] = MappingProxyType(
         "tiny-nemo": "mistral-nemo",
         "tiny-small": "mistral-small-24b",
         "tiny-mixtral": "mixtral-8x7b-v0.1",
+        "tiny-mistral3": "mistral-small-3.1",
     }
 )
 """``model.name_or_path`` values of the tiny local models (`mistral_fast.modeling.tiny`) → their row's name."""
@@ -305,6 +525,7 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
     """
     if name_or_path in TINY_MODELS:
         return family_named(TINY_MODELS[name_or_path])
+    _refuse(name_or_path)
     for family in FAMILIES:
         if name_or_path.lower() in {n.lower() for n in family.hub_names}:
             return family
@@ -315,25 +536,47 @@ def family_for_model(name_or_path: str, config: Mapping[str, Any] | None = None)
         architecture = (config.get("architectures") or [""])[0]
         if architecture in _VISION_ARCHITECTURES:
             raise ModelError(
-                f"model.name_or_path={name_or_path!r}: {architecture} (Mistral Small 3.1/3.2) is a vision-language "
-                "model; mistral_fast trains text-only MistralForCausalLM checkpoints and refuses it rather than "
-                "train a wrapper it cannot export. Use mistralai/Mistral-Small-24B-Instruct-2501 (same language "
-                "model, text only), or extract the language model into a MistralForCausalLM checkpoint first"
+                f"model.name_or_path={name_or_path!r}: {architecture} (Pixtral 12B) is a vision-language model of a "
+                "layout this tool does not train (only Mistral3ForConditionalGeneration wrappers are); choose a "
+                "Mistral text model or a Mistral 3 checkpoint"
             )
+        text = text_config(config)
         candidates = [
-            f for f in FAMILIES if f.architecture == architecture and f.vocab_size == config.get("vocab_size")
+            f
+            for f in FAMILIES
+            if f.architecture == architecture
+            and f.vocab_size == text.get("vocab_size")
+            and (not f.text_model_type or f.text_model_type == text.get("model_type", f.text_model_type))
         ]
         if candidates:
-            return _closest(candidates, config)
+            return _closest(candidates, text)
         raise ModelError(
             f"model.name_or_path={name_or_path!r}: {architecture or 'no architecture'} with vocab_size "
-            f"{config.get('vocab_size')} is not a supported Mistral generation; supported: "
-            + ", ".join(f"{f.name} ({f.architecture}, {f.vocab_size} ids)" for f in FAMILIES)
+            f"{text.get('vocab_size')} is not a supported Mistral generation; supported: "
+            + ", ".join(sorted({f"{f.architecture} ({f.vocab_size} ids)" for f in FAMILIES}))
         )
     raise ModelError(f"model.name_or_path={name_or_path!r}: not a known model and no config.json to identify it")
 
 
-_VISION_ARCHITECTURES = ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+def _refuse(name_or_path: str) -> None:
+    for hub_name, reason in REFUSED.items():
+        if name_or_path.lower() == hub_name.lower():
+            raise ModelError(f"model.name_or_path={name_or_path!r}: not supported: {reason}")
+
+
+def text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json's language-model figures: its ``text_config`` (a Mistral3 wrapper), else itself.
+
+    Why: every stage reads widths, layers and vocabulary from the flat dict a MistralForCausalLM has; a
+    wrapper nests them under ``text_config``, so this is the one place that flattening happens.
+    """
+    nested = config.get("text_config")
+    if isinstance(nested, Mapping):
+        return {**{k: v for k, v in config.items() if k != "text_config"}, **nested}
+    return dict(config)
+
+
+_VISION_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 
 
 def _closest(candidates: list[Family], config: Mapping[str, Any]) -> Family:
@@ -343,6 +586,13 @@ def _closest(candidates: list[Family], config: Mapping[str, Any]) -> Family:
     neither (a tiny test model) gets the first row.
     """
     rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")  # transformers 5
+    for family in candidates:  # Ministral 3's sizes: told apart by width and depth
+        shape = (family.shapes.get("hidden_size"), family.shapes.get("num_hidden_layers"))
+        if family.shapes.get("text_model_type") == "ministral3" and shape == (
+            config.get("hidden_size"),
+            config.get("num_hidden_layers"),
+        ):
+            return family
     for family in candidates:
         if family.shapes and (config.get("intermediate_size"), rope) == (
             family.shapes.get("intermediate_size"),

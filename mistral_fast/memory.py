@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mistral_fast.config import RunConfig
 from mistral_fast.constants import NF4_BLOCK
 from mistral_fast.errors import ConfigError
-from mistral_fast.families import known_config
+from mistral_fast.families import known_config, text_config
 from mistral_fast.policies import BF16_CAPABILITY, auto_compute_dtype, resolve_optimizer, uses_chunked_loss
 
 GiB = 2**30
@@ -86,6 +86,7 @@ class MistralShapes:
     tied: bool = False
     experts: int = 0  # Mixtral: experts per layer (num_local_experts); 0: a dense MLP
     top_k: int = 0  # Mixtral: experts each token is routed to (num_experts_per_tok)
+    vision: int = 0  # a Mistral3 wrapper's vision tower + projector parameters (kept 16-bit, frozen); 0: none
 
     @property
     def mlp_copies(self) -> int:
@@ -99,7 +100,9 @@ class MistralShapes:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MistralShapes:
-        """Read the shapes from a config.json dict."""
+        """Read the shapes from a config.json dict (a Mistral3 wrapper's: its text_config, plus the vision tower)."""
+        vision = vision_parameters(config)
+        config = text_config(config)
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         return cls(
             hidden=hidden,
@@ -112,6 +115,7 @@ class MistralShapes:
             tied=bool(config.get("tie_word_embeddings", False)),
             experts=int(config.get("num_local_experts") or 0),
             top_k=int(config.get("num_experts_per_tok") or 0),
+            vision=vision,
         )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
@@ -155,10 +159,32 @@ class MistralShapes:
     @property
     def total_params(self) -> int:
         """All parameters of the base model."""
-        return self.linear_params + self.embedding_params + self.norm_params + self.router_params
+        return self.linear_params + self.embedding_params + self.norm_params + self.router_params + self.vision
 
 
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def vision_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a Mistral3 wrapper's Pixtral vision tower and projector (0 for a text model).
+
+    From the built-in figure (``config["vision"]["parameters"]``) or computed from ``vision_config`` as
+    transformers builds the modules: the patch convolution, ``ln_pre``, per layer q/k/v/o (no bias), the
+    SwiGLU MLP and two norms; the projector's norm, patch merger (h·m² → h), linear_1 (h → text hidden) and
+    linear_2 (text hidden²). For Small 3.1's vision_config this gives 438,958,080, the figure measured on
+    the meta device by a third-party estimator (families.py).
+    """
+    if isinstance(config.get("vision"), Mapping):
+        return int(config["vision"]["parameters"])
+    vision = config.get("vision_config")
+    if not isinstance(vision, Mapping):
+        return 0
+    h, inter, layers = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["num_hidden_layers"])
+    patch, merge = int(vision.get("patch_size", 14)), int(config.get("spatial_merge_size", 2))
+    text_hidden = int(text_config(config)["hidden_size"])
+    tower = h * int(vision.get("num_channels", 3)) * patch * patch + h + layers * (4 * h * h + 3 * h * inter + 2 * h)
+    projector = h + h * h * merge * merge + h * text_hidden + text_hidden * text_hidden
+    return tower + projector
 
 
 @dataclass(frozen=True)
@@ -323,7 +349,8 @@ def weight_bytes(shapes: MistralShapes, plan: Plan) -> int:
     """Bytes of the base model's weights as they sit on the device during training.
 
     * qlora: decoder linears in NF4; embeddings, lm_head and norms in fp32, because peft's
-      ``prepare_model_for_kbit_training`` (hf backend) casts every non-4-bit parameter to fp32.
+      ``prepare_model_for_kbit_training`` (hf backend) casts every non-4-bit parameter to fp32; a Mistral3
+      wrapper's vision tower and projector in the compute dtype (cast back after that preparation).
     * lora: everything in the compute dtype (the base is loaded in it).
     * full: fp32 master weights (mixed precision: 16-bit copies are made per op by autocast).
     """
@@ -331,7 +358,9 @@ def weight_bytes(shapes: MistralShapes, plan: Plan) -> int:
         quantised_per_layer = 4 + 3 * shapes.mlp_copies  # Linear4bit modules, each with its own quant state
         per_layer_consts = shapes.layers * quantised_per_layer * (2 * 256 * 4 + 64)  # code tables, scalars
         other = shapes.embedding_params + shapes.norm_params + shapes.router_params
-        return int(nf4_bytes(shapes.linear_params, double_quant=plan.double_quant) + other * 4 + per_layer_consts)
+        vision = shapes.vision * _DTYPE_BYTES[plan.compute_dtype]  # 16-bit and frozen (modeling/mistral3.py)
+        nf4 = nf4_bytes(shapes.linear_params, double_quant=plan.double_quant)
+        return int(nf4 + other * 4 + vision + per_layer_consts)
     width = 4 if plan.method == "full" else _DTYPE_BYTES[plan.compute_dtype]
     return shapes.total_params * width
 

@@ -81,7 +81,33 @@ def test_tekken_rows_nemo_and_small() -> None:
     assert tokenizer_version(small_model) == "v7-tekken"
 
 
-def test_mistral3_vision_models_are_refused_clearly() -> None:
-    config = {"architectures": ["Mistral3ForConditionalGeneration"], "text_config": {"vocab_size": 131072}}
-    with pytest.raises(ModelError, match=r"Mistral3ForConditionalGeneration .*vision-language.*Mistral-Small-24B"):
-        family_for_model("/models/small-3.1", config)
+def test_mistral3_wrappers_are_rows_found_by_config_and_name() -> None:
+    """A Mistral3ForConditionalGeneration config.json (the language model's figures under text_config) finds its row;
+    Ministral 3 (text model_type ministral3) is told apart by its size; Pixtral 12B (Llava layout) is still refused."""
+    small31 = {
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "model_type": "mistral3",
+        "text_config": {"model_type": "mistral", "vocab_size": 131072, "intermediate_size": 32768, "rope_theta": 1e9},
+    }
+    found = family_for_model("/models/small-3.1", small31)
+    assert (found.name, found.tokenizer, found.gguf_arch) == ("mistral-small-3.1", "v7-tekken", "mistral3")
+    assert found.is_wrapper and found.frozen_16bit == ("model.vision_tower", "model.multi_modal_projector")
+    ministral = {**small31, "text_config": {"model_type": "ministral3", "vocab_size": 131072, "hidden_size": 4096,
+                                            "num_hidden_layers": 34}}
+    assert family_for_model("/models/ministral", ministral).name == "ministral-3-8b"
+    assert family_for_model("mistralai/Mistral-Small-3.2-24B-Instruct-2506").tokenizer == "v11-tekken"
+    assert family_for_model("mistralai/Magistral-Small-2507").architecture == "MistralForCausalLM"
+    assert family_for_model("tiny-mistral3").language_model == "model.language_model"
+    with pytest.raises(ModelError, match=r"LlavaForConditionalGeneration \(Pixtral 12B\)"):
+        family_for_model("/models/pixtral", {"architectures": ["LlavaForConditionalGeneration"], "vocab_size": 131072})
+
+
+def test_models_llama_cpp_converts_only_from_mistral_format_are_refused(tmp_path) -> None:
+    from mistral_fast.modeling import resolve_model_path
+
+    with pytest.raises(ModelError, match=r"Mistral Large 3 is a 675B mixture-of-experts.*--mistral-format"):
+        family_for_model("mistralai/Mistral-Large-3-675B-Instruct-2512")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 5120, "n_layers": 40}))
+    (tmp_path / "consolidated.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"Mistral's own format \(params.json.*--mistral-format"):
+        resolve_model_path(str(tmp_path))

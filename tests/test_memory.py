@@ -307,10 +307,44 @@ def test_estimate_matches_the_real_trainer_step(tmp_path, case):
 
 @pytest.mark.parametrize(
     ("preset", "gpu", "at_most_gib"),
-    [("nemo-t4", "t4", 13.5), ("small24b-l4", "l4", 20.0), ("small24b-a100", "a100-40gb", 26.0)],
+    [
+        ("nemo-t4", "t4", 13.5),
+        ("small24b-l4", "l4", 20.0),
+        ("small24b-a100", "a100-40gb", 26.0),
+        ("ministral3-8b-t4", "t4", 11.0),
+        ("ministral3-14b-l4", "l4", 15.0),
+        ("small32-a100", "a100-40gb", 23.0),
+        ("magistral-long", "a100-80gb", 49.0),
+    ],
 )
 def test_tekken_presets_fit_their_gpu(preset, gpu, at_most_gib):
     """Nemo on a T4 and Small 24B on an L4 / A100-40GB, from the built-in shapes (no hub)."""
     est = estimate_memory(load_config(preset), gpu=gpu)
     assert est.fits and est.total <= at_most_gib * GiB, est.table()
     assert est.details["loss_peak_bytes"] < 0.1 * est.details["logits_bytes_per_token"] * est.plan.tokens
+
+
+def test_a_mistral3_wrapper_s_vision_tower_is_counted_16_bit() -> None:
+    """The vision tower + projector of Mistral Small 3.1's config.json: the count transformers' own model has (built on
+    the meta device, one decoder layer), which is also the figure a third-party estimator measured; kept 16-bit."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from mistral_fast.memory import vision_parameters
+
+    vision = {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "head_dim": 64, "image_size": 1540, "patch_size": 14}
+    text = {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 1,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072}
+    config = {"model_type": "mistral3", "text_config": text, "vision_config": vision, "spatial_merge_size": 2,
+              "multimodal_projector_bias": False}
+    with torch.device("meta"):
+        model = Mistral3ForConditionalGeneration(Mistral3Config(**config))
+    reference = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n or "projector" in n)
+    assert vision_parameters(config) == reference == 438_958_080
+    small = known_config("mistralai/Mistral-Small-3.2-24B-Instruct-2506")
+    assert MistralShapes.from_config(small).vision == reference
+    text_only = dict(small, vision={"parameters": 0})
+    with_vision = estimate_memory(RunConfig(), model_config=small, gpu="a100-40gb", compute_dtype="bfloat16")
+    without = estimate_memory(RunConfig(), model_config=text_only, gpu="a100-40gb", compute_dtype="bfloat16")
+    assert with_vision.breakdown["weights"] - without.breakdown["weights"] == 2 * reference

@@ -36,7 +36,8 @@ from mistral_fast.export.gguf import (
     write_modelfile,
 )
 from mistral_fast.export.lora_gguf import export_adapter_gguf, export_base_gguf
-from mistral_fast.export.merge import merge_adapter
+from mistral_fast.export.merge import merge_adapter, resolve_source
+from mistral_fast.export.mmproj import export_mmproj
 from mistral_fast.export.report import equivalence_report
 from mistral_fast.rundir import RunDir
 
@@ -48,6 +49,7 @@ __all__ = [
     "export_base_gguf",
     "export_gguf",
     "export_merged_gguf",
+    "export_mmproj",
     "export_run",
     "merge_adapter",
     "quantize_gguf",
@@ -128,6 +130,8 @@ def export_run(
         source = merged_dir or _OnePass(run_dir, base, original)
         result["gguf"] = _write_ggufs(source, out, types, Path(tmp), name=run_dir.name)
         result["modelfiles"] = {t: str(write_modelfile(p)) for t, p in result["gguf"].items()}
+        if types:  # a Mistral3 wrapper: its vision projector file beside the text GGUFs (vision kept)
+            result["mmproj"] = _write_mmproj(merged_dir or resolve_source(run_dir).base_path, out, run_dir.name)
         if report and types and importlib.util.find_spec("llama_cpp") is not None:
             if merged_dir is None:  # the report's merged side: the same merge, in the temporary directory
                 merged_dir = merge_adapter(run_dir, Path(tmp) / "merged", base=base, original_checkpoint=original)
@@ -169,6 +173,18 @@ def _write_ggufs(source: Path | _OnePass, out: Path, types: list[str], tmp: Path
     return written
 
 
+def _write_mmproj(model_dir: Path, out: Path, name: str) -> str | None:
+    """``mmproj-F16.gguf`` of a Mistral3 checkpoint (`export_mmproj`); None for a text-only model.
+
+    The vision tower and projector a text fine-tune leaves untouched, as llama.cpp's converter writes them, so
+    llama.cpp (``--mmproj``) and Ollama keep the fine-tune's vision.
+    """
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "mistral3":
+        return None
+    return str(export_mmproj(model_dir, out / "mmproj-F16.gguf", name=name))
+
+
 def _write_adapter_gguf(
     run_dir: Path, out: Path, qtype: str, base: str, original: str | os.PathLike[str] | None
 ) -> dict[str, str]:
@@ -182,6 +198,7 @@ def _write_adapter_gguf(
 def _write_manifest(result: dict[str, Any], out: Path) -> None:
     files = [Path(p) for p in result["gguf"].values()] + [Path(p) for p in result["modelfiles"].values()]
     files += [Path(p) for p in result.get("adapter_gguf", {}).values()]
+    files += [Path(result["mmproj"])] if result.get("mmproj") else []
     if result["merged"]:
         files += sorted(Path(result["merged"]).iterdir())
     result["files"] = {str(f.relative_to(out)): f.stat().st_size for f in files}

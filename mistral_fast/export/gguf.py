@@ -65,6 +65,9 @@ def require_gguf(what: str) -> None:
 
 
 _ARCH = "llama"
+# A Mistral3 wrapper's parts that are not the text model: llama.cpp's converter leaves them out of the text GGUF
+# (TextModel.filter_tensors skips "vision_" and "projector." names) and writes them to the mmproj file instead.
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 @dataclass
@@ -129,10 +132,24 @@ def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
-    config = json.loads((model_dir / "config.json").read_text())
-    archs = config.get("architectures") or []
-    if config.get("model_type") not in ("mistral", "mixtral", "llama") and not any("Mistral" in a for a in archs):
+    """config.json, flat: a Mistral3 wrapper's text_config lifted to the top, as llama.cpp's converter does
+    (``TextModel.__init__``), with ``gguf_arch`` set to the llama.cpp architecture the text model is written as:
+    ``mistral3`` for Mistral3ForConditionalGeneration (conversion/mistral3.py), ``llama`` for the rest."""
+    from mistral_fast.families import text_config
+
+    raw = json.loads((model_dir / "config.json").read_text())
+    archs = raw.get("architectures") or []
+    known = raw.get("model_type") in ("mistral", "mixtral", "llama", "mistral3")
+    if not known and not any("Mistral" in a for a in archs):
         raise ModelError(f"{model_dir}: GGUF export supports Mistral (llama-architecture) models, not {archs}")
+    config = text_config(raw)
+    config["gguf_arch"] = "mistral3" if raw.get("model_type") == "mistral3" else _ARCH
+    if config["gguf_arch"] == "mistral3" and config.get("model_type") == "ministral3":
+        raise ModelError(
+            f"{model_dir}: a Ministral 3 language model (text model_type ministral3: YaRN RoPE with llama 4 "
+            "attention scaling) is not written by this GGUF exporter yet; convert the merged checkpoint with "
+            "llama.cpp's convert_hf_to_gguf.py (and --mmproj for the vision projector)"
+        )
     return config
 
 
@@ -141,7 +158,8 @@ def _plan(model_dir: Path, config: dict[str, Any], qtype: str) -> list[_Tensor]:
     import gguf
     from safetensors import safe_open
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    arch = gguf.MODEL_ARCH.MISTRAL3 if config.get("gguf_arch") == "mistral3" else gguf.MODEL_ARCH.LLAMA
+    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     plan = []
     experts: dict[tuple[int, str], dict[int, tuple[Path, str, tuple[int, ...]]]] = {}
@@ -151,12 +169,15 @@ def _plan(model_dir: Path, config: dict[str, Any], qtype: str) -> list[_Tensor]:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name.endswith("rotary_emb.inv_freq") or (quantized and prequant.is_auxiliary(model_dir, name)):
                     continue  # recomputed by llama.cpp from rope_theta; a 4-bit weight's state
+                if name.startswith(_VISION_PREFIXES):
+                    continue  # a Mistral3 wrapper's vision part: the mmproj file (`export_mmproj`)
                 shape = tuple((quantized and prequant.stored_shape(model_dir, name)) or f.get_slice(name).get_shape())
                 expert = _EXPERT.match(name)
                 if expert:  # gathered below into llama.cpp's stacked tensor
                     experts.setdefault((int(expert["layer"]), expert["w"]), {})[int(expert["e"])] = (file, name, shape)
                     continue
-                gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+                # the converter's ModelBase.filter_tensors: "language_model." dropped from wrapper names
+                gguf_name = name_map.get_name(name.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ModelError(f"{model_dir}: tensor {name!r} has no llama.cpp name; not a Mistral checkpoint?")
                 heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else 0
@@ -567,7 +588,8 @@ def _run_gguf(
     lora, scaling = m.load_lora(source.adapter_dir) if with_lora else ({}, 1.0)
     config = _read_config(base_path)
     plan = _plan(base_path, config, qtype)
-    missing = sorted(set(lora) - {name for spec in plan for _, name in (spec.parts or ((spec.source, spec.hf_name),))})
+    planned = {m.model_weight_name(name) for spec in plan for _, name in (spec.parts or ((spec.source, spec.hf_name),))}
+    missing = sorted(set(lora) - planned)
     if missing:
         raise ModelError(f"adapter weights match no tensor of the base model {base_path}: {missing[:3]}")
 
@@ -575,7 +597,8 @@ def _run_gguf(
         nf4 = quant if m.is_quantized_linear(spec.hf_name, weight) else None
         if nf4 is not None and isinstance(weight, FileRows):
             weight = weight.read()  # the NF4 round trip works on the whole tensor
-        return RowMerge(weight, lora.get(spec.hf_name), scaling, nf4, out_dtype, f"{spec.source.name}: {spec.hf_name}")
+        delta = lora.get(m.model_weight_name(spec.hf_name))
+        return RowMerge(weight, delta, scaling, nf4, out_dtype, f"{spec.source.name}: {spec.hf_name}")
 
     tok_dir = source.adapter_dir if (source.adapter_dir / "tokenizer.json").is_file() else source.base_path
     sp_model = m._sentencepiece_model(source) or _resolve_sp_model(source.base_path, None)
@@ -617,7 +640,7 @@ def _write_gguf(
     import torch
     from tqdm.auto import tqdm
 
-    writer = gguf.GGUFWriter(None, _ARCH)
+    writer = gguf.GGUFWriter(None, config.get("gguf_arch", _ARCH))
     _add_metadata(writer, config, qtype, name)
     _add_tokenizer(writer, tok_dir, sp_model, config)
     for spec in plan:

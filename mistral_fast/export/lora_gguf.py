@@ -133,6 +133,12 @@ def export_adapter_gguf(
         _check_tensors(source.adapter_dir, list(f.keys()))
     lora, _ = m.load_lora(source.adapter_dir)
     config = g._read_config(source.base_path)
+    if config.get("gguf_arch") == "mistral3":
+        raise ModelError(
+            f"{source.adapter_dir}: a LoRA adapter GGUF of a Mistral3ForConditionalGeneration (Mistral 3 with a vision "
+            "tower) is not written yet; set export.gguf (the merged text GGUF plus its mmproj-F16.gguf) instead of "
+            "export.gguf_adapter"
+        )
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])

@@ -29,6 +29,7 @@ from mistral_fast.errors import ModelError
 from mistral_fast.export import prequant
 from mistral_fast.export.checkpoint import checkpoint_files
 from mistral_fast.export.kernels import RowMerge
+from mistral_fast.families import MISTRAL3_CHECKPOINT_PREFIXES, MISTRAL3_FROZEN_16BIT
 from mistral_fast.modeling.moe import checkpoint_weight_name, is_router_weight
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Tokenizer files our tokenizer writes (plus the SentencePiece model, for GGUF and other loaders).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# A Mistral3 checkpoint's image-processor settings: copied so the merged model still loads with its processor
+# and llama.cpp's converter (which reads them for the mmproj file) finds them.
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_FROZEN_16BIT = tuple(f"{prefix}." for prefix in MISTRAL3_FROZEN_16BIT)
 
 
 @dataclass
@@ -182,15 +187,29 @@ def load_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
     return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}, scaling
 
 
+def model_weight_name(name: str) -> str:
+    """A checkpoint tensor's name as the loaded model (and so its LoRA adapter) names it.
+
+    The same for a Mistral/Mixtral; a Mistral3 checkpoint in the older layout (``language_model.model.…``,
+    what transformers 5.17 still saves and the hub's Small 3.1 files use) maps to transformers 5's module
+    names (``model.language_model.…``, `families.MISTRAL3_CHECKPOINT_PREFIXES`).
+    """
+    for old, new in MISTRAL3_CHECKPOINT_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
 def is_quantized_linear(name: str, weight: torch.Tensor) -> bool:
     """Whether 4-bit loading quantised this weight: every decoder Linear, LoRA target or not.
 
     transformers keeps the embeddings, the norms and ``lm_head`` in 16 bits (``lm_head`` is in
     bitsandbytes' modules-not-to-convert); every other 2-D ``.weight`` of a Mistral is a Linear, and of a
     Mixtral too except its router (``block_sparse_moe.gate``, 16-bit in training); Mixtral's experts are
-    4-bit (modeling/moe.py).
+    4-bit (modeling/moe.py). A Mistral3 wrapper's vision tower and projector stay 16-bit (modeling/mistral3.py):
+    their bytes are written back unchanged.
     """
-    if is_router_weight(name):
+    if is_router_weight(name) or model_weight_name(name).startswith(_FROZEN_16BIT):
         return False
     return weight.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name and "lm_head" not in name
 
@@ -441,12 +460,13 @@ def _write_shards(
     tensors: dict[str, torch.Tensor] = {}
     for (i, file, name), weight in read_ahead(items, lambda item: read_tensor(item[1], item[2])):
         nf4 = quant if is_quantized_linear(name, weight) else None
-        tensors[name] = merge_tensor(weight, lora.get(name), scaling, nf4, out_dtype, f"{file.name}: {name}")
+        key = model_weight_name(name)
+        tensors[name] = merge_tensor(weight, lora.get(key), scaling, nf4, out_dtype, f"{file.name}: {name}")
         del weight
         weight_map[name] = names[i]
         total += tensors[name].nbytes
-        if name in lora:
-            used.add(name)
+        if key in lora:
+            used.add(key)
         progress.update()
         if len(tensors) == len(plan[i]):  # the shard is complete
             save_file(tensors, out / names[i], metadata={"format": "pt"})
@@ -476,6 +496,9 @@ def _write_side_files(source: MergeSource, out: Path, out_dtype: torch.dtype) ->
     for name in _TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copyfile(tok_dir / name, out / name)
+    for name in _PROCESSOR_FILES:
+        if (source.base_path / name).is_file():
+            shutil.copyfile(source.base_path / name, out / name)
     sp_model = _sentencepiece_model(source)
     if sp_model is not None:
         shutil.copyfile(sp_model, out / "tokenizer.model")

@@ -175,10 +175,13 @@ def merged_side(
 ) -> Side:
     """The merged 16-bit model computed in ``dtype`` (on the GPU if there is one)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.modeling.checks import read_model_config
+    from mistral_fast.modeling.mistral3 import auto_model_class
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), device_map={"": device})
+    auto = auto_model_class(read_model_config(str(merged_dir)))  # a Mistral3 wrapper: AutoModelForImageTextToText
+    model = auto.from_pretrained(merged_dir, dtype=getattr(torch, dtype), device_map={"": device})
     side = _hf_side("merged", model, prompts, eos, max_new_tokens, rows)
     del model
     _free_memory()

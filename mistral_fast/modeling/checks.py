@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral_fast.errors import ModelError
-from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mixtral_dir, tiny_model_dir
+from mistral_fast.modeling.fp8 import resolve_fp8
+from mistral_fast.modeling.tiny import TINY_VARIANTS, tiny_mistral3_dir, tiny_mixtral_dir, tiny_model_dir
 
 if TYPE_CHECKING:
     from mistral_fast.config import RunConfig
@@ -41,10 +42,20 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path == "tiny-mixtral":
         return str(tiny_mixtral_dir())
+    if name_or_path == "tiny-mistral3":
+        return str(tiny_mistral3_dir())
     if name_or_path in TINY_VARIANTS:
         return str(tiny_model_dir(**TINY_VARIANTS[name_or_path]))
     local = Path(name_or_path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file() and (local / "params.json").is_file():
+            raise ModelError(
+                f"model.name_or_path={name_or_path!r}: {local.resolve()} is in Mistral's own format (params.json + "
+                "consolidated safetensors), which llama.cpp converts only with convert_hf_to_gguf.py "
+                "--mistral-format and which this tool does not read: use the model's transformers-format "
+                "repository (config.json + model-*.safetensors), or convert it with transformers' "
+                "convert_mistral_weights_to_hf script first"
+            )
         if not (local / "config.json").is_file():
             raise ModelError(
                 f"model.name_or_path={name_or_path!r}: {local.resolve()} has no config.json; "
@@ -58,14 +69,14 @@ def resolve_model_path(name_or_path: str) -> str:
                 "which are never loaded (they can run code); convert them to safetensors on a trusted machine "
                 "(transformers: from_pretrained + save_pretrained) and point here again"
             )
-        return str(local)
+        return resolve_fp8(str(local))  # an FP8 checkpoint (Ministral 3 Instruct): its 16-bit copy
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
         raise ModelError(
             f"model.name_or_path={name_or_path!r}: no such directory ({local.resolve()}); "
             "check the path, or give a hub name such as mistralai/Mistral-7B-v0.3, or 'tiny'"
         )
     _fetch_hub_config(name_or_path)
-    return name_or_path
+    return resolve_fp8(name_or_path)
 
 
 def _fetch_hub_config(repo_id: str) -> Path:
@@ -118,11 +129,13 @@ def linear_module_names(path: str, *, trust_remote_code: bool = False) -> list[s
     ``lm_head`` is left out: it is never quantised, and LoRA on it is not what this tool trains.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from mistral_fast.modeling.mistral3 import auto_model_class
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config.to_dict()).from_config(config, trust_remote_code=trust_remote_code)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if getattr(config, "num_local_experts", 0):
         # Mixtral's experts are fused 3-D parameters here; on a 4-bit load each becomes per-expert

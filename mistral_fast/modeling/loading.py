@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
+    from mistral_fast.families import Family
+
 log = logging.getLogger("mistral_fast")
 
 @dataclass
@@ -85,6 +87,10 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
         if cfg.model.backend == "unsloth":
             raise ModelError(_UNSLOTH_MOE.format(name=cfg.model.name_or_path))
         backend, backend_reason = "hf", "Mixtral (mixture of experts): the hf backend, which stores experts in NF4"
+    elif _known_wrapper(cfg):
+        if cfg.model.backend == "unsloth":
+            raise ModelError(_UNSLOTH_MISTRAL3.format(name=cfg.model.name_or_path))
+        backend, backend_reason = "hf", "Mistral3ForConditionalGeneration: the hf backend (Unsloth's loader refuses it)"
     else:
         backend, backend_reason = resolve_backend(cfg.model.backend)  # first: unsloth must precede transformers
     path = validate_model_request(cfg)
@@ -119,12 +125,28 @@ def load_model(cfg: RunConfig, *, for_training: bool = True) -> LoadedModel:
     return loaded
 
 
-def _bnb_config(cfg: RunConfig, dtype: torch.dtype) -> Any:
+def _wrapper_family(cfg: RunConfig, path: str | None) -> Family | None:
+    """The row of a Mistral3 wrapper being loaded (None: a plain text model, or one no row knows)."""
+    from mistral_fast.families import family_for_model
+    from mistral_fast.modeling.checks import read_model_config
+
+    try:
+        family = family_for_model(cfg.model.name_or_path, read_model_config(path) if path else None)
+    except ModelError:
+        return None
+    return family if family.is_wrapper else None
+
+
+def _bnb_config(cfg: RunConfig, dtype: torch.dtype, wrapper: Family | None = None) -> Any:
     from transformers import BitsAndBytesConfig
 
     from mistral_fast.distributed import using_fsdp
 
-    extra = {}
+    extra: dict[str, Any] = {}
+    if wrapper is not None:  # the vision tower and projector stay 16-bit (modeling/mistral3.py)
+        from mistral_fast.modeling.mistral3 import skip_modules
+
+        extra["llm_int8_skip_modules"] = skip_modules(wrapper)
     if using_fsdp():
         # FSDP flattens each wrapped module's parameters into one tensor of one float dtype: the packed
         # 4-bit weights must be stored as that dtype (not uint8) for FSDP to shard them (FSDP + QLoRA).
@@ -142,16 +164,18 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     """transformers + bitsandbytes + peft: the reference backend."""
     import torch
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     from mistral_fast.distributed import using_fsdp
+    from mistral_fast.modeling.checks import read_model_config
+    from mistral_fast.modeling.mistral3 import auto_model_class, keep_frozen_16bit
 
+    wrapper = _wrapper_family(cfg, path)
     # safetensors only: pickled .bin weights of an untrusted checkpoint could run code when loaded
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code, "use_safetensors": True}
     if cfg.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.load_in_4bit:
-        kwargs["quantization_config"] = _bnb_config(cfg, dtype)
+        kwargs["quantization_config"] = _bnb_config(cfg, dtype, wrapper)
     fsdp = using_fsdp()
     if torch.cuda.is_available() and not fsdp:
         # One whole copy per process (DDP); 4-bit weights are quantised straight onto that GPU. Under FSDP
@@ -160,7 +184,7 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     if cfg.model.load_in_4bit and _streams_experts(path):
         model = _load_moe_streamed(path, cfg, kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_model_class(read_model_config(path)).from_pretrained(path, **kwargs)
         if cfg.model.load_in_4bit:
             _quantize_moe_experts(model, cfg, dtype)  # a Mixtral with fused experts in its checkpoint
     disable_cpu_weight_repacking(model)
@@ -175,6 +199,8 @@ def _load_hf(cfg: RunConfig, path: str, dtype: torch.dtype, *, for_training: boo
     elif gc:
         # Also the FSDP path: its flat parameters need one dtype, so nothing is cast to fp32 there.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if wrapper is not None:
+        keep_frozen_16bit(model, wrapper, dtype)
     return _attach_lora(model, cfg, path, for_training=for_training)
 
 
@@ -183,6 +209,26 @@ _UNSLOTH_MOE = (
     "trained with per-expert LoRA by this tool's hf backend only (Unsloth 2026.10 loads Mixtral's fused experts "
     "16-bit and puts LoRA on those 16-bit parameters); set model.backend=hf or auto"
 )
+
+
+# Measured with unsloth 2026.10 on tiny-mistral3 (CPU): FastLanguageModel.from_pretrained builds the model through
+# AutoModelForCausalLM, which transformers 5.17 does not map mistral3 to.
+_UNSLOTH_MISTRAL3 = (
+    "model.backend=unsloth: {name} is a Mistral3ForConditionalGeneration (Mistral 3 with a vision tower); Unsloth "
+    "2026.10's FastLanguageModel.from_pretrained refuses it (ValueError: Unrecognized configuration class "
+    "Mistral3Config for this kind of AutoModel: AutoModelForCausalLM). Set model.backend=hf (or auto), which "
+    "trains its language model in NF4 with LoRA and keeps the vision tower 16-bit"
+)
+
+
+def _known_wrapper(cfg: RunConfig) -> bool:
+    """True when the model is a Mistral3 wrapper by its name or local config.json (no download, no torch)."""
+    from mistral_fast.families import family_for_model
+
+    try:
+        return family_for_model(cfg.model.name_or_path).is_wrapper
+    except ModelError:
+        return False
 
 
 def _known_moe(cfg: RunConfig) -> bool:
@@ -288,11 +334,17 @@ def _peft_lora_config(cfg: RunConfig, path: str | None = None) -> Any:
         # The router is small (experts x hidden per layer) and not a LoRA target: trained whole, and saved
         # with the adapter, as peft does for modules_to_save.
         extra["modules_to_save"] = ["gate"]
+    targets: list[str] | str = lora_target_modules(cfg, path)
+    wrapper = _wrapper_family(cfg, path)
+    if wrapper is not None:  # inside the language model only: the vision tower has the same leaf names
+        from mistral_fast.modeling.mistral3 import lora_target_pattern
+
+        targets = lora_target_pattern(wrapper, targets)
     return LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_modules(cfg, path),
+        target_modules=targets,
         bias=cfg.lora.bias,
         use_rslora=cfg.lora.use_rslora,
         task_type="CAUSAL_LM",

@@ -179,7 +179,7 @@ def _init_tiny_weights(model: PreTrainedModel, *, seed: int, std: float) -> None
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if name == "model.norm.weight":
+            if name in ("model.norm.weight", "model.language_model.norm.weight"):  # Mistral3: the wrapped decoder's
                 # A unit final norm with N(0, 0.02) lm_head rows caps logits near ±2.5: every next-token
                 # distribution is almost uniform, no fine-tune can make it confident (LoRA does not touch the
                 # norm or the head), and greedy comparisons hinge on near-ties. Trained Mistral models have a
@@ -383,3 +383,136 @@ def tiny_mixtral_dir(**overrides: Any) -> Path:
         raise ModelError(f"tiny_mixtral_dir: unknown argument(s) {unknown}; known: {sorted(TINY_MIXTRAL_DEFAULTS)}")
     name = f"tiny-mixtral-{params['tokenizer']}-{_tiny_cache_key({**params, 'mixtral': _TINY_MIXTRAL_FORMAT})}"
     return _cached_build(name, lambda tmp: build_tiny_mixtral(tmp, **params), "tiny Mixtral")
+
+
+# The tiny Mistral Small 3.1 behind ``model.name_or_path: tiny-mistral3``: transformers'
+# ``Mistral3ForConditionalGeneration`` (a Mistral language model, a Pixtral vision tower and the patch-merging
+# projector), its language model the tiny Small 3's (tekken v7 vocabulary, head_dim 16 != 128/4, RoPE base 1e8),
+# its vision tower three Pixtral layers of width 64 (two heads of 32) over 16-pixel patches. Every width is a
+# multiple of 64, so the 4-bit blocks of the language model stay in rows, and the vision tower is small enough
+# that its 16-bit bytes cost nothing next to the 131k-row embedding.
+TINY_MISTRAL3_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in TINY_DEFAULTS.items() if k not in ("tokenizer", "vocab_size", "sliding_window")},
+    "tokenizer": "v7-tekken",
+    "vocab_size": 131072,
+    "head_dim": 16,
+    "rope_theta": 1e8,
+    "vision_hidden_size": 64,
+    "vision_intermediate_size": 128,
+    "vision_layers": 3,  # llama.cpp maps the projector's linear_1/linear_2 through block ids: >= 3 blocks
+    "vision_heads": 2,
+    "image_size": 64,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+}
+_TINY_MISTRAL3_FORMAT = 1
+# Pixtral's image-normalisation constants (preprocessor_config.json of Mistral-Small-3.1-24B-Instruct-2503):
+# llama.cpp's converter reads them from that file into the mmproj GGUF.
+PIXTRAL_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+PIXTRAL_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tiny_mistral3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Write a small random `Mistral3ForConditionalGeneration` (text + vision) with the real tekken tokenizer.
+
+    The text model is built as `build_tiny_model` builds it (same arguments, same draw), the vision tower
+    and projector from `PixtralVisionConfig`; weights are drawn in sorted-name order from one seeded
+    generator, so the same arguments give the same bytes. A ``preprocessor_config.json`` with Pixtral's
+    image statistics is written too (llama.cpp's converter reads it for the ``mmproj`` file).
+
+    Args:
+        path: directory to write.
+        **kwargs: any key of `TINY_MISTRAL3_DEFAULTS`.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ModelError: an unknown argument, or a size not usable with 4-bit quantisation.
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+
+    from mistral_fast.tokenizer import load_tokenizer
+
+    unknown = sorted(set(kwargs) - set(TINY_MISTRAL3_DEFAULTS))
+    if unknown:
+        raise ModelError(f"build_tiny_mistral3: unknown argument(s) {unknown}; known: {sorted(TINY_MISTRAL3_DEFAULTS)}")
+    p = {**TINY_MISTRAL3_DEFAULTS, **kwargs}
+    _check_tiny_sizes(p["hidden_size"], p["intermediate_size"], p["num_heads"], p["num_kv_heads"])
+    tok = load_tokenizer(p["tokenizer"])
+    text = MistralConfig(
+        vocab_size=p["vocab_size"],
+        hidden_size=p["hidden_size"],
+        intermediate_size=p["intermediate_size"],
+        num_hidden_layers=p["num_layers"],
+        num_attention_heads=p["num_heads"],
+        num_key_value_heads=p["num_kv_heads"],
+        head_dim=p["head_dim"],
+        hidden_act="silu",
+        max_position_embeddings=p["max_position_embeddings"],
+        rope_theta=p["rope_theta"],
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=p["vision_hidden_size"],
+        intermediate_size=p["vision_intermediate_size"],
+        num_hidden_layers=p["vision_layers"],
+        num_attention_heads=p["vision_heads"],
+        head_dim=p["vision_hidden_size"] // p["vision_heads"],
+        image_size=p["image_size"],
+        patch_size=p["patch_size"],
+        hidden_act="silu",
+        rope_theta=10000.0,
+    )
+    config = Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=10,  # [IMG] in every tekken vocabulary
+        spatial_merge_size=p["spatial_merge_size"],
+        multimodal_projector_bias=False,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    model = Mistral3ForConditionalGeneration(config)
+    _init_tiny_weights(model, seed=p["seed"], std=0.02)
+    model = model.to(getattr(torch, p["dtype"]))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    preprocessor = {
+        "image_processor_type": "PixtralImageProcessorFast",
+        "image_mean": PIXTRAL_IMAGE_MEAN,
+        "image_std": PIXTRAL_IMAGE_STD,
+        "patch_size": p["patch_size"],
+        "size": {"longest_edge": p["image_size"]},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    return out
+
+
+def tiny_mistral3_dir(**overrides: Any) -> Path:
+    """The cached tiny Mistral 3 for ``model.name_or_path: tiny-mistral3``, built on first use (as `tiny_model_dir`)."""
+    params = {**TINY_MISTRAL3_DEFAULTS, **overrides}
+    unknown = sorted(set(overrides) - set(TINY_MISTRAL3_DEFAULTS))
+    if unknown:
+        raise ModelError(f"tiny_mistral3_dir: unknown argument(s) {unknown}; known: {sorted(TINY_MISTRAL3_DEFAULTS)}")
+    name = f"tiny-mistral3-{params['tokenizer']}-{_tiny_cache_key({**params, 'mistral3': _TINY_MISTRAL3_FORMAT})}"
+    return _cached_build(name, lambda tmp: build_tiny_mistral3(tmp, **params), "tiny Mistral 3")
