@@ -64,8 +64,9 @@ class ModelConfig:
     double_quant: bool = True  # quantise the absmax constants too (~0.37 bit/param saved)
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 if supported
     max_seq_length: int = 2048  # longest training example in tokens; longer ones are truncated
-    # v3: Mistral-7B v0.3; v1: v0.1/v0.2; v3-tekken: Nemo 12B; v7-tekken: Small 3 24B; model: its own
-    tokenizer: Literal["v3", "v1", "v3-tekken", "v7-tekken", "model"] = "v3"
+    # v3: Mistral-7B v0.3; v1: v0.1/v0.2; v3-tekken: Nemo 12B; v7-tekken: Small 3 24B; v11-/v13-tekken: the
+    # Small 3.2 / Magistral formats on Nemo's vocabulary (a real checkpoint: `model`, its own tekken.json)
+    tokenizer: Literal["v3", "v1", "v3-tekken", "v7-tekken", "v11-tekken", "v13-tekken", "model"] = "v3"
     trust_remote_code: bool = False  # never run a repository's Python unless asked
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"  # hf backend kernel
     adapter: str = ""  # start from this finished run's (or adapter directory's) LoRA adapter; "" = fresh

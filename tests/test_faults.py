@@ -388,7 +388,9 @@ def test_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path) -> None:
         os.kill(int(marker.read_text()), signal.SIGKILL)
     proc.wait()
     assert json.loads(first.read_text())["status"] == "done"
-    assert not (out / "01-index=1" / "status.json").exists() and not (out / "sweep.csv").exists()
+    # the killed variation is left as it was while running (never "done"), and no table was written
+    killed = out / "01-index=1" / "status.json"
+    assert json.loads(killed.read_text())["status"] == "running" and not (out / "sweep.csv").exists()
     done_at = first.stat().st_mtime_ns
 
     again = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=180)

@@ -132,15 +132,20 @@ def test_dpo_reference_is_the_same_model_with_its_adapter_off(tmp_path: Path) ->
     import gc
 
     from peft import PeftModel
+    from transformers import MistralForCausalLM  # the tiny model's class (its inner MistralModel is not counted)
 
+    def live_models() -> set[int]:
+        gc.collect()  # models of earlier tests, unreachable now, must not be counted
+        found = [o for o in gc.get_objects() if isinstance(o, PeftModel | MistralForCausalLM)]
+        return {id(o.get_base_model() if isinstance(o, PeftModel) else o) for o in found}
+
+    earlier = live_models()  # session fixtures of other modules may hold theirs
     cfg = preference_cfg(tmp_path / "run", "dpo", "data.max_examples=8")
     trainer, loaded, before = _trainer(cfg)
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
     assert sum(p.numel() for p in trainer.model.parameters()) == before["params"]  # no reference copy
     assert sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()) == before["4bit"]
-    gc.collect()  # models of earlier tests, unreachable now, must not be counted
-    live_models = [o for o in gc.get_objects() if isinstance(o, PeftModel | type(trainer.model.get_base_model()))]
-    assert len({id(o.get_base_model() if isinstance(o, PeftModel) else o) for o in live_models}) == 1
+    assert live_models() - earlier == {id(trainer.model.get_base_model())}  # one model: no reference copy
 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     # right padding (trl #1217): every row starts with BOS and its attention mask is 1…1 0…0

@@ -79,7 +79,7 @@ def measure(path: str, sizes: dict[str, int], overrides: dict[str, Any], batch: 
                 )
 
     callbacks = train_module._callbacks
-    train_module._callbacks = lambda run: [*callbacks(run), SecondStep()]  # the harness's one addition
+    train_module._callbacks = lambda cfg, run: [*callbacks(cfg, run), SecondStep()]  # the harness's one addition
     loaded = load_model(cfg)
     result = train_module.train(cfg, loaded, data)
     figures["steps"] = result.steps
