@@ -138,6 +138,7 @@ def _gguf(path: Path) -> tuple[dict[str, bytes], dict[str, tuple[str, tuple[int,
     return fields, tensors
 
 
+@pytest.mark.slow  # as the other converter comparisons (tests/test_export_llama_cpp.py)
 def test_gguf_and_mmproj_equal_llama_cpp_converter(run, llama_cpp_source: Path, tmp_path: Path) -> None:
     """The pipeline's text GGUF ("mistral3") and mmproj file are what convert_hf_to_gguf.py (and --mmproj) write
     for the same merged checkpoint: every tensor's name, type, shape and bytes and every metadata key."""
