@@ -15,9 +15,10 @@ from mistral_fast.config import load_config
 from mistral_fast.errors import ConfigError, DataError
 from mistral_fast.rewards import RewardError, resolve_rewards
 
-# the grpo-smoke preset's first 40 of 60 GRPO steps (the run is deterministic on a CPU: the same first 40 steps
-# as the preset's, which measured 0.100 -> 0.367 held-out at step 40); about 2 minutes on one core
-SHARED = ["train.max_steps=40", "eval.num_samples=4"]
+# the grpo-smoke preset's first 10 of 60 GRPO steps (constant learning rate, deterministic on a CPU: the same first
+# 10 steps as the preset's), measured 0.067 -> 0.733 held-out at step 10 (the full preset: 0.067 -> 1.000); the
+# 45 warm-up steps, 10 GRPO steps and two greedy evaluations take under a minute on one core
+SHARED = ["train.max_steps=10", "eval.num_samples=4"]
 
 
 # ------------------------------------------------------------------------------------------ rewards, no model
@@ -199,7 +200,7 @@ def test_grpo_smoke_raises_the_held_out_reward(grpo_run) -> None:
     assert evaluation["split"] == "eval" and evaluation["prompts"] == 30
     assert 0 <= grpo["reward_before"] <= 1 and 0 <= grpo["reward_after"] <= 1
     assert grpo["reward_before"] > 0, "the warm-up must earn some reward, or GRPO has nothing to learn from"
-    assert grpo["reward_after"] >= grpo["reward_before"] + 0.2, grpo  # 40 of the preset's 60 steps: README
+    assert grpo["reward_after"] >= grpo["reward_before"] + 0.3, grpo  # the target; measured +0.67 (README)
     assert evaluation["started_from"].endswith("sft_warmup/adapter")
     assert len(evaluation["samples"]) == 4 and {"before", "after", "prompt"} <= set(evaluation["samples"][0])
     assert result.train["extra"]["method"] == "grpo" and result.train["steps"] == cfg.train.max_steps
@@ -214,7 +215,7 @@ def test_grpo_run_logs_every_reward_per_step(grpo_run) -> None:
     run_dir = Path(result.run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r and "reward" in r]
-    assert [r["step"] for r in logged] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in logged] == [1, 5, 10]
     assert all(
         0 <= r["rewards/numeric_answer/mean"] <= 1 and r["reward"] == r["rewards/numeric_answer/mean"] for r in logged
     )
