@@ -117,7 +117,7 @@ def build_tiny_model(
         ModelError: a size is not usable with 4-bit quantisation or does not fit the tokenizer.
     """
     import torch
-    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+    from transformers import GenerationConfig, MistralForCausalLM
 
     from mistral_fast.tokenizer import load_tokenizer
 
@@ -125,24 +125,18 @@ def build_tiny_model(
     tok = load_tokenizer(tokenizer)
     if len(tok) > vocab_size:
         raise ModelError(f"vocab_size={vocab_size} is smaller than the {tokenizer} tokenizer ({len(tok)} tokens)")
-    config = MistralConfig(
+    config = _text_config(
+        tok,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim or hidden_size // num_heads,
-        hidden_act="silu",
         max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
         sliding_window=sliding_window,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.02,
     )
     model = MistralForCausalLM(config)
     _init_tiny_weights(model, seed=seed, std=config.initializer_range)
@@ -272,6 +266,26 @@ TINY_MIXTRAL_DEFAULTS: dict[str, Any] = {
 }
 _TINY_MIXTRAL_FORMAT = 1
 
+
+
+def _text_config(tok: Any, *, num_layers: int, num_heads: int, num_kv_heads: int, **sizes: Any) -> Any:
+    """The tiny Mistral language model's config (`build_tiny_model`, and the text model of
+    `build_tiny_mistral3`): one definition, so the two tiny models differ only in the sizes they are given."""
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+        **sizes,
+    )
 
 def build_tiny_mixtral(
     path: str | os.PathLike[str],
@@ -435,7 +449,6 @@ def build_tiny_mistral3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
         GenerationConfig,
         Mistral3Config,
         Mistral3ForConditionalGeneration,
-        MistralConfig,
         PixtralVisionConfig,
     )
 
@@ -447,24 +460,18 @@ def build_tiny_mistral3(path: str | os.PathLike[str], **kwargs: Any) -> Path:
     p = {**TINY_MISTRAL3_DEFAULTS, **kwargs}
     _check_tiny_sizes(p["hidden_size"], p["intermediate_size"], p["num_heads"], p["num_kv_heads"])
     tok = load_tokenizer(p["tokenizer"])
-    text = MistralConfig(
+    text = _text_config(
+        tok,
         vocab_size=p["vocab_size"],
         hidden_size=p["hidden_size"],
         intermediate_size=p["intermediate_size"],
-        num_hidden_layers=p["num_layers"],
-        num_attention_heads=p["num_heads"],
-        num_key_value_heads=p["num_kv_heads"],
+        num_layers=p["num_layers"],
+        num_heads=p["num_heads"],
+        num_kv_heads=p["num_kv_heads"],
         head_dim=p["head_dim"],
-        hidden_act="silu",
         max_position_embeddings=p["max_position_embeddings"],
         rope_theta=p["rope_theta"],
         sliding_window=None,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.02,
     )
     vision = PixtralVisionConfig(
         hidden_size=p["vision_hidden_size"],
