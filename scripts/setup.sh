@@ -35,6 +35,32 @@ want="$(cat pyproject.toml requirements-ci.txt scripts/setup.sh | sha256sum | cu
 installed() { [ -f ".venv/.mistral_fast_$1" ] && [ "$(cat ".venv/.mistral_fast_$1")" = "$want" ]; }
 stamp() { echo "$want" > ".venv/.mistral_fast_$1"; }
 
+# --- started first, in the background, when the test layer is to be installed ---------------------
+# The two slow steps of a fresh test set-up need neither the venv's packages nor each other: compiling
+# llama.cpp for llama-cpp-python's wheel (CPU-bound, about 3 min on 2 cores) and Go from apt (network). They run
+# beside the demo layer's installs (mostly downloads and unpacking) instead of after them.
+wheels=".venv/.wheels"  # relative: setup.sh runs at the repository root
+builder="" go_installer=""
+if [ "$layer" = test ] && ! installed test; then
+  if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+    mkdir -p "$wheels"
+    # llama-cpp-python is a source package: it compiles llama.cpp (then cached by pip as a wheel).
+    # Portable CPU kernels, and none of the examples, server or tools we don't use.
+    (CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      .venv/bin/python -m pip wheel --disable-pip-version-check -q --no-deps -c requirements-ci.txt \
+      -w "$wheels" llama-cpp-python > "$wheels/build.log" 2>&1) &
+    builder=$!
+  fi
+  # Go renders our Ollama Modelfile template the way Ollama does (tests/ollama_template). Debian's golang-go;
+  # installed here when we may (root with apt-get, as in CI), else those tests skip locally (and fail in CI).
+  if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    ( (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) >/dev/null 2>&1 \
+      || echo "setup: could not install golang-go (the Ollama template tests will skip)" >&2) &
+    go_installer=$!
+  fi
+fi
+
 # --- the demo layer -------------------------------------------------------------------------------
 if ! installed demo; then
   echo "setup: installing the demo's packages into $root/.venv (first run: about 2 minutes)" >&2
@@ -50,12 +76,14 @@ fi
 if ! installed test; then
   echo "setup: installing the test suite's packages (first run compiles llama.cpp for llama-cpp-python:" \
     "about 3 min on 2 cores)" >&2
-  # llama-cpp-python is a source package: it compiles llama.cpp (then cached by pip as a wheel).
-  # Portable CPU kernels, and none of the examples, server or tools we don't use.
-  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
--DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF"
-  export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-  "${pip[@]}" -c requirements-ci.txt -e ".[dev,gguf,tracking,ray]"
+  # Everything but llama-cpp-python first (downloads, while llama.cpp still compiles), then its wheel.
+  "${pip[@]}" -c requirements-ci.txt -e ".[dev,tracking,ray]"
+  if [ -n "$builder" ] && ! wait "$builder"; then
+    echo "setup: building llama-cpp-python failed; its log:" >&2
+    tail -n 40 "$wheels/build.log" >&2
+    exit 1
+  fi
+  "${pip[@]}" -c requirements-ci.txt --find-links "$wheels" -e ".[dev,gguf,tracking,ray]"
   # Unsloth's own requirements that its CPU path imports (not its GPU-only torchvision/xformers).
   "${pip[@]}" -c requirements-ci.txt tyro hf_transfer json5 structlog einops msgspec "wheel>=0.42" torchao \
     cut_cross_entropy diffusers nest-asyncio
@@ -66,12 +94,7 @@ if ! installed test; then
   "${pip[@]}" -c requirements-ci.txt --no-deps unsloth unsloth_zoo
   stamp test
 fi
-# Go renders our Ollama Modelfile template the way Ollama does (tests/ollama_template). Debian's golang-go;
-# installed here when we may (root with apt-get, as in CI), else those tests skip locally (and fail in CI).
-if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq --no-install-recommends golang-go) >/dev/null \
-    || echo "setup: could not install golang-go (the Ollama template tests will skip)" >&2
-fi
+[ -z "$go_installer" ] || wait "$go_installer" || true
 # The tests never touch the network: llama.cpp's converters (for the byte-for-byte GGUF comparisons) are
 # fetched here once into .cache/llama-cpp-src (git-ignored, kept across runs); a no-op when it has them.
 .venv/bin/python scripts/fetch_converters.py >/dev/null

@@ -11,4 +11,6 @@ bash scripts/setup.sh --test  # the demo layer plus the test suite's packages (l
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .  # the package, tests, benchmarks, scripts and the notebooks
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist), a whole file each at a time: module fixtures are built once, and the slowest files
+# start first (tests/conftest.py SLOWEST_FILES). MISTRAL_FAST_TEST_WORKERS=0 runs in one process.
+exec .venv/bin/python -m pytest -n "${MISTRAL_FAST_TEST_WORKERS:-2}" --dist loadfile "$@"

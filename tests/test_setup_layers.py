@@ -68,19 +68,31 @@ def test_the_demo_layer_installs_no_optional_extra_and_nothing_twice(repo: Path)
     assert _setup(repo) == [], "a second demo installs nothing"
 
 
+def _split_build(commands: list[str]) -> tuple[list[str], list[str]]:
+    """(the installs in order, the `pip wheel` builds): the llama-cpp-python build runs in the background, so
+    where its line falls among the installs depends on timing."""
+    builds = [c for c in commands if c.startswith("-m pip wheel")]
+    return [c for c in commands if c not in builds], builds
+
+
 def test_the_test_layer_adds_the_extras_once_whichever_command_ran_first(repo: Path) -> None:
     demo = _setup(repo)
-    tests = _setup(repo, "--test")
+    tests, builds = _split_build(_setup(repo, "--test"))
     assert tests and not set(tests) & set(demo), "--test after the demo: only the test layer"
     editable = [c.split(" -e ")[1].split()[0] for c in tests if " -e " in c]
-    assert editable and {"dev", "gguf"} <= set(editable[0].strip("'\".[]").split(",")), tests  # pyproject's extras
+    extras = {extra for e in editable for extra in e.strip("'\".[]").split(",")}
+    assert {"dev", "gguf"} <= extras, tests  # pyproject's extras
+    # llama.cpp is compiled once, as a wheel that the gguf extra's install then finds (--find-links)
+    assert len(builds) == 1 and "llama-cpp-python" in builds[0].split() and "-c requirements-ci.txt" in builds[0]
+    gguf = next(c for c in tests if " -e " in c and "gguf" in c)
+    assert "--find-links" in gguf and builds[0].split("-w ")[1].split()[0] in gguf
     assert tests[-1].split()[-3:] == ["--no-deps", "unsloth", "unsloth_zoo"], "Unsloth last, without its deps"
     assert _setup(repo, "--test") == [] and _setup(repo) == []
 
     fresh = repo / "fresh"
     shutil.copytree(repo, fresh, ignore=shutil.ignore_patterns(".mistral_fast_*", "commands.log", "fresh"))
-    both = _setup(fresh, "--test")
-    assert both == demo + tests
+    both, fresh_builds = _split_build(_setup(fresh, "--test"))
+    assert both == demo + tests and fresh_builds == builds
     assert _setup(fresh) == [], "the demo after the tests installs nothing"
 
 
