@@ -121,8 +121,10 @@ def test_gguf_template_renders_tool_prompts(exported):
 
 def test_modelfile_template_follows_the_format(exported):
     from mistral_fast.export import write_modelfile
+    from mistral_fast.export.gguf import OLLAMA_TEMPLATES
 
     version, _, ours = exported
     text = write_modelfile(ours).read_text()
-    assert ("[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]" in text) == (version == "v7-tekken")
+    expected = OLLAMA_TEMPLATES["v7" if version == "v7-tekken" else "v3"]
+    assert f'TEMPLATE """{expected}"""' in text
     assert "[INST]" in text and 'PARAMETER stop "</s>"' in text

@@ -750,47 +750,173 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtyp
     return dst
 
 
-# Mistral v3 in Ollama's Go template language, token for token like mistral_common for Ollama's prompts: one
-# BOS (llama.cpp adds it: add_bos_token), no spaces around [INST]/[/INST] (llama.cpp gives each text chunk
-# after a control token its own SentencePiece space prefix, as mistral_common does), the system prompt (Ollama
-# gathers every system message into .System, joined by a blank line) in the *last* user message, joined by a
-# blank line, and </s> after each assistant turn but a final one (Ollama continues a final assistant message,
-# as mistral_common's continue_final_message does). Ollama merges consecutive same-role messages with "\n\n"
-# before rendering, as mistral_common does. What Go templates cannot do: right-strip assistant text (no string
-# functions), skip empty messages in a merge, or raise an error on a conversation mistral_common rejects.
-OLLAMA_TEMPLATE = """\
-{{- $lastUser := -1 }}
-{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}{{ end }}
-{{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}[INST]{{ if and $.System (eq $i $lastUser) }}{{ $.System }}
+# --------------------------------------------------------------------------------- Ollama Modelfile templates
+#
+# Mistral's chat formats in Ollama's Go template language (text/template), token for token like mistral_common for
+# Ollama's prompts, tools included. What Ollama hands a template (its template/template.go, commit fb30760 of
+# August 2026): .System (every system message's text, joined by a blank line), .Messages (consecutive same-role
+# messages but tool results merged with "\n\n"; each with .Role, .Content, .Thinking, .ToolCalls, .ToolCallID),
+# .Tools. llama.cpp adds the one BOS (add_bos_token) and gives each text chunk after a control token its own
+# SentencePiece space prefix, as mistral_common does, so no spaces around [INST]/[/INST].
+#
+# JSON (the tool list, call arguments, v3 results) is written by the templates below ("value", "args", "tool"),
+# as Python's json.dumps(ensure_ascii=False) writes it: ", " and ": " separators, strings quoted by Go's %q
+# (Ollama's `json` function writes compact JSON and escapes < > &). What a Go template in Ollama cannot do:
+# - keep key order: Ollama hands properties and arguments over as Go maps, which templates range in sorted key
+#   order; mistral_common keeps the order they were written in. A parameter schema's keys come out as "type",
+#   "properties", "required"; a property's as "type", "description", "enum", "items", "properties", "required",
+#   "anyOf"; a nested object's "properties" (Ollama's ordered map, opaque to templates) in compact JSON;
+# - tell 2.0 from 2 (Ollama decodes numbers as float64; the templates write them as Python writes an int or a
+#   float); escape the rarer characters as Python does (control
+#   characters but \n \r \t \b \f, U+007F and non-printable Unicode such as U+200D: Go's %q escapes differ);
+# - parse a v3 tool result: one that starts with "{" or "[" is written as it is (mistral_common re-dumps parsed
+#   JSON, so it must already read as json.dumps(..., ensure_ascii=False) writes it), anything else as a string;
+# - right-strip assistant text (mistral_common strips trailing spaces), skip empty messages in a merge, put
+#   v13 results in the order of their calls, or raise an error on a conversation mistral_common rejects.
+_OLLAMA_JSON = """\
+{{- define "value" }}{{ $t := printf "%T" . }}
+{{- if eq $t "string" }}{{ printf "%q" . }}
+{{- else if eq $t "map[string]interface {}" }}{{ "{" }}{{ $s := "" }}{{ range $k, $v := . }}{{ $s }}\
+{{ printf "%q" $k }}: {{ template "value" $v }}{{ $s = ", " }}{{ end }}{{ "}" }}
+{{- else if or (eq $t "[]interface {}") (eq $t "[]string") }}[{{ range $i, $v := . }}{{ if $i }}, {{ end }}\
+{{ template "value" $v }}{{ end }}]
+{{- else if and (eq $t "float64") (lt . 1e-4) (gt . -1e-4) (ne . 0.0) }}{{ printf "%v" . }}
+{{- else }}{{ json . }}
+{{- end }}
+{{- end }}
+{{- define "args" }}{{ "{" }}{{ $s := "" }}{{ range $k, $v := . }}{{ $s }}{{ printf "%q" $k }}: \
+{{ template "value" $v }}{{ $s = ", " }}{{ end }}{{ "}" }}
+{{- end }}
+{{- define "property" }}{{ "{" }}{{ $s := "" }}
+{{- if .Type }}{{ $s }}"type": {{ if eq (len .Type) 1 }}{{ printf "%q" (index .Type 0) }}{{ else }}[\
+{{ range $i, $x := .Type }}{{ if $i }}, {{ end }}{{ printf "%q" $x }}{{ end }}]{{ end }}{{ $s = ", " }}{{ end }}
+{{- if .Description }}{{ $s }}"description": {{ printf "%q" .Description }}{{ $s = ", " }}{{ end }}
+{{- if .Enum }}{{ $s }}"enum": {{ template "value" .Enum }}{{ $s = ", " }}{{ end }}
+{{- if .Items }}{{ $s }}"items": {{ template "value" .Items }}{{ $s = ", " }}{{ end }}
+{{- if .Properties }}{{ $s }}"properties": {{ json .Properties }}{{ $s = ", " }}{{ end }}
+{{- if .Required }}{{ $s }}"required": {{ template "value" .Required }}{{ $s = ", " }}{{ end }}
+{{- if .AnyOf }}{{ $s }}"anyOf": [{{ range $i, $x := .AnyOf }}{{ if $i }}, {{ end }}{{ template "property" $x }}\
+{{ end }}]{{ end }}
+{{- "}" }}
+{{- end }}
+{{- define "tool" }}{"type": "function", "function": {"name": {{ printf "%q" .Function.Name }}, "description": \
+{{ printf "%q" .Function.Description }}, "parameters": {{ with .Function.Parameters }}{{ "{" }}{{ $s := "" }}
+{{- if .Type }}{{ $s }}"type": {{ printf "%q" .Type }}{{ $s = ", " }}{{ end }}
+{{- if or .Properties (eq .Type "object") }}{{ $s }}"properties": {{ "{" }}{{ $p := "" }}\
+{{ range $k, $v := .Properties }}{{ $p }}{{ printf "%q" $k }}: {{ template "property" $v }}{{ $p = ", " }}{{ end }}\
+{{ "}" }}{{ $s = ", " }}{{ end }}
+{{- if .Required }}{{ $s }}"required": {{ template "value" .Required }}{{ $s = ", " }}{{ end }}
+{{- if .Items }}{{ $s }}"items": {{ template "value" .Items }}{{ $s = ", " }}{{ end }}
+{{- if .Defs }}{{ $s }}"$defs": {{ template "value" .Defs }}{{ end }}
+{{- "}" }}{{ end }}}}
+{{- end }}
+{{- define "tools" }}[AVAILABLE_TOOLS][{{ range $i, $t := . }}{{ if $i }}, {{ end }}{{ template "tool" $t }}{{ end }}]\
+[/AVAILABLE_TOOLS]
+{{- end }}
+{{- define "result" }}{{ if not . }}{{ "{}" }}{{ else if or (eq (slice . 0 1) "{") (eq (slice . 0 1) "[") }}{{ . }}\
+{{ else }}{{ printf "%q" . }}{{ end }}
+{{- end }}
+"""
 
-{{ end }}{{ $m.Content }}[/INST]
-{{- else if eq $m.Role "assistant" }}{{ $m.Content }}{{ if ne (len (slice $.Messages $i)) 1 }}</s>{{ end }}
+# How each format writes an assistant turn's tool calls. The first text inside `if .ToolCalls` is exactly
+# "[TOOL_CALLS]": Ollama takes it as the tag that starts a tool call in the model's output (tools/template.go).
+_OLLAMA_CALLS = {
+    "json": """\
+{{- if .ToolCalls }}[TOOL_CALLS]{{ "[" }}{{ range $i, $c := .ToolCalls }}{{ if $i }}, {{ end }}\
+{"name": {{ printf "%q" $c.Function.Name }}, "arguments": {{ template "args" $c.Function.Arguments }}\
+{{ if $c.ID }}, "id": {{ printf "%q" $c.ID }}{{ end }}{{ "}" }}{{ end }}]{{ end }}""",
+    "v11": """\
+{{- if .ToolCalls }}[TOOL_CALLS]{{ range $i, $c := .ToolCalls }}{{ if $i }}[TOOL_CALLS]{{ end }}{{ $c.Function.Name }}\
+{{ if $c.ID }}[CALL_ID]{{ $c.ID }}{{ end }}[ARGS]{{ template "args" $c.Function.Arguments }}{{ end }}{{ end }}""",
+    "v13": """\
+{{- if .ToolCalls }}[TOOL_CALLS]{{ range $i, $c := .ToolCalls }}{{ if $i }}[TOOL_CALLS]{{ end }}{{ $c.Function.Name }}\
+[ARGS]{{ template "args" $c.Function.Arguments }}{{ end }}{{ end }}""",
+}
+_OLLAMA_RESULTS = {
+    "json": """[TOOL_RESULTS]{"content": {{ template "result" .Content }}, "call_id": {{ printf "%q" .ToolCallID }}}\
+[/TOOL_RESULTS]""",
+    "v7": "[TOOL_RESULTS]{{ .ToolCallID }}[TOOL_CONTENT]{{ .Content }}[/TOOL_RESULTS]",
+    "v13": "[TOOL_RESULTS]{{ .Content }}[/TOOL_RESULTS]",
+}
+
+# v3 (7B v0.3, Nemo): the system prompt in the *last* user message, joined by a blank line, the tools before it;
+# an assistant turn has text or calls, closed by </s> but a final one (Ollama continues a final assistant
+# message, as mistral_common's continue_final_message does).
+OLLAMA_TEMPLATE = (
+    _OLLAMA_JSON
+    + """\
+{{- $last := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $last = $i }}{{ end }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- if eq .Role "user" }}{{ if and $.Tools (eq $i $last) }}{{ template "tools" $.Tools }}{{ end }}\
+[INST]{{ if and $.System (eq $i $last) }}{{ $.System }}
+
+{{ end }}{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }}
+"""
+    + _OLLAMA_CALLS["json"]
+    + """
+{{- if not .ToolCalls }}{{ .Content }}{{ end }}{{ if or .ToolCalls (ne (len (slice $.Messages $i)) 1) }}</s>{{ end }}
+{{- else if eq .Role "tool" }}"""
+    + _OLLAMA_RESULTS["json"]
+    + """
 {{- end }}
 {{- end }}"""
+)
 
 
-# Mistral Small 3 (v7, tekken): the system prompt first as [SYSTEM_PROMPT]…[/SYSTEM_PROMPT], then the turns as
-# in v3 (tekken encodes text as it is: no space prefix anywhere). Chosen for a GGUF whose embedded template
-# is our v7 one (`_gguf_is_v7`).
-OLLAMA_TEMPLATE_V7 = """\
-{{- if .System }}[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]{{ end }}
-{{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}[INST]{{ $m.Content }}[/INST]
-{{- else if eq $m.Role "assistant" }}{{ $m.Content }}</s>
+def _ollama_template_in_place(calls: str, results: str, *, tools_first: bool = False, thinking: bool = False) -> str:
+    """The Go template of the formats that write system prompts in place as [SYSTEM_PROMPT] (v7, v11, v13): from
+    .Messages, where Ollama keeps them (consecutive ones merged), empty ones too; each assistant turn closed by
+    </s>."""
+    at = "first" if tools_first else "last"
+    return (
+        _OLLAMA_JSON
+        + """\
+{{- $first := -1 }}{{ $last := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $last = $i }}\
+{{ if lt $first 0 }}{{ $first = $i }}{{ end }}{{ end }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- if eq .Role "system" }}[SYSTEM_PROMPT]{{ .Content }}[/SYSTEM_PROMPT]
+{{- else if eq .Role "user" }}{{ if and $.Tools (eq $i $__AT__) }}{{ template "tools" $.Tools }}{{ end }}\
+[INST]{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }}"""
+        + ("{{ if .Thinking }}[THINK]{{ .Thinking }}[/THINK]{{ end }}" if thinking else "")
+        + "{{ .Content }}\n"
+        + _OLLAMA_CALLS[calls]
+        + """</s>
+{{- else if eq .Role "tool" }}"""
+        + _OLLAMA_RESULTS[results]
+        + """
 {{- end }}
 {{- end }}"""
+    ).replace("__AT__", at)
 
 
-def _gguf_is_v7(gguf_path: Path) -> bool:
-    """Whether a GGUF carries the v7 (Mistral Small 3) chat template: its Modelfile then needs the v7 one."""
+OLLAMA_TEMPLATES: dict[str, str] = {
+    "v3": OLLAMA_TEMPLATE,
+    "v7": _ollama_template_in_place("json", "v7"),
+    "v11": _ollama_template_in_place("v11", "v7"),
+    "v13": _ollama_template_in_place("v13", "v13", tools_first=True, thinking=True),
+}
+"""The Modelfile TEMPLATE of each chat format, by the version our GGUF's embedded template names."""
+OLLAMA_TEMPLATE_V7 = OLLAMA_TEMPLATES["v7"]
+
+_TEMPLATE_HEADING = re.compile(r"Mistral instruct (v\d+)\b")
+
+
+def _gguf_chat_format(gguf_path: Path) -> str:
+    """The chat format (``"v3"``, ``"v7"``, ``"v11"``, ``"v13"``) of a GGUF's embedded template, named in our
+    templates' heading; a template of some other origin: ``"v7"`` when it has [SYSTEM_PROMPT], else ``"v3"``."""
     import gguf
 
     try:
         field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
     except (ValueError, OSError) as err:  # empty, truncated or not a GGUF at all
         raise ModelError(f"{gguf_path}: not a readable GGUF file ({err}); give the .gguf that export wrote") from None
-    return field is not None and "[SYSTEM_PROMPT]" in str(field.contents())
+    template = str(field.contents()) if field is not None else ""
+    heading = _TEMPLATE_HEADING.search(template[:200])
+    if heading and heading.group(1) in OLLAMA_TEMPLATES:
+        return heading.group(1)
+    return "v7" if "[SYSTEM_PROMPT]" in template else "v3"
 
 
 def write_modelfile(
@@ -816,7 +942,7 @@ def write_modelfile(
     """
     gguf_path = Path(gguf_path)
     out = Path(out_path) if out_path else gguf_path.with_suffix(".Modelfile")
-    template = OLLAMA_TEMPLATE_V7 if _gguf_is_v7(gguf_path) else OLLAMA_TEMPLATE
+    template = OLLAMA_TEMPLATES[_gguf_chat_format(gguf_path)]
     lines = [f"FROM ./{os.path.relpath(gguf_path, out.parent)}"]
     if adapter is not None:
         lines.append(f"ADAPTER ./{os.path.relpath(adapter, out.parent)}")
