@@ -484,6 +484,7 @@ TINY_MODELS: Mapping[str, str] = MappingProxyType(
         "tiny": "mistral-7b-v0.3",
         "tiny-nemo": "mistral-nemo",
         "tiny-small": "mistral-small-24b",
+        "tiny-copy": "mistral-7b-v0.3",
         "tiny-mixtral": "mixtral-8x7b-v0.1",
         "tiny-mistral3": "mistral-small-3.1",
     }

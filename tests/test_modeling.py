@@ -104,6 +104,75 @@ def test_tiny_model_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     assert (other / "model.safetensors").read_bytes() != weights
 
 
+def _independent_draw(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny model's documented weights, drawn here without `build_tiny_model`: N(0, 0.02) matrices in
+    sorted-name order from one seeded generator, the final norm 8 and the other norms 1, then bf16. Shapes
+    come from transformers' own (meta-device) model of the config."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in MistralForCausalLM(MistralConfig(**config)).named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        if name == "model.norm.weight":
+            out[name] = torch.full(shapes[name], 8.0)
+        elif name.endswith("norm.weight"):
+            out[name] = torch.ones(shapes[name])
+        else:
+            out[name] = torch.randn(shapes[name], generator=gen) * 0.02
+    return {n: t.to(torch.bfloat16) for n, t in out.items()}
+
+
+def test_the_default_tiny_model_is_the_plain_seeded_draw_with_its_old_cache_key(tiny_dir: Path) -> None:
+    """Adding the tied/copy-head variant changed nothing of ``tiny``: its tensors are the independent draw
+    (no tying, no reshaped attention) and its cache key is the one computed before those arguments existed."""
+    from safetensors.torch import load_file
+
+    from mistral_fast.modeling.tiny import TINY_DEFAULTS, _tiny_cache_key
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    saved = load_file(str(tiny_dir / "model.safetensors"))
+    expected = _independent_draw(config)
+    assert sorted(saved) == sorted(expected) and "lm_head.weight" in saved
+    assert all(torch.equal(saved[n], expected[n]) for n in expected)
+    old = {
+        k: v
+        for k, v in TINY_DEFAULTS.items()
+        if k not in ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads")
+    }
+    assert _tiny_cache_key(dict(TINY_DEFAULTS)) == _tiny_cache_key(old)
+
+
+def test_tiny_copy_ties_its_embeddings_and_makes_every_head_a_copy_head(tmp_path: Path) -> None:
+    """``tiny-copy``: transformers loads one matrix for the embeddings and lm_head (none is written for lm_head);
+    every head's o_proj block is its kv head's v_proj rows transposed; q/k are the plain draw x4."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.modeling import TINY_VARIANTS
+
+    path = build_tiny_model(tmp_path / "copy", **TINY_VARIANTS["tiny-copy"])
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    saved = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in saved
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    draw = {n: t for n, t in _independent_draw(config).items() if n != "lm_head.weight"}
+    hd, group = config["head_dim"], config["num_attention_heads"] // config["num_key_value_heads"]
+    for i in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{i}.self_attn."
+        for proj in ("q_proj", "k_proj"):
+            assert torch.equal(saved[pre + proj + ".weight"], (draw[pre + proj + ".weight"].float() * 4).bfloat16())
+        v, o = saved[pre + "v_proj.weight"], saved[pre + "o_proj.weight"]
+        for h in range(config["num_attention_heads"]):
+            kv = h // group
+            assert torch.equal(o[:, h * hd : (h + 1) * hd], v[kv * hd : (kv + 1) * hd].T)
+    assert resolve_model_path("tiny-copy") != resolve_model_path("tiny")
+
+
 def test_tiny_model_refuses_sizes_4bit_cannot_use(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="hidden_size=96"):
         build_tiny_model(tmp_path / "bad", hidden_size=96)

@@ -43,6 +43,16 @@ TINY_DEFAULTS: dict[str, Any] = {
     "dtype": "bfloat16",  # what Mistral checkpoints ship in
     "tokenizer": "v3",
     "head_dim": None,  # None: hidden_size / num_heads (Mistral-7B); Nemo and Small 3 decouple it
+    "tie_word_embeddings": False,  # Mistral-7B, Nemo and Small untie lm_head; Ministral 3 (3B) ties it
+    "attention_gain": 1.0,  # q_proj and k_proj weights x this after the draw (1: N(0, 0.02) like the rest)
+    "copy_heads": False,  # each head's o_proj block = its v_proj rows transposed (see _make_copy_heads)
+}
+# Arguments added after models were cached: at these values they stay out of the cache key (same key, same bytes).
+_LATER_DEFAULTS: dict[str, Any] = {
+    "head_dim": None,
+    "tie_word_embeddings": False,
+    "attention_gain": 1.0,
+    "copy_heads": False,
 }
 # The tekken generations in small: the real 131,072-id tekken vocabulary, no sliding window, and a head_dim
 # that is not hidden/heads (Nemo: 128 with 5120/32 = 160; here 16 with 128/4 = 32), the shape that breaks
@@ -63,6 +73,10 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
         "sliding_window": None,
         "rope_theta": 1e8,
     },
+    # A random model that can copy a token from its prompt, as function calling needs (tools-smoke): tied
+    # embeddings, so a token's input vector is its output direction; copy heads, so attending to a token
+    # writes that vector; q/k x4, so attention starts selective enough for LoRA to steer it in minutes.
+    "tiny-copy": {"tie_word_embeddings": True, "copy_heads": True, "attention_gain": 4.0},
 }
 """``model.name_or_path`` of each tiny model → its `build_tiny_model` arguments (rows: `families.TINY_MODELS`)."""
 # Bump when build_tiny_model changes what it writes: the cache key includes it.
@@ -86,6 +100,9 @@ def build_tiny_model(
     dtype: str = TINY_DEFAULTS["dtype"],
     tokenizer: str = TINY_DEFAULTS["tokenizer"],
     head_dim: int | None = TINY_DEFAULTS["head_dim"],
+    tie_word_embeddings: bool = TINY_DEFAULTS["tie_word_embeddings"],
+    attention_gain: float = TINY_DEFAULTS["attention_gain"],
+    copy_heads: bool = TINY_DEFAULTS["copy_heads"],
 ) -> Path:
     """Write a small random `MistralForCausalLM` with the real tokenizer to `path`.
 
@@ -108,6 +125,10 @@ def build_tiny_model(
         dtype: storage dtype of the weights (``"bfloat16"``, ``"float16"`` or ``"float32"``).
         tokenizer: tokenizer version passed to `mistral_fast.tokenizer.load_tokenizer`.
         head_dim: attention head width; None for ``hidden_size / num_heads``.
+        tie_word_embeddings: one matrix for the embeddings and ``lm_head`` (no ``lm_head.weight`` is written).
+        attention_gain: factor on the drawn ``q_proj``/``k_proj`` weights; attention logits scale by its square.
+        copy_heads: make every head's output projection the transpose of its value projection, so attending
+            to a token adds (a projection of) that token's own vector to the residual stream.
 
     Returns:
         The directory: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
@@ -137,9 +158,11 @@ def build_tiny_model(
         max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
         sliding_window=sliding_window,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = MistralForCausalLM(config)
     _init_tiny_weights(model, seed=seed, std=config.initializer_range)
+    _shape_attention(model, attention_gain=attention_gain, copy_heads=copy_heads)
     model = model.to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
@@ -183,6 +206,35 @@ def _init_tiny_weights(model: PreTrainedModel, *, seed: int, std: float) -> None
                 param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _shape_attention(model: PreTrainedModel, *, attention_gain: float, copy_heads: bool) -> None:
+    """Give the random attention of a tiny model the two things copying from the prompt needs.
+
+    Why: a frozen N(0, 0.02) model attends almost uniformly (logits of std ~0.05), and what a head writes is an
+    unrelated random map of what it reads, so LoRA has to grow both a selective attention and a token-to-itself
+    map before a single argument can be copied; at 300 CPU steps it grows neither. ``attention_gain`` scales
+    ``q_proj``/``k_proj``; ``copy_heads`` sets each head's ``o_proj`` block to its (shared, GQA) ``v_proj`` rows
+    transposed, so the head's value-output map is a positive semi-definite projection: with tied embeddings, the
+    attended token's logit rises. Nothing is drawn here, so the draw of every other weight is unchanged.
+    """
+    import torch
+
+    if attention_gain == 1.0 and not copy_heads:
+        return
+    cfg = model.config
+    head_dim = cfg.head_dim
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(attention_gain)
+            attn.k_proj.weight.mul_(attention_gain)
+            if copy_heads:
+                for head in range(cfg.num_attention_heads):
+                    kv = head // group
+                    rows = attn.v_proj.weight[kv * head_dim : (kv + 1) * head_dim]
+                    attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = rows.T
 
 
 def tiny_model_dir(**overrides: Any) -> Path:
@@ -231,8 +283,8 @@ def _cached_build(name: str, build: Any, what: str) -> Path:
 def _tiny_cache_key(params: dict[str, Any]) -> str:
     import transformers
 
-    if params.get("head_dim") is None:  # the default: keep the cache keys of models built before it existed
-        params = {k: v for k, v in params.items() if k != "head_dim"}
+    # arguments at the value they had before they existed: keep the cache keys of models built before them
+    params = {k: v for k, v in params.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(f"format={_TINY_FORMAT};transformers={transformers.__version__}".encode())
     tokenizer_src = Path(__file__).resolve().parent.parent / "tokenizer.py"
@@ -268,7 +320,9 @@ _TINY_MIXTRAL_FORMAT = 1
 
 
 
-def _text_config(tok: Any, *, num_layers: int, num_heads: int, num_kv_heads: int, **sizes: Any) -> Any:
+def _text_config(
+    tok: Any, *, num_layers: int, num_heads: int, num_kv_heads: int, tie_word_embeddings: bool = False, **sizes: Any
+) -> Any:
     """The tiny Mistral language model's config (`build_tiny_model`, and the text model of
     `build_tiny_mistral3`): one definition, so the two tiny models differ only in the sizes they are given."""
     from transformers import MistralConfig
@@ -279,7 +333,7 @@ def _text_config(tok: Any, *, num_layers: int, num_heads: int, num_kv_heads: int
         num_key_value_heads=num_kv_heads,
         hidden_act="silu",
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -406,7 +460,11 @@ def tiny_mixtral_dir(**overrides: Any) -> Path:
 # multiple of 64, so the 4-bit blocks of the language model stay in rows, and the vision tower is small enough
 # that its 16-bit bytes cost nothing next to the 131k-row embedding.
 TINY_MISTRAL3_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in TINY_DEFAULTS.items() if k not in ("tokenizer", "vocab_size", "sliding_window")},
+    **{
+        k: v
+        for k, v in TINY_DEFAULTS.items()
+        if k not in ("tokenizer", "vocab_size", "sliding_window", *_LATER_DEFAULTS)
+    },
     "tokenizer": "v7-tekken",
     "vocab_size": 131072,
     "head_dim": 16,
