@@ -59,6 +59,30 @@ def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model)
     assert len(side.continuations[0]) == 12 or side.stopped[0]
 
 
+def test_a_tied_model_exports_without_output_weight_and_llama_cpp_computes_its_logits(tmp_path: Path) -> None:
+    """`tiny-copy` ties lm_head to the embeddings (as Ministral 3 3B): the GGUF has no `output.weight` (llama.cpp
+    then reads token_embd, as its converter writes tied models) and llama.cpp's logits are transformers'."""
+    require_optional("llama_cpp")
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from mistral_fast.export.report import gguf_side
+    from mistral_fast.modeling import resolve_model_path
+
+    directory = Path(resolve_model_path("tiny-copy"))
+    path = export_gguf(directory, tmp_path / "tied-f16.gguf", "f16")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = load_tokenizer("v3")(TEXT).input_ids
+    side = gguf_side(path, [ids], eos=2, max_new_tokens=4)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(side.logits[0] - reference).max() < 0.003 * np.abs(reference).max()
+    assert (side.logits[0].argmax(-1) == reference.argmax(-1)).all()
+
+
 def test_gguf_tokenizer_gives_mistral_common_ids(f16_gguf: Path) -> None:
     require_optional("llama_cpp")
     from mistral_fast.export.report import TOKENIZER_TEXTS, open_gguf

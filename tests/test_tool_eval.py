@@ -153,6 +153,8 @@ def test_tools_smoke_run_merges_and_writes_a_gguf_llama_cpp_loads(tools_notebook
     model = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     assert model.n_vocab() == 32768
     assert "[TOOL_CALLS]" in model.metadata["tokenizer.chat_template"]  # the exported template handles calls
+    modelfile = (run / "export" / "model-f16.Modelfile").read_text(encoding="utf-8")  # Ollama's, with tools too
+    assert "[AVAILABLE_TOOLS]" in modelfile and "{{- if .ToolCalls }}[TOOL_CALLS]" in modelfile
 
 
 @pytest.mark.slow
