@@ -44,17 +44,23 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model) -> None:
+def _llama_cpp_side_matching_logits(gguf_path: Path, model, ids: list[int], new_tokens: int):
+    """llama.cpp's run of the GGUF on `ids`, its logits checked against the transformers model's."""
     require_optional("llama_cpp")
     from mistral_fast.export.report import gguf_side
 
-    ids = load_tokenizer("v3")(TEXT).input_ids
-    side = gguf_side(f16_gguf, [ids], eos=2, max_new_tokens=12)
+    side = gguf_side(gguf_path, [ids], eos=2, max_new_tokens=new_tokens)
     with torch.no_grad():
-        reference = hf_model(torch.tensor([ids])).logits[0].numpy()
+        reference = model(torch.tensor([ids])).logits[0].numpy()
     # fp16 weights (from bf16: exact) and llama.cpp's fp16/fp32 kernels: measured 0.005 of a logit range ~9.
     assert np.abs(side.logits[0] - reference).max() < 0.003 * np.abs(reference).max()
     assert (side.logits[0].argmax(-1) == reference.argmax(-1)).all()
+    return side
+
+
+def test_f16_gguf_logits_and_greedy_match_transformers(f16_gguf: Path, hf_model) -> None:
+    ids = load_tokenizer("v3")(TEXT).input_ids
+    side = _llama_cpp_side_matching_logits(f16_gguf, hf_model, ids, 12)
     assert side.continuations[0] == _hf_greedy(hf_model, ids, 12)[: len(side.continuations[0])]
     assert len(side.continuations[0]) == 12 or side.stopped[0]
 
@@ -66,7 +72,6 @@ def test_a_tied_model_exports_without_output_weight_and_llama_cpp_computes_its_l
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from mistral_fast.export.report import gguf_side
     from mistral_fast.modeling import resolve_model_path
 
     directory = Path(resolve_model_path("tiny-copy"))
@@ -75,12 +80,7 @@ def test_a_tied_model_exports_without_output_weight_and_llama_cpp_computes_its_l
     assert "token_embd.weight" in names and "output.weight" not in names
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ids = load_tokenizer("v3")(TEXT).input_ids
-    side = gguf_side(path, [ids], eos=2, max_new_tokens=4)
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(side.logits[0] - reference).max() < 0.003 * np.abs(reference).max()
-    assert (side.logits[0].argmax(-1) == reference.argmax(-1)).all()
+    _llama_cpp_side_matching_logits(path, model, load_tokenizer("v3")(TEXT).input_ids, 4)
 
 
 def test_gguf_tokenizer_gives_mistral_common_ids(f16_gguf: Path) -> None:
