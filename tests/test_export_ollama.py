@@ -28,7 +28,7 @@ from conftest import require_module, write_minimal_gguf
 from tool_conversations import check_gguf_tool_prompts
 
 from mistral_fast.export import export_gguf, write_modelfile
-from mistral_fast.export.gguf import OLLAMA_TEMPLATE, OLLAMA_TEMPLATES
+from mistral_fast.export.gguf import OLLAMA_TEMPLATES
 from mistral_fast.modeling import tiny_model_dir
 from mistral_fast.tokenizer import reference_chat_ids
 
@@ -87,7 +87,7 @@ def _template_of_modelfile(tmp_path: Path) -> str:
 @pytest.mark.parametrize("case", sorted(PROMPTS))
 def test_ollama_renders_our_template_to_mistral_common_ids(render, vocab, tmp_path: Path, case: str) -> None:
     template = _template_of_modelfile(tmp_path)
-    assert template == OLLAMA_TEMPLATE
+    assert template == OLLAMA_TEMPLATES["v3"]
     messages = _messages(PROMPTS[case])
     text = render(template, messages)
     got = vocab.tokenize(text.encode(), add_bos=True, special=True)  # Ollama: llama.cpp adds BOS (add_bos_token)
@@ -104,7 +104,7 @@ def test_ollama_continues_a_final_assistant_message_like_mistral_common(render, 
 def test_what_go_templates_cannot_do_is_documented(render, vocab) -> None:
     """Assistant history with trailing spaces: mistral_common strips them, a Go template cannot."""
     messages = _messages([(U, "Q1"), (A, "A1  "), (U, "Q2")])
-    got = vocab.tokenize(render(OLLAMA_TEMPLATE, messages).encode(), add_bos=True, special=True)
+    got = vocab.tokenize(render(OLLAMA_TEMPLATES["v3"], messages).encode(), add_bos=True, special=True)
     assert got != reference_chat_ids(messages, "v3", add_generation_prompt=True)
     stripped = _messages([(U, "Q1"), (A, "A1"), (U, "Q2")])
     assert reference_chat_ids(stripped, "v3", add_generation_prompt=True) == reference_chat_ids(

@@ -842,7 +842,7 @@ _OLLAMA_RESULTS = {
 # v3 (7B v0.3, Nemo): the system prompt in the *last* user message, joined by a blank line, the tools before it;
 # an assistant turn has text or calls, closed by </s> but a final one (Ollama continues a final assistant
 # message, as mistral_common's continue_final_message does).
-OLLAMA_TEMPLATE = (
+_OLLAMA_TEMPLATE_V3 = (
     _OLLAMA_JSON
     + """\
 {{- $last := -1 }}{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $last = $i }}{{ end }}{{ end }}
@@ -892,13 +892,12 @@ def _ollama_template_in_place(calls: str, results: str, *, tools_first: bool = F
 
 
 OLLAMA_TEMPLATES: dict[str, str] = {
-    "v3": OLLAMA_TEMPLATE,
+    "v3": _OLLAMA_TEMPLATE_V3,
     "v7": _ollama_template_in_place("json", "v7"),
     "v11": _ollama_template_in_place("v11", "v7"),
     "v13": _ollama_template_in_place("v13", "v13", tools_first=True, thinking=True),
 }
 """The Modelfile TEMPLATE of each chat format, by the version our GGUF's embedded template names."""
-OLLAMA_TEMPLATE_V7 = OLLAMA_TEMPLATES["v7"]
 
 _TEMPLATE_HEADING = re.compile(r"Mistral instruct (v\d+)\b")
 
