@@ -47,13 +47,9 @@ TINY_DEFAULTS: dict[str, Any] = {
     "attention_gain": 1.0,  # q_proj and k_proj weights x this after the draw (1: N(0, 0.02) like the rest)
     "copy_heads": False,  # each head's o_proj block = its v_proj rows transposed (see _make_copy_heads)
 }
-# Arguments added after models were cached: at these values they stay out of the cache key (same key, same bytes).
-_LATER_DEFAULTS: dict[str, Any] = {
-    "head_dim": None,
-    "tie_word_embeddings": False,
-    "attention_gain": 1.0,
-    "copy_heads": False,
-}
+# Arguments added after models were cached: at their TINY_DEFAULTS value they stay out of the cache key (same key,
+# same bytes).
+_LATER_ARGUMENTS = ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads")
 # The tekken generations in small: the real 131,072-id tekken vocabulary, no sliding window, and a head_dim
 # that is not hidden/heads (Nemo: 128 with 5120/32 = 160; here 16 with 128/4 = 32), the shape that breaks
 # code assuming hidden_size == num_heads * head_dim. q/o projections are 64 wide: 4-bit blocks stay in rows.
@@ -284,7 +280,7 @@ def _tiny_cache_key(params: dict[str, Any]) -> str:
     import transformers
 
     # arguments at the value they had before they existed: keep the cache keys of models built before them
-    params = {k: v for k, v in params.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
+    params = {k: v for k, v in params.items() if k not in _LATER_ARGUMENTS or v != TINY_DEFAULTS[k]}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(f"format={_TINY_FORMAT};transformers={transformers.__version__}".encode())
     tokenizer_src = Path(__file__).resolve().parent.parent / "tokenizer.py"
@@ -463,7 +459,7 @@ TINY_MISTRAL3_DEFAULTS: dict[str, Any] = {
     **{
         k: v
         for k, v in TINY_DEFAULTS.items()
-        if k not in ("tokenizer", "vocab_size", "sliding_window", *_LATER_DEFAULTS)
+        if k not in ("tokenizer", "vocab_size", "sliding_window", *_LATER_ARGUMENTS)
     },
     "tokenizer": "v7-tekken",
     "vocab_size": 131072,
