@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require_platform
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_fast.config import RunConfig
 from mistral_fast.errors import ModelError
@@ -30,6 +31,7 @@ from mistral_fast.modeling import (
     resolve_model_path,
     tiny_model_dir,
 )
+from mistral_fast.tokenizer import sentencepiece_path
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -140,16 +142,18 @@ def test_the_default_tiny_model_is_the_plain_seeded_draw_with_its_old_cache_key(
     old = {
         k: v
         for k, v in TINY_DEFAULTS.items()
-        if k not in ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads")
+        if k not in ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads", "word_pairs")
     }
     assert _tiny_cache_key(dict(TINY_DEFAULTS)) == _tiny_cache_key(old)
 
 
 def test_tiny_copy_ties_its_embeddings_and_makes_every_head_a_copy_head(tmp_path: Path) -> None:
     """``tiny-copy``: transformers loads one matrix for the embeddings and lm_head (none is written for lm_head);
-    every head's o_proj block is its kv head's v_proj rows transposed; q/k are the plain draw x4."""
+    every head's o_proj block is its kv head's v_proj rows transposed; q/k are the plain draw x4; a request's
+    `` km`` (``▁km``) embeds as 0.3 of its own draw and 0.7 of the call's ``km`` (variances), `` Norway`` with the
+    call's first piece ``N`` (``"Norway"`` is ``N or way``), other rows as drawn."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mistral_fast.modeling import TINY_VARIANTS
 
@@ -170,6 +174,19 @@ def test_tiny_copy_ties_its_embeddings_and_makes_every_head_a_copy_head(tmp_path
         for h in range(config["num_attention_heads"]):
             kv = h // group
             assert torch.equal(o[:, h * hd : (h + 1) * hd], v[kv * hd : (kv + 1) * hd].T)
+    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    # the piece a call's JSON starts the word with, as mistral_common encodes '"word"' (▁" first)
+    reference = MistralTokenizer.from_file(str(sentencepiece_path("v3"))).instruct_tokenizer.tokenizer
+    embed, drawn = saved["model.embed_tokens.weight"].float(), draw["model.embed_tokens.weight"].float()
+    for word, pieces in (("km", 1), ("gal", 1), ("add", 1), ("France", 2), ("Norway", 3)):
+        quoted = reference.encode(f'"{word}"', bos=False, eos=False)
+        assert len(quoted) == pieces + 2  # ▁" ... ": one piece for the units, "Fr ance", "N or way"
+        spaced, bare = vocab["▁" + word], quoted[1]
+        expected = 0.3**0.5 * drawn[spaced] + 0.7**0.5 * drawn[bare]
+        assert torch.allclose(embed[spaced], expected, atol=2e-3, rtol=1e-2)
+        assert torch.nn.functional.cosine_similarity(embed[spaced], embed[bare], dim=0) > 0.7
+        assert torch.equal(embed[bare], drawn[bare])  # the bare form, as every unpaired row, is the plain draw
+    assert torch.equal(embed[vocab["[INST]"]], drawn[vocab["[INST]"]])
     assert resolve_model_path("tiny-copy") != resolve_model_path("tiny")
 
 

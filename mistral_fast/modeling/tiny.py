@@ -45,11 +45,12 @@ TINY_DEFAULTS: dict[str, Any] = {
     "head_dim": None,  # None: hidden_size / num_heads (Mistral-7B); Nemo and Small 3 decouple it
     "tie_word_embeddings": False,  # Mistral-7B, Nemo and Small untie lm_head; Ministral 3 (3B) ties it
     "attention_gain": 1.0,  # q_proj and k_proj weights x this after the draw (1: N(0, 0.02) like the rest)
-    "copy_heads": False,  # each head's o_proj block = its v_proj rows transposed (see _make_copy_heads)
+    "copy_heads": False,  # each head's o_proj block = its v_proj rows transposed (see _shape_attention)
+    "word_pairs": 0.0,  # share of a word's bare form in its space-prefixed form's embedding (see _pair_word_forms)
 }
 # Arguments added after models were cached: at their TINY_DEFAULTS value they stay out of the cache key (same key,
 # same bytes).
-_LATER_ARGUMENTS = ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads")
+_LATER_ARGUMENTS = ("head_dim", "tie_word_embeddings", "attention_gain", "copy_heads", "word_pairs")
 # The tekken generations in small: the real 131,072-id tekken vocabulary, no sliding window, and a head_dim
 # that is not hidden/heads (Nemo: 128 with 5120/32 = 160; here 16 with 128/4 = 32), the shape that breaks
 # code assuming hidden_size == num_heads * head_dim. q/o projections are 64 wide: 4-bit blocks stay in rows.
@@ -71,8 +72,9 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
     },
     # A random model that can copy a token from its prompt, as function calling needs (tools-smoke): tied
     # embeddings, so a token's input vector is its output direction; copy heads, so attending to a token
-    # writes that vector; q/k x4, so attention starts selective enough for LoRA to steer it in minutes.
-    "tiny-copy": {"tie_word_embeddings": True, "copy_heads": True, "attention_gain": 4.0},
+    # writes that vector; q/k x4, so attention starts selective enough for LoRA to steer it in minutes; word
+    # pairs, so the request's " km" and the call's "km" (two ids) are near each other, as in a trained model.
+    "tiny-copy": {"tie_word_embeddings": True, "copy_heads": True, "attention_gain": 4.0, "word_pairs": 0.7},
 }
 """``model.name_or_path`` of each tiny model → its `build_tiny_model` arguments (rows: `families.TINY_MODELS`)."""
 # Bump when build_tiny_model changes what it writes: the cache key includes it.
@@ -99,6 +101,7 @@ def build_tiny_model(
     tie_word_embeddings: bool = TINY_DEFAULTS["tie_word_embeddings"],
     attention_gain: float = TINY_DEFAULTS["attention_gain"],
     copy_heads: bool = TINY_DEFAULTS["copy_heads"],
+    word_pairs: float = TINY_DEFAULTS["word_pairs"],
 ) -> Path:
     """Write a small random `MistralForCausalLM` with the real tokenizer to `path`.
 
@@ -125,6 +128,8 @@ def build_tiny_model(
         attention_gain: factor on the drawn ``q_proj``/``k_proj`` weights; attention logits scale by its square.
         copy_heads: make every head's output projection the transpose of its value projection, so attending
             to a token adds (a projection of) that token's own vector to the residual stream.
+        word_pairs: in [0, 1); above 0, each space-prefixed piece whose bare form is also a piece (SentencePiece
+            ``▁km`` and ``km``) gets an embedding that shares this part of its variance with the bare form's.
 
     Returns:
         The directory: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
@@ -159,6 +164,7 @@ def build_tiny_model(
     model = MistralForCausalLM(config)
     _init_tiny_weights(model, seed=seed, std=config.initializer_range)
     _shape_attention(model, attention_gain=attention_gain, copy_heads=copy_heads)
+    _pair_word_forms(model, tok, word_pairs)
     model = model.to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
@@ -231,6 +237,43 @@ def _shape_attention(model: PreTrainedModel, *, attention_gain: float, copy_head
                     kv = head // group
                     rows = attn.v_proj.weight[kv * head_dim : (kv + 1) * head_dim]
                     attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = rows.T
+
+
+def _pair_word_forms(model: PreTrainedModel, tok: Any, share: float) -> None:
+    """Make each space-prefixed piece's embedding ``sqrt(1 - share) * own + sqrt(share) * bare form's``.
+
+    Why: SentencePiece writes a word after a space and the same word after a quote as different ids (a
+    request's ``▁km``, a call's ``"km"`` → ``km``; ``▁Norway``, ``"Norway"`` → ``N``, ``or``, ``way``). A trained
+    model's embeddings relate the two; a random model's are unrelated, so copying a word from a request into
+    JSON arguments is a lookup the adapter must learn word by word, and a few CPU minutes are not enough for it
+    (README, Tool calls). The bare form is the piece the word starts with after a quote (the whole word when it
+    is one piece); the rest of a longer word follows from its first piece, which LoRA learns quickly. With the
+    forms paired (cosine ~``sqrt(share)``), copy heads carry the word across. The norm stays that of a drawn
+    row; the vectors mixed in are the drawn ones, so the order of the pairs does not matter; nothing is drawn.
+    """
+    import torch
+
+    if not share:
+        return
+    if not 0 < share < 1:
+        raise ModelError(f"word_pairs={share}: use a share in [0, 1)")
+    vocab = tok.get_vocab()
+    words = {index: piece[1:] for piece, index in vocab.items() if piece[:1] in ("▁", "Ġ") and len(piece) > 1}
+    quote = tok.convert_ids_to_tokens(tok('"', add_special_tokens=False)["input_ids"])
+    unsplit = [index for index, word in words.items() if word not in vocab]
+    encoded = tok(['"' + words[index] for index in unsplit], add_special_tokens=False)["input_ids"]
+    first = {}
+    for index, ids in zip(unsplit, encoded, strict=True):
+        pieces = tok.convert_ids_to_tokens(ids)
+        if pieces[: len(quote)] == quote and len(pieces) > len(quote):
+            first[index] = ids[len(quote)]
+    spaced = list(words)
+    bare = [vocab[words[index]] if words[index] in vocab else first.get(index) for index in spaced]
+    spaced, bare = [s for s, b in zip(spaced, bare, strict=True) if b is not None], [b for b in bare if b is not None]
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        drawn = weight.detach().clone()
+        weight[spaced] = (1 - share) ** 0.5 * drawn[spaced] + share**0.5 * drawn[bare]
 
 
 def tiny_model_dir(**overrides: Any) -> Path:
@@ -315,7 +358,6 @@ TINY_MIXTRAL_DEFAULTS: dict[str, Any] = {
 _TINY_MIXTRAL_FORMAT = 1
 
 
-
 def _text_config(
     tok: Any, *, num_layers: int, num_heads: int, num_kv_heads: int, tie_word_embeddings: bool = False, **sizes: Any
 ) -> Any:
@@ -336,6 +378,7 @@ def _text_config(
         initializer_range=0.02,
         **sizes,
     )
+
 
 def build_tiny_mixtral(
     path: str | os.PathLike[str],
