@@ -7,12 +7,13 @@ Each row is OpenAI's fine-tuning format, which is also mistral_fast's: ``message
 * ``calculate(operation, a, b)``: add, subtract, multiply, divide;
 * ``lookup_capital(country)``: the capital of a country, from a small table.
 
-A conversation is a request, the assistant's call (9-character alphanumeric id, as Mistral's format
-needs), the tool's result and the assistant's answer quoting it; some requests need two calls in one turn
-(parallel calls) and some need none (a greeting: no call is the right answer). The arguments come from
-small sets (a dozen numbers, eight countries) placed in varied sentences, so a tiny random-weight model
-can learn with LoRA on CPU in a few minutes to pick the tool and fill the arguments (the ``tools-smoke``
-preset), while held-out requests are sentences it has not seen. No request appears twice. A row offers
+A conversation is a request, the assistant's call (a numbered 9-character alphanumeric id, as Mistral's
+format needs: `call_id`), the tool's result and the assistant's answer quoting it; some requests need two
+calls in one turn (parallel calls) and some need none (a greeting: no call is the right answer). The
+arguments come from small sets (six numbers, four unit pairs, six countries) placed in varied sentences that
+name units and operations as the tools do, so the tiny model (``tiny-copy``) can learn with LoRA on CPU in a
+few minutes to pick the tool and copy the arguments (the ``tools-smoke`` preset), while held-out requests
+are sentences it has not seen. No request appears twice. A row offers
 the tools it calls and sometimes one more, in a random order: rows stay short (the tools' JSON schemas
 are most of a prompt's tokens) and the model must read which tools it has.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -41,7 +41,7 @@ UNITS = {  # unit: (quantity, factor to the quantity's base unit, offset)
 }
 PAIRS = [("km", "mi"), ("kg", "lb"), ("L", "gal"), ("C", "F")]  # one direction per quantity: told by its units
 NUMBERS = [2, 3, 4, 5, 6, 8]
-OPERATIONS = {"add": ("+", "plus"), "subtract": ("-", "minus"), "multiply": ("*", "times"), "divide": ("/", "over")}
+OPERATIONS = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}  # operation: its symbol in answers
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Egypt": "Cairo"}
 
 TOOLS = [
@@ -99,25 +99,46 @@ CONVERT = [
     "{v} {a} to {b}, please.",
     "I have {v} {a}. How much is that in {b}?",
 ]
-CALCULATE = {  # a before b in every sentence
-    "add": ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "Sum {a} and {b}, please."],
-    "subtract": ["What is {a} minus {b}?", "From {a}, subtract {b}.", "Compute {a} - {b}."],
-    "multiply": ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."],
-    "divide": ["What is {a} divided by {b}?", "Divide {a} by {b}.", "Compute {a} / {b}."],
+CALCULATE = {  # a before b in every sentence; the operation named as the tool names it
+    "add": [
+        "Please add {a} and {b}.",
+        "Can you add {a} and {b}?",
+        "I want to add {a} and {b}.",
+        "Now add {a} and {b}.",
+    ],
+    "subtract": ["From {a}, subtract {b}.", "Start at {a} and subtract {b}.", "Take {a} and subtract {b}."],
+    "multiply": ["Please multiply {a} by {b}.", "Can you multiply {a} by {b}?", "I want to multiply {a} by {b}."],
+    "divide": ["Please divide {a} by {b}.", "Can you divide {a} by {b}?", "I want to divide {a} by {b}."],
 }
-CAPITAL = [
+CAPITAL = [  # as many sentences as a quantity has numbers x units: each tool gets about a third of the rows
     "What is the capital of {c}?",
     "Which city is the capital of {c}?",
     "Tell me the capital of {c}.",
     "Capital of {c}?",
     "I am flying to {c}. What is its capital?",
+    "Name the capital of {c}.",
+    "What city is the capital of {c}?",
+    "Do you know the capital of {c}?",
+    "Look up the capital of {c}.",
+    "Please find the capital of {c}.",
+    "My friend lives in the capital of {c}. Which city is it?",
+    "I need the capital of {c}.",
+    "Can you tell me the capital of {c}?",
+    "Find the capital city of {c}.",
+    "We are visiting {c}. What is the capital?",
+    "What is the capital city of {c}?",
 ]
 GREETINGS = ["Hello!", "Hi there.", "Thanks, that is all.", "Good morning!", "Thank you!"]
 GREETING_ANSWER = "Hello! I can convert units, do arithmetic and look up capitals. What do you need?"
 
 
-def call_id(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(9))
+def call_id(number: int) -> str:
+    """The conversation's ``number``-th call id: 9 letters and digits, as Mistral's format needs, and numbered.
+
+    Mistral's own models write random ids; a sample that teaches calls in a few CPU minutes numbers them, since
+    a random id is ~120 nats of unlearnable loss per call that drowns the arguments' signal (README, Tool calls).
+    """
+    return f"call{number:05d}"
 
 
 def number(value: float) -> str:
@@ -139,7 +160,7 @@ def calculate(rng: random.Random) -> tuple[str, dict, str, str]:
     a, b = rng.choice(NUMBERS), rng.choice(NUMBERS)
     value = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a / b}[operation]
     request = rng.choice(CALCULATE[operation]).format(a=a, b=b)
-    symbol = OPERATIONS[operation][0]
+    symbol = OPERATIONS[operation]
     return request, {"operation": operation, "a": a, "b": b}, number(value), f"{a} {symbol} {b} = {number(value)}."
 
 
@@ -172,8 +193,8 @@ def conversation(rng: random.Random) -> dict:
     names = rng.sample(list(MAKERS), 2 if kind == "two" else 1)
     parts = [MAKERS[name](rng) for name in names]
     calls = [
-        {"id": call_id(rng), "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
-        for name, (_, args, _, _) in zip(names, parts, strict=True)
+        {"id": call_id(number), "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        for number, (name, (_, args, _, _)) in enumerate(zip(names, parts, strict=True), start=1)
     ]
     request = " ".join(p[0] for p in parts) if kind == "two" else parts[0][0]
     messages = [{"role": "user", "content": request}, {"role": "assistant", "content": None, "tool_calls": calls}]
