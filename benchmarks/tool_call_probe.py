@@ -1,6 +1,6 @@
 """Quick probe: train LoRA/full on tools data, teacher-forced call exact-match on held-out + train rows."""
 import argparse, json, sys, time, math, random
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import torch
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="tiny-copy")
