@@ -125,8 +125,8 @@ def tools_notebook(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tools_smoke_learns_the_call_format_and_scores_it(tools_notebook) -> None:
-    """Measured on 2026-12-04 (300 steps): every tuned generation is a parseable [TOOL_CALLS] (base: none),
-    the right tool in 62% of prompts, exact arguments in none yet (the issue's >= 0.8 is not reached)."""
+    """The issue's bar: the tiny model goes from ~0 to >= 0.8 held-out call accuracy. Measured on 2026-12-05
+    through this notebook (600 steps): 0.81 (26 of 32) with 64 new tokens, which cut two-call turns short."""
     from mistral_fast.tokenizer import parse_tool_calls
 
     run, done = tools_notebook
@@ -134,6 +134,7 @@ def test_tools_smoke_learns_the_call_format_and_scores_it(tools_notebook) -> Non
     samples = evaluation["call_samples"]
     assert evaluation["call_prompts"] == len(samples) >= 25
     assert evaluation["base"]["call_accuracy"] <= 0.1 and not any(s["base_calls"] for s in samples)
+    assert evaluation["call_accuracy"] >= 0.8
     assert sum(_calls_after_tool_calls_token(s["tuned_raw"]) is not None for s in samples) >= 0.9 * len(samples)
     assert all(s["tuned_calls"] == parse_tool_calls(s["tuned_raw"], "v3") for s in samples)
     rederived = [_right(s["tuned_raw"], s["reference"]) for s in samples]
