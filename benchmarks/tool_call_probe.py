@@ -1,5 +1,9 @@
-"""Quick probe: train LoRA/full on tools data, teacher-forced call exact-match on held-out + train rows."""
-# ruff: noqa: E402, E501, E741  (a throwaway probe for issue 22, kept on this branch only)
+"""Tool-call probe: LoRA (or full) training on the tools-smoke data, teacher-forced call exact match.
+
+Scores held-out and training rows every --every steps, so one run shows whether a tiny model can learn a call
+in CPU minutes, without generation or 4-bit loading (results: benchmarks/README.md, issue 22).
+"""
+# ruff: noqa: E402, E501, E741  (a research probe: imports after torch's thread setting, short loop names)
 
 import argparse
 import math
@@ -12,7 +16,9 @@ import torch
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="tiny-copy")
-p.add_argument("--data", default="/work/main/data/sample_tools.jsonl")
+p.add_argument(
+    "--data", default=str(__import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "sample_tools.jsonl")
+)
 p.add_argument("--steps", type=int, default=600)
 p.add_argument("--lr", type=float, default=3e-3)
 p.add_argument("--rank", type=int, default=16)
