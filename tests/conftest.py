@@ -75,7 +75,7 @@ def quick_selected(item: pytest.Item) -> bool:
 # collection order. A 6-minute file collected last would leave one worker busy alone at the end; started first,
 # the short files fill the other worker around it (longest-first scheduling).
 SLOWEST_FILES = (
-    "test_tool_eval.py",  # the tools-smoke preset through notebook 06 (about 6 min)
+    "test_tool_eval.py",  # the tools-smoke preset through notebook 06 (about 12 min on one thread)
     "test_memory.py",
     "test_mixtral.py",
     "test_faults.py",
